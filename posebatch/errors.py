@@ -1,0 +1,56 @@
+"""One exception tree for the whole project.
+
+Why a tree: the Celery task and the local runner must decide the same way whether a failure is
+worth retrying (storage hiccup, broker blip) or permanent (bad image, bad model file). Code that
+raises picks the branch; code that catches only asks ``isinstance(err, RetryableError)``.
+"""
+
+from __future__ import annotations
+
+# Error codes of the original API (SPEC, "Input rules"); clients already handle them.
+EMPTY_IMAGE = 216200
+BAD_FORMAT = 216201
+BAD_SIZE = 216202
+BAD_BASE64 = 216203
+INTERNAL_ERROR = 282000
+
+
+class PosebatchError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class PermanentError(PosebatchError):
+    """Retrying will not help: the input or the configuration is wrong."""
+
+
+class RetryableError(PosebatchError):
+    """A transient failure (network, storage, broker); the same call may succeed later."""
+
+
+class ImageError(PermanentError):
+    """An image was rejected by the input rules; carries the API error code for its result."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ModelError(PermanentError):
+    """The ONNX model is missing, unreadable or has a layout we do not understand."""
+
+
+class ConfigError(PermanentError):
+    """A setting is invalid; the message says which and what is expected."""
+
+
+class StorageError(RetryableError):
+    """Reading or writing storage failed for a reason that may go away (timeouts, 5xx)."""
+
+
+class StorageNotFound(PermanentError):
+    """The object or folder does not exist."""
+
+
+class UnsafeKeyError(PermanentError):
+    """A key would escape the output prefix (``..``, absolute paths); refused."""

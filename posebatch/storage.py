@@ -1,0 +1,294 @@
+"""One small storage interface, two real backends: a local folder and an S3 bucket/prefix.
+
+Why so small: the producer lists images, workers read them and write JSON next to them, and the
+aggregator reads results back. Six operations cover that, and keeping both backends behind the
+same six means every test of the pipeline runs unchanged against a tmp dir or a real S3 server.
+Keys are always relative to the root, "/"-separated, and listed in S3's (lexicographic) order so a
+listing can be resumed with ``start_after`` on either backend.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from posebatch.errors import ConfigError, StorageError, StorageNotFound, UnsafeKeyError
+
+_TMP_PREFIX = ".posebatch-tmp-"  # partial writes in progress; never listed
+
+
+class Storage(Protocol):
+    url: str
+
+    def iter_keys(
+        self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None
+    ) -> Iterator[str]: ...
+    def read(self, key: str) -> bytes: ...
+    def write(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int | None: ...
+    def join(self, key: str) -> str: ...
+
+
+def safe_key(key: str) -> str:
+    """Return ``key`` normalised ("./" segments dropped) or raise UnsafeKeyError.
+
+    Keys come from listings and job files we do not control; one like ``../../etc/x`` must never
+    write outside the output root, on disk or (by confusing prefixes) in a bucket.
+    """
+    if not isinstance(key, str) or key == "":
+        raise UnsafeKeyError(f"unsafe key {key!r}: keys must be non-empty strings")
+    if "\x00" in key:
+        raise UnsafeKeyError(f"unsafe key {key!r}: contains a NUL character")
+    if key.startswith("/"):
+        raise UnsafeKeyError(f"unsafe key {key!r}: absolute paths are refused, use relative keys")
+    parts = [p for p in key.split("/") if p != "."]
+    if "" in parts:
+        raise UnsafeKeyError(f"unsafe key {key!r}: empty path segment ('//' or trailing '/')")
+    if ".." in parts:
+        raise UnsafeKeyError(f"unsafe key {key!r}: '..' segments could escape the storage root")
+    if not parts:
+        raise UnsafeKeyError(f"unsafe key {key!r}: names no object")
+    return "/".join(parts)
+
+
+def _suffix_filter(suffixes: tuple[str, ...] | None):
+    if not suffixes:
+        return lambda key: True
+    low = tuple(s.lower() for s in suffixes)
+    return lambda key: key.lower().endswith(low)
+
+
+class LocalStorage:
+    """A folder on disk; keys map to files below it."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = self.root
+
+    def join(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/"))
+
+    def _path(self, key: str) -> str:
+        return self.join(safe_key(key))
+
+    def iter_keys(
+        self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None
+    ) -> Iterator[str]:
+        if not os.path.isdir(self.root):
+            raise StorageNotFound(f"folder {self.root} does not exist")
+        wanted = _suffix_filter(suffixes)
+        yield from (k for k in self._walk(self.root, "", start_after) if wanted(k))
+
+    def _walk(self, path: str, prefix: str, start_after: str | None) -> Iterator[str]:
+        try:
+            with os.scandir(path) as it:
+                # A directory sorts as "name/" so the merged order equals S3's: "a-b" < "a/x".
+                entries = sorted(
+                    ((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name), e) for e in it
+                )
+        except OSError as err:
+            raise StorageError(f"cannot list {path}: {err.strerror or err}") from err
+        for sort_name, entry in entries:
+            key = prefix + sort_name
+            if sort_name.endswith("/"):
+                # Skip a whole subtree when every key in it sorts before start_after.
+                if start_after is None or key > start_after or start_after.startswith(key):
+                    yield from self._walk(entry.path, key, start_after)
+            elif not entry.name.startswith(_TMP_PREFIX) and (
+                start_after is None or key > start_after
+            ):
+                yield key
+
+    def read(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+            raise StorageNotFound(f"{path} does not exist") from err
+        except OSError as err:
+            raise StorageError(f"cannot read {path}: {err.strerror or err}") from err
+
+    def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        """Write via a temp file in the same folder + os.replace, so readers never see half a file.
+
+        No fsync: atomicity against concurrent readers is what matters here, and an fsync per
+        result would dominate the cost on network file systems.
+        """
+        path = self._path(key)
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f"{_TMP_PREFIX}{name}.{uuid.uuid4().hex}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as err:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StorageError(f"cannot write {path}: {err.strerror or err}") from err
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def size(self, key: str) -> int | None:
+        path = self._path(key)
+        return os.path.getsize(path) if os.path.isfile(path) else None
+
+
+def make_s3_client(
+    *, max_attempts: int = 4, connect_timeout: float = 5.0, read_timeout: float = 60.0
+) -> Any:
+    """A boto3 S3 client configured only the standard way (AWS_* env vars, incl. AWS_ENDPOINT_URL).
+
+    Path-style addressing when an endpoint is configured: self-hosted servers (SeaweedFS, MinIO)
+    behind a plain hostname do not resolve ``bucket.host``. Clients are thread-safe; create one per
+    process (after fork), which S3Storage does lazily.
+    """
+    import boto3
+    from botocore.config import Config
+
+    custom = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    config = Config(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        s3={"addressing_style": "path"} if custom else None,
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+class S3Storage:
+    """Objects below ``s3://bucket/prefix/``."""
+
+    def __init__(
+        self, bucket: str, prefix: str = "", *, client: Any = None, page_size: int = 1000
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.url = f"s3://{bucket}/{self.prefix}"
+        self.page_size = page_size
+        self._client = client
+        self._client_pid = os.getpid() if client is not None else None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        # Lazily, and again after a fork: a client's connection pool must not cross processes.
+        if self._client is None or self._client_pid != os.getpid():
+            with self._lock:
+                if self._client is None or self._client_pid != os.getpid():
+                    self._client, self._client_pid = make_s3_client(), os.getpid()
+        return self._client
+
+    def join(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+    def _error(self, err: Exception, op: str, key: str | None = None) -> Exception:
+        """Translate a botocore error into our tree; the message names the URL, never secrets."""
+        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+        where = self.join(key) if key is not None else self.url
+        if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+            return ConfigError(f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY")
+        if isinstance(err, ClientError):
+            info = err.response.get("Error", {})
+            code = str(info.get("Code", ""))
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket":
+                return StorageNotFound(
+                    f"bucket {self.bucket} does not exist; create it or fix the URL ({self.url})"
+                )
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                return StorageNotFound(f"{where} does not exist")
+            cause = f"{code or 'error'} (HTTP {status}): {info.get('Message', '')}"
+        else:
+            cause = f"{type(err).__name__}: {err}"
+        return StorageError(self._scrub(f"S3 {op} {where} failed: {cause}"))
+
+    def _scrub(self, text: str) -> str:
+        secrets = [os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")]
+        creds = getattr(getattr(self._client, "_request_signer", None), "_credentials", None)
+        if creds is not None:
+            secrets += [getattr(creds, "secret_key", None), getattr(creds, "token", None)]
+        for secret in secrets:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def iter_keys(
+        self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None
+    ) -> Iterator[str]:
+        """Stream keys page by page (ListObjectsV2 paginator); the listing is never held whole."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        wanted = _suffix_filter(suffixes)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix,
+                                  "PaginationConfig": {"PageSize": self.page_size}}
+        if start_after:
+            kwargs["StartAfter"] = self.prefix + start_after
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
+                for obj in page.get("Contents", ()):
+                    key = obj["Key"][len(self.prefix):]
+                    if key and not key.endswith("/") and wanted(key):  # skip folder markers
+                        yield key
+        except (ClientError, BotoCoreError) as err:
+            raise self._error(err, "list") from err
+
+    def read(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self.prefix + safe_key(key)
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+        except (ClientError, BotoCoreError) as err:
+            raise self._error(err, "read", key) from err
+
+    def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        """One PUT: S3 objects appear whole or not at all, so this is atomic already."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self.prefix + safe_key(key)
+        ctype = content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=ctype)
+        except (ClientError, BotoCoreError) as err:
+            raise self._error(err, "write", key) from err
+
+    def size(self, key: str) -> int | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self.prefix + safe_key(key)
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
+        except (ClientError, BotoCoreError) as err:
+            mapped = self._error(err, "stat", key)
+            if isinstance(mapped, StorageNotFound):  # HEAD cannot tell a missing bucket apart
+                return None
+            raise mapped from err
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+
+def open_storage(url: str, *, s3_client: Any = None) -> Storage:
+    """``s3://bucket[/prefix]`` -> S3Storage; a path or ``file://`` path -> LocalStorage."""
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        if not bucket:
+            raise ConfigError(f"storage URL {url!r} names no bucket; expected s3://bucket/prefix")
+        return S3Storage(bucket, prefix, client=s3_client)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if not url:
+        raise ConfigError("empty storage URL; expected s3://bucket/prefix or a folder path")
+    return LocalStorage(url)

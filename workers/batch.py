@@ -1,0 +1,108 @@
+"""The one batch-processing function behind both ``posebatch run`` and the Celery task.
+
+Why shared: the per-image JSON must be byte-identical (log_id aside) whether an image went
+through the local run or the cluster, so both read, infer, write and record through this code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from posebatch.aggregate import Record, record_from_result, result_key
+from posebatch.errors import INTERNAL_ERROR, StorageNotFound, UnsafeKeyError
+from posebatch.settings import JobSettings
+from posebatch.storage import Storage, safe_key
+from workers.engine.pipeline import PoseEngine
+from workers.engine.result import error_result
+
+LOOKUP_WINDOW = 64  # existence checks in flight; bounded so a huge listing streams
+
+
+def encode_result(result: dict[str, Any]) -> bytes:
+    return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def process_keys(
+    engine: PoseEngine,
+    src: Storage,
+    dst: Storage,
+    keys: Iterable[str],
+    *,
+    skip_existing: bool = True,
+    on_record: Callable[[Record], None] | None = None,
+) -> list[Record]:
+    """Run ``keys`` of ``src`` through ``engine``, write ``dst/<key>.json``, return records.
+
+    With ``skip_existing`` an image whose result already exists is not processed again; its
+    record is rebuilt from the stored result, so the aggregates still count it exactly once.
+    Retryable storage errors propagate (the caller retries the whole batch: writes are idempotent).
+    """
+    job: JobSettings = engine.job
+    records: list[Record] = []
+    emit = on_record or (lambda _r: None)
+
+    def done(key: str, result: dict[str, Any]) -> Record:
+        rec = record_from_result(key, result, job)
+        records.append(rec)
+        emit(rec)
+        return rec
+
+    with ThreadPoolExecutor(engine.io_threads, thread_name_prefix="write") as writers:
+        writes: list[Future[None]] = []
+        todo = _filter_existing(keys, dst, job, done, writers) if skip_existing else iter(keys)
+        loaders = ((k, _loader(src, k)) for k in _refuse_unsafe(todo, done))
+        for key, result in engine.run(loaders):
+            writes.append(writers.submit(dst.write, result_key(key), encode_result(result),
+                                         "application/json"))
+            done(key, result)
+        for fut in writes:
+            fut.result()  # surface write errors (retryable) before the batch counts as done
+    return records
+
+
+def _loader(src: Storage, key: str) -> Callable[[], bytes]:
+    return lambda: src.read(key)
+
+
+def _refuse_unsafe(keys: Iterable[str], done) -> Iterator[str]:
+    for key in keys:
+        try:
+            safe_key(key)
+        except UnsafeKeyError as err:
+            done(key, error_result(INTERNAL_ERROR, f"refused key: {err}"))
+            continue
+        yield key
+
+
+def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
+                     pool: ThreadPoolExecutor) -> Iterator[str]:
+    """Yield the keys that have no result yet; record the others from their stored result."""
+
+    def existing(key: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(dst.read(result_key(key)))
+        except StorageNotFound:
+            return None
+        except ValueError:  # a torn or foreign file: process the image again
+            return None
+
+    window: deque[tuple[str, Future[dict[str, Any] | None]]] = deque()
+    for key in keys:
+        window.append((key, pool.submit(existing, key)))
+        if len(window) >= LOOKUP_WINDOW:
+            yield from _settle(window.popleft(), done)
+    while window:
+        yield from _settle(window.popleft(), done)
+
+
+def _settle(entry, done) -> Iterator[str]:
+    key, fut = entry
+    result = fut.result()
+    if result is None:
+        yield key
+    else:
+        done(key, result)

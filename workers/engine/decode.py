@@ -1,0 +1,145 @@
+"""Decode and validate one encoded image, per the input rules of SPEC.
+
+Why here and not in the model wrapper: every rule (format, byte size, side lengths) is checked on
+the header *before* pixels are decoded, so a PNG bomb or a 20000-px scan costs microseconds, and
+each rejection becomes an error result with the original API's code instead of a crashed batch.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from posebatch.errors import BAD_FORMAT, BAD_SIZE, EMPTY_IMAGE, ImageError
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP")
+PAD_GRAY = 114
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 4 * 1024 * 1024
+    min_side: int = 15
+    max_side: int = 4096
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels ready for the letterbox, and how they relate to the upright original.
+
+    ``rgb (h, w, 3) uint8`` may be smaller than the original (JPEG draft mode decodes at 1/2, 1/4
+    or 1/8 scale); ``scale_xy`` maps its pixels to the upright original's: x_orig = x * sx.
+    """
+
+    rgb: np.ndarray
+    width: int
+    """Upright original width in pixels (after EXIF orientation)."""
+    height: int
+    scale_xy: tuple[float, float]
+
+
+def decode_image(data: bytes, limits: Limits = Limits(), target: int | None = None) -> DecodedImage:
+    """Validate ``data`` and decode it to upright RGB; raise ImageError with the API's code.
+
+    ``target``: the model's input side. A JPEG is decoded in draft mode at the smallest DCT scale
+    whose long side is still >= target, which is several times faster for large photos and loses
+    nothing, since the letterbox would shrink it to ``target`` anyway.
+    """
+    if not data:
+        raise ImageError(EMPTY_IMAGE, "image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageError(
+            BAD_SIZE, f"image is {len(data)} bytes; the limit is {limits.max_bytes} bytes"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # Pillow refuses before allocating: far beyond max_side x max_side anyway.
+        raise ImageError(BAD_SIZE, f"image dimensions are too large ({err}); the longest side "
+                         f"must be at most {limits.max_side} px") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageError(BAD_FORMAT, "not a JPEG, PNG or BMP image (cannot identify it)") from err
+    if im.format not in ACCEPTED_FORMATS:
+        raise ImageError(BAD_FORMAT, f"format is {im.format}; accepted: JPEG, PNG, BMP")
+    w, h = im.size
+    if min(w, h) < limits.min_side:
+        raise ImageError(
+            BAD_SIZE, f"image is {w}x{h}; the shortest side must be at least {limits.min_side} px"
+        )
+    if max(w, h) > limits.max_side:
+        raise ImageError(
+            BAD_SIZE, f"image is {w}x{h}; the longest side must be at most {limits.max_side} px"
+        )
+    orientation = _exif_orientation(im)
+    if target and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+        s = target / max(w, h)
+        if s < 0.5:
+            im.draft("RGB", (math.ceil(w * s), math.ceil(h * s)))
+    try:
+        im.load()
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError(BAD_FORMAT, f"image data is truncated or corrupt ({err})") from err
+    rgb_im = _to_rgb(im)
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        rgb_im.info["exif"] = im.info.get("exif", b"")
+        rgb_im = _apply_orientation(rgb_im, orientation)
+    rotated = orientation in (5, 6, 7, 8)
+    up_w, up_h = (h, w) if rotated else (w, h)
+    arr = np.asarray(rgb_im)
+    sx = up_w / arr.shape[1]
+    sy = up_h / arr.shape[0]
+    return DecodedImage(rgb=arr, width=up_w, height=up_h, scale_xy=(sx, sy))
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block must not reject an otherwise fine image
+        return 1
+
+
+_TRANSPOSES = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT,),
+    3: (Image.Transpose.ROTATE_180,),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM,),
+    5: (Image.Transpose.TRANSPOSE,),
+    6: (Image.Transpose.ROTATE_270,),
+    7: (Image.Transpose.TRANSVERSE,),
+    8: (Image.Transpose.ROTATE_90,),
+}
+
+
+def _apply_orientation(im: Image.Image, orientation: int) -> Image.Image:
+    # Same table as ImageOps.exif_transpose, applied to the already converted RGB image (which
+    # has lost the EXIF block during convert()).
+    for op in _TRANSPOSES[orientation]:
+        im = im.transpose(op)
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any accepted mode to 8-bit RGB; transparent pixels become the letterbox gray."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr8 = np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (PAD_GRAY, PAD_GRAY, PAD_GRAY, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    if im.mode != "RGB":
+        return im.convert("RGB")
+    return im
+
+
+__all__ = ["ACCEPTED_FORMATS", "DecodedImage", "Limits", "decode_image"]

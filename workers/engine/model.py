@@ -1,0 +1,128 @@
+"""ONNX Runtime session for a pose model: provider choice, layout detection, batched inference.
+
+Why a class per process: creating a session costs hundreds of milliseconds and (on GPU) a CUDA
+context, so a worker process creates exactly one (in Celery's ``worker_process_init``, after
+fork) and reuses it for every batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from posebatch.errors import ModelError
+from workers.engine.postprocess import (
+    Detections,
+    decode_rtmo,
+    decode_yolo_e2e,
+    decode_yolo_raw,
+)
+
+log = logging.getLogger(__name__)
+
+LAYOUT_YOLO_RAW = "yolo-raw"
+LAYOUT_YOLO_E2E = "yolo-e2e"
+LAYOUT_RTMO = "rtmo"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    layout: str
+    input_name: str
+    fixed_hw: tuple[int, int] | None
+    """Input height/width when the graph fixes them; None when both are dynamic."""
+    fixed_batch: int | None
+    provider: str
+
+
+def choose_providers(wanted: str, available: list[str]) -> list[str]:
+    """``auto``: CUDA when the installed onnxruntime has it, else CPU. ``cuda`` demands it."""
+    if wanted == "cpu":
+        return ["CPUExecutionProvider"]
+    has_cuda = "CUDAExecutionProvider" in available
+    if wanted == "cuda" and not has_cuda:
+        raise ModelError(
+            "providers=cuda but this onnxruntime has no CUDAExecutionProvider "
+            f"(available: {available}); install onnxruntime-gpu or use --providers cpu"
+        )
+    if has_cuda:
+        cuda_opts = {
+            # Heuristic algorithm search: exhaustive search re-runs for each new input shape.
+            "cudnn_conv_algo_search": "HEURISTIC",
+            "do_copy_in_default_stream": True,
+        }
+        return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]  # type: ignore[list-item]
+    return ["CPUExecutionProvider"]
+
+
+class PoseModel:
+    """One ONNX pose model: ``infer(batch (B, 3, H, W) float32) -> list[Detections]``."""
+
+    def __init__(self, path: str, providers: str = "auto", intra_threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        if not os.path.isfile(path):
+            raise ModelError(
+                f"model file {path} does not exist; run `posebatch model build` or pass --model"
+            )
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_threads:
+            opts.intra_op_num_threads = intra_threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                path, sess_options=opts,
+                providers=choose_providers(providers, ort.get_available_providers()),
+            )
+        except Exception as err:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"cannot load ONNX model {path}: {err}") from err
+        self.info = self._inspect(path)
+        log.info("model %s (%s) on %s", path, self.info.layout, self.info.provider)
+
+    def _inspect(self, path: str) -> ModelInfo:
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise ModelError(f"{path}: expected one image input (B, 3, H, W), got "
+                             f"{[(i.name, i.shape) for i in inputs]}")
+        shape = inputs[0].shape
+        fixed_hw = (shape[2], shape[3]) if all(isinstance(d, int) for d in shape[2:]) else None
+        fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        outs = self.session.get_outputs()
+        names = {o.name for o in outs}
+        if {"dets", "keypoints"} <= names:
+            layout = LAYOUT_RTMO
+        elif len(outs) == 1 and len(outs[0].shape) == 3:
+            dims = outs[0].shape
+            if dims[1] == 56:
+                layout = LAYOUT_YOLO_RAW
+            elif dims[2] == 57:
+                layout = LAYOUT_YOLO_E2E
+            else:
+                raise ModelError(f"{path}: output {dims} is neither [B, 56, N] (YOLO-pose) nor "
+                                 "[B, K, 57] (end-to-end YOLO-pose)")
+        else:
+            raise ModelError(
+                f"{path}: unsupported outputs {[(o.name, o.shape) for o in outs]}; supported: "
+                "YOLOv8/11-pose [B, 56, N], YOLO26 end-to-end [B, K, 57], RTMO dets+keypoints"
+            )
+        return ModelInfo(path=path, layout=layout, input_name=inputs[0].name, fixed_hw=fixed_hw,
+                         fixed_batch=fixed_batch, provider=self.session.get_providers()[0])
+
+    def run_raw(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.info.input_name: batch})
+
+    def infer(self, batch: np.ndarray, conf: float, iou: float, max_det: int) -> list[Detections]:
+        """Run ``batch (B, 3, H, W) float32 in [0, 1]`` and decode one Detections per image."""
+        outs = self.run_raw(batch)
+        if self.info.layout == LAYOUT_RTMO:
+            by_name = dict(zip([o.name for o in self.session.get_outputs()], outs))
+            return [decode_rtmo(d, k, conf, max_det)
+                    for d, k in zip(by_name["dets"], by_name["keypoints"])]
+        if self.info.layout == LAYOUT_YOLO_E2E:
+            return [decode_yolo_e2e(o, conf, max_det) for o in outs[0]]
+        return [decode_yolo_raw(o, conf, iou, max_det) for o in outs[0]]

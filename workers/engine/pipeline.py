@@ -1,0 +1,136 @@
+"""The engine: encoded images in, API results out, with decoding overlapped with inference.
+
+Why threads: Pillow's decoders and resize release the GIL, and so does ONNX Runtime while it
+runs, so a small pool that downloads, decodes and letterboxes the next images while the main
+thread runs the model keeps the model busy without extra processes or copies between them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from posebatch.errors import INTERNAL_ERROR, ImageError, RetryableError
+from posebatch.settings import JobSettings
+from workers.engine.decode import DecodedImage, Limits, decode_image
+from workers.engine.keypoints import to_api21
+from workers.engine.letterbox import Letterbox, input_shape_for, letterbox, to_source_xy
+from workers.engine.model import PoseModel
+from workers.engine.postprocess import Detections
+from workers.engine.result import PoseResult, error_result
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[], bytes]
+"""Returns the encoded bytes of one image; may raise RetryableError (storage) or ImageError."""
+
+
+@dataclass
+class Prepared:
+    """One image after the I/O thread: a model input ``tensor (3, H, W) float32`` or an error."""
+
+    key: str
+    tensor: np.ndarray | None = None
+    image: DecodedImage | None = None
+    box: Letterbox | None = None
+    error: dict[str, Any] | None = None
+
+
+def prepare(key: str, load: Loader, job: JobSettings,
+            fixed_hw: tuple[int, int] | None) -> Prepared:
+    """Fetch, validate, decode and letterbox one image; never raises for a bad image."""
+    try:
+        data = load()
+        image = decode_image(
+            data, Limits(job.max_image_bytes, job.min_side, job.max_side), target=job.imgsz
+        )
+        if fixed_hw is not None:
+            out_hw = fixed_hw
+        elif job.rect:
+            out_hw = input_shape_for(image.rgb.shape[:2], job.imgsz)
+        else:
+            out_hw = (job.imgsz, job.imgsz)
+        canvas, box = letterbox(image.rgb, out_hw)
+        tensor = np.ascontiguousarray(canvas.transpose(2, 0, 1), dtype=np.float32)
+        tensor *= 1.0 / 255.0
+        return Prepared(key, tensor=tensor, image=image, box=box)
+    except ImageError as err:
+        return Prepared(key, error=error_result(err.code, err.message))
+    except RetryableError:
+        raise
+    except Exception as err:  # a decoder bug on one file must not take the batch down
+        log.exception("unexpected error preparing %s", key)
+        return Prepared(key, error=error_result(INTERNAL_ERROR, f"internal error: {err}"))
+
+
+def to_result(det: Detections, item: Prepared) -> PoseResult:
+    """Model pixels -> upright original pixels, then the 21 API keypoints, clamped."""
+    assert item.image is not None and item.box is not None
+    sx, sy = item.image.scale_xy
+    scale = np.array([sx, sy], dtype=np.float32)
+    kpts = det.kpts.copy()
+    kpts[..., :2] = to_source_xy(det.kpts[..., :2], item.box) * scale
+    corners = det.boxes_xyxy.reshape(-1, 2, 2)
+    boxes = (to_source_xy(corners, item.box) * scale).reshape(-1, 4)
+    return PoseResult(
+        kpts=to_api21(kpts), boxes_xyxy=boxes, box_scores=det.scores,
+        width=item.image.width, height=item.image.height,
+    ).clamped()
+
+
+class PoseEngine:
+    """Batches prepared images by input shape and runs them through one PoseModel."""
+
+    def __init__(self, model: PoseModel, job: JobSettings, batch_size: int = 8,
+                 io_threads: int = 4) -> None:
+        self.model = model
+        self.job = job
+        self.batch_size = model.info.fixed_batch or batch_size
+        self.io_threads = io_threads
+
+    def run(self, items: Iterable[tuple[str, Loader]]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield ``(key, api_result)`` for every item, in no particular order."""
+        ahead = self.batch_size * 2 + self.io_threads
+        pending: dict[tuple[int, int], list[Prepared]] = {}
+        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="decode") as pool:
+            futures: deque[Future[Prepared]] = deque()
+            source = iter(items)
+            exhausted = False
+            while futures or not exhausted:
+                while not exhausted and len(futures) < ahead:
+                    nxt = next(source, None)
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    key, load = nxt
+                    futures.append(pool.submit(prepare, key, load, self.job,
+                                               self.model.info.fixed_hw))
+                if not futures:
+                    break
+                item = futures.popleft().result()
+                if item.error is not None:
+                    yield item.key, item.error
+                    continue
+                assert item.tensor is not None
+                group = pending.setdefault(item.tensor.shape[1:], [])
+                group.append(item)
+                if len(group) >= self.batch_size:
+                    yield from self._infer(pending.pop(item.tensor.shape[1:]))
+            for group in pending.values():
+                yield from self._infer(group)
+
+    def _infer(self, group: list[Prepared]) -> Iterator[tuple[str, dict[str, Any]]]:
+        batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
+        if self.model.info.fixed_batch and len(group) < self.model.info.fixed_batch:
+            fill = np.zeros((self.model.info.fixed_batch - len(group), *batch.shape[1:]),
+                            dtype=batch.dtype)
+            batch = np.concatenate([batch, fill])
+        dets = self.model.infer(batch, self.job.det_conf, self.job.nms_iou, self.job.max_persons)
+        for det, item in zip(dets, group):
+            yield item.key, to_result(det, item).to_api()

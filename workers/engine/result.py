@@ -1,0 +1,91 @@
+"""The per-image result in the original API's format, built from model detections.
+
+Why a dataclass and not a dict from the start: it validates its own shapes once, and the API dict
+is produced in one place (``to_api``), so the local run and the cluster cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from workers.engine.keypoints import API21_NAMES
+
+COORD_DECIMALS = 2
+SCORE_DECIMALS = 4
+
+
+def new_log_id() -> int:
+    """A random unsigned 64-bit id: unique per result without coordination between workers."""
+    return secrets.randbits(64)
+
+
+@dataclass(frozen=True)
+class PoseResult:
+    """Persons of one image in upright original pixels.
+
+    kpts (n, 21, 3): x, y, score per API keypoint; boxes_xyxy (n, 4); box_scores (n,).
+    """
+
+    kpts: np.ndarray
+    boxes_xyxy: np.ndarray
+    box_scores: np.ndarray
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        n = len(self.box_scores)
+        if self.kpts.shape != (n, 21, 3):
+            raise ValueError(f"expected kpts of shape ({n}, 21, 3), got {self.kpts.shape}")
+        if self.boxes_xyxy.shape != (n, 4):
+            raise ValueError(f"expected boxes_xyxy of shape ({n}, 4), got {self.boxes_xyxy.shape}")
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"expected a positive image size, got {self.width}x{self.height}")
+
+    def clamped(self) -> PoseResult:
+        """Keypoints onto the last pixel row/column, boxes into [0, W] x [0, H] (SPEC: truncated
+        parts sit on the border, keeping their score)."""
+        k = self.kpts.copy()
+        k[..., 0] = np.clip(k[..., 0], 0, self.width - 1)
+        k[..., 1] = np.clip(k[..., 1], 0, self.height - 1)
+        k[..., 2] = np.clip(k[..., 2], 0, 1)
+        b = self.boxes_xyxy.copy()
+        b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, self.width)
+        b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, self.height)
+        return PoseResult(k, b, np.clip(self.box_scores, 0, 1), self.width, self.height)
+
+    def to_api(self, log_id: int | None = None) -> dict[str, Any]:
+        order = np.argsort(-self.box_scores, kind="stable")
+        persons = []
+        for i in order:
+            parts = {
+                name: {
+                    "x": round(float(self.kpts[i, j, 0]), COORD_DECIMALS),
+                    "y": round(float(self.kpts[i, j, 1]), COORD_DECIMALS),
+                    "score": round(float(self.kpts[i, j, 2]), SCORE_DECIMALS),
+                }
+                for j, name in enumerate(API21_NAMES)
+            }
+            x1, y1, x2, y2 = (float(v) for v in self.boxes_xyxy[i])
+            location = {
+                "left": round(x1, COORD_DECIMALS),
+                "top": round(y1, COORD_DECIMALS),
+                "width": round(x2 - x1, COORD_DECIMALS),
+                "height": round(y2 - y1, COORD_DECIMALS),
+                "score": round(float(self.box_scores[i]), SCORE_DECIMALS),
+            }
+            persons.append({"body_parts": parts, "location": location})
+        return {
+            "person_num": len(persons),
+            "person_info": persons,
+            "log_id": new_log_id() if log_id is None else log_id,
+        }
+
+
+def error_result(code: int, message: str, log_id: int | None = None) -> dict[str, Any]:
+    """The API's error shape: ``{"error_code", "error_msg", "log_id"}``."""
+    return {"error_code": code, "error_msg": message,
+            "log_id": new_log_id() if log_id is None else log_id}

@@ -1,0 +1,72 @@
+"""``posebatch run``: a whole job in this process, through the same batch function as the cluster.
+
+Why it streams: the listing is consumed lazily and results are written as they come, so a folder
+of a million images needs memory for the records only, and an interrupted run resumes (existing
+results are skipped) instead of starting over.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from posebatch.aggregate import (
+    COUNTS_NAME,
+    SUMMARY_NAME,
+    Record,
+    counts_csv,
+    summarize,
+    summary_json,
+)
+from posebatch.jobs import claim_output, is_image_key, manifest
+from posebatch.modelstore import ModelRef
+from posebatch.settings import JobSettings, RuntimeSettings
+from posebatch.storage import Storage
+from workers.batch import process_keys
+from workers.engine.model import PoseModel
+from workers.engine.pipeline import PoseEngine
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    summary: dict[str, Any]
+    seconds: float
+
+
+def iter_images(src: Storage) -> Iterator[str]:
+    return (k for k in src.iter_keys() if is_image_key(k))
+
+
+def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
+            runtime: RuntimeSettings, *, force: bool = False,
+            progress: bool | None = None, job_id: str = "local") -> RunOutcome:
+    from tqdm import tqdm
+
+    wanted = manifest(model.sha256, model.name, job)
+    claim_output(dst, wanted, force)
+    engine = PoseEngine(PoseModel(str(model.path), runtime.providers, runtime.intra_threads),
+                        job, runtime.batch_size, runtime.io_threads)
+    created = _now()
+    total = sum(1 for _ in iter_images(src)) if src.url.startswith("/") else None
+    show = sys.stderr.isatty() if progress is None else progress
+    started = time.monotonic()
+    with tqdm(total=total, unit="img", disable=not show, dynamic_ncols=True) as bar:
+        records: list[Record] = process_keys(
+            engine, src, dst, iter_images(src), skip_existing=not force,
+            on_record=lambda _r: bar.update(1),
+        )
+    meta = {"job_id": job_id, "input": src.url, "output": dst.url, "created": created,
+            "finished": _now(), "model": {"name": model.name, "sha256": model.sha256},
+            "settings": job.to_dict()}
+    summary = summarize(records, meta)
+    dst.write(COUNTS_NAME, counts_csv(records), "text/csv")
+    dst.write(SUMMARY_NAME, summary_json(summary), "application/json")
+    return RunOutcome(summary, time.monotonic() - started)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
