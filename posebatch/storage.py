@@ -9,12 +9,22 @@ listing can be resumed with ``start_after`` on either backend.
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
 
 from posebatch.errors import ConfigError, StorageError, StorageNotFound, UnsafeKeyError
 
@@ -56,7 +66,8 @@ def safe_key(key: str) -> str:
     return "/".join(parts)
 
 
-def _suffix_filter(suffixes: tuple[str, ...] | None):
+def _suffix_filter(suffixes: tuple[str, ...] | None) -> Callable[[str], bool]:
+    """Case-insensitive extension match: drop folders hold "IMG_001.JPG" as often as ".jpg"."""
     if not suffixes:
         return lambda key: True
     low = tuple(s.lower() for s in suffixes)
@@ -89,7 +100,8 @@ class LocalStorage:
             with os.scandir(path) as it:
                 # A directory sorts as "name/" so the merged order equals S3's: "a-b" < "a/x".
                 entries = sorted(
-                    ((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name), e) for e in it
+                    ((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in it),
+                    key=lambda pair: pair[0],
                 )
         except OSError as err:
             raise StorageError(f"cannot list {path}: {err.strerror or err}") from err
@@ -129,10 +141,8 @@ class LocalStorage:
                 f.write(data)
             os.replace(tmp, path)
         except OSError as err:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
             raise StorageError(f"cannot write {path}: {err.strerror or err}") from err
 
     def exists(self, key: str) -> bool:
@@ -140,7 +150,10 @@ class LocalStorage:
 
     def size(self, key: str) -> int | None:
         path = self._path(key)
-        return os.path.getsize(path) if os.path.isfile(path) else None
+        try:
+            return os.path.getsize(path) if os.path.isfile(path) else None
+        except FileNotFoundError:  # removed between the two calls
+            return None
 
 
 def make_s3_client(
@@ -152,9 +165,6 @@ def make_s3_client(
     behind a plain hostname do not resolve ``bucket.host``. Clients are thread-safe; create one per
     process (after fork), which S3Storage does lazily.
     """
-    import boto3
-    from botocore.config import Config
-
     custom = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     config = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
@@ -193,12 +203,11 @@ class S3Storage:
 
     def _error(self, err: Exception, op: str, key: str | None = None) -> Exception:
         """Translate a botocore error into our tree; the message names the URL, never secrets."""
-        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
-
         where = self.join(key) if key is not None else self.url
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-            return ConfigError(f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and "
-                               "AWS_SECRET_ACCESS_KEY")
+            return ConfigError(
+                f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
         if isinstance(err, ClientError):
             info = err.response.get("Error", {})
             code = str(info.get("Code", ""))
@@ -228,25 +237,24 @@ class S3Storage:
         self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None
     ) -> Iterator[str]:
         """Stream keys page by page (ListObjectsV2 paginator); the listing is never held whole."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         wanted = _suffix_filter(suffixes)
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix,
-                                  "PaginationConfig": {"PageSize": self.page_size}}
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self.prefix,
+            "PaginationConfig": {"PageSize": self.page_size},
+        }
         if start_after:
             kwargs["StartAfter"] = self.prefix + start_after
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
                 for obj in page.get("Contents", ()):
-                    key = obj["Key"][len(self.prefix):]
+                    key = obj["Key"][len(self.prefix) :]
                     if key and not key.endswith("/") and wanted(key):  # skip folder markers
                         yield key
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "list") from err
 
     def read(self, key: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         full = self.prefix + safe_key(key)
         try:
             return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
@@ -255,8 +263,6 @@ class S3Storage:
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
         """One PUT: S3 objects appear whole or not at all, so this is atomic already."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         full = self.prefix + safe_key(key)
         ctype = content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"
         try:
@@ -265,8 +271,6 @@ class S3Storage:
             raise self._error(err, "write", key) from err
 
     def size(self, key: str) -> int | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         full = self.prefix + safe_key(key)
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
@@ -283,12 +287,12 @@ class S3Storage:
 def open_storage(url: str, *, s3_client: Any = None) -> Storage:
     """``s3://bucket[/prefix]`` -> S3Storage; a path or ``file://`` path -> LocalStorage."""
     if url.startswith("s3://"):
-        bucket, _, prefix = url[len("s3://"):].partition("/")
+        bucket, _, prefix = url[len("s3://") :].partition("/")
         if not bucket:
             raise ConfigError(f"storage URL {url!r} names no bucket; expected s3://bucket/prefix")
         return S3Storage(bucket, prefix, client=s3_client)
     if url.startswith("file://"):
-        url = url[len("file://"):]
+        url = url[len("file://") :]
     if not url:
         raise ConfigError("empty storage URL; expected s3://bucket/prefix or a folder path")
     return LocalStorage(url)

