@@ -90,6 +90,8 @@ class RuntimeSettings:
     io_threads: int = 4
     """Threads that download and decode images while the model runs."""
     broker_url: str = "redis://127.0.0.1:6379/0"
+    state_url: str | None = None
+    """Redis holding job state and per-image records; defaults to the broker's URL."""
     cache_dir: Path = field(default_factory=default_cache_dir)
 
     def __post_init__(self) -> None:

@@ -1,8 +1,8 @@
-"""Fit and measure the derived keypoints (top_head, neck, mouth corners) of workers/engine/keypoints.
+"""Fit and measure the derived keypoints (top_head, neck, mouth corners) of engine/keypoints.py.
 
 Usage (from the repository root):
 
-    python scripts/fit_derived_keypoints.py [--gt shared/data/dev/annotations.json]
+    python scripts/fit_derived_keypoints.py [--gt ../shared/data/dev/annotations.json]
 
 Input of every derivation here is the GROUND-TRUTH COCO-17 points (score 1 where annotated,
 0 where not), so the numbers measure the derivation itself, not the pose model. Errors are
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,16 @@ sys.path.insert(0, str(ROOT))
 
 from workers.engine import keypoints as K  # noqa: E402
 
-DEFAULT_GT = Path("/work/shared/data/dev/annotations.json")
+
+def default_gt() -> Path:
+    """$POSEBATCH_DEV_DATA, else ../shared/data/dev next to the repository, else /work/shared."""
+    for cand in (os.environ.get("POSEBATCH_DEV_DATA"), ROOT.parent / "shared" / "data" / "dev",
+                 Path("/work/shared/data/dev")):
+        if cand and (Path(cand) / "annotations.json").is_file():
+            return Path(cand) / "annotations.json"
+    return ROOT.parent / "shared" / "data" / "dev" / "annotations.json"
+
+
 UP = np.array([0.0, -1.0])
 
 # The seed's example (shared/SPEC.md, shared/seeds/000_77f146afea5b95e7.txt), all 21 points;
@@ -123,8 +133,10 @@ def row(label: str, err: np.ndarray) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gt", type=Path, default=DEFAULT_GT)
+    ap.add_argument("--gt", type=Path, default=None, help="COCO keypoints JSON, 21 API points "
+                    "(default: $POSEBATCH_DEV_DATA/annotations.json or ../shared/data/dev)")
     args = ap.parse_args(argv)
+    args.gt = args.gt or default_gt()
 
     gt21, box, srcs = load_gt(args.gt)
     kp17 = gt_kp17(gt21)
@@ -209,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"neck end to end (paths {sorted(set(K.derive(kp17[m])['path'].tolist()))}): "
           f"{stats(err_neck)}  Q = ({hits}+1)/({len(err_neck)}+2) = {neck_q:.3f} "
           f"(module {K.NECK_Q})")
+    out3 = K.to_api21(force(kp17[m], K.PATH_SHOULDERS))
+    err3 = np.linalg.norm(out3[:, a["neck"], :2] - neck_gt[m], axis=1) / box[m]
+    print(f"neck with top_head forced onto path 3 (shoulders only): {stats(err3)}")
 
     # ---- 3. the module as used (natural path choice) vs baselines ------------------------
     print("\n## 3. derivation as used (natural path from the annotated points) vs baselines")
@@ -246,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     print(row("neck: module S + f (top_head_derived - S)", err_neck))
     print(row("neck baseline: shoulder midpoint S", np.linalg.norm(f["S"] - neck_gt[m], axis=1)
               / box[m]))
+    top_derived = K.to_api21(kp17[m])[:, a["top_head"], :2].astype(np.float64)
+    s_seed = 0.5 * (se["left_shoulder"] + se["right_shoulder"])
+    f_seed = lsq1((se["top_head"] - s_seed)[None], (se["neck"] - s_seed)[None], np.ones(1))
+    for f_alt, why in [(c_px, "pixel least squares"), (f_seed, "the seed's own ratio")]:
+        alt = f["S"] + f_alt * (top_derived - f["S"])
+        print(row(f"neck alt: f = {f_alt:.3f} ({why})",
+                  np.linalg.norm(alt - neck_gt[m], axis=1) / box[m]))
     print(row("neck oracle: S + f (top_head_GT - S)",
               np.linalg.norm(f["S"] + K.NECK_F * (top_gt[m] - f["S"]) - neck_gt[m], axis=1)
               / box[m]))

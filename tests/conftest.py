@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-# `pytest` (not `python -m pytest`) from an uninstalled checkout: make `posebatch` importable.
-if importlib.util.find_spec("posebatch") is None:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tests.servers import RedisServer, S3Server, require_or_skip  # noqa: E402
+from tests.servers import RedisServer, S3Server, require_or_skip
 
 
 @pytest.fixture(scope="session")

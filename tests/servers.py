@@ -67,7 +67,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def wait_for(check: Callable[[], object], timeout: float, interval: float = 0.1) -> Exception | None:
+def wait_for(
+    check: Callable[[], object], timeout: float, interval: float = 0.1
+) -> Exception | None:
     """Call ``check`` until it stops raising or ``timeout`` passes; return the last error."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
@@ -238,6 +240,7 @@ class S3Server(ServerProcess):
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners we do not need
             f"-s3.config={self.config_path}",
+            "-s3.autoCreateBucket=false",  # AWS answers NoSuchBucket to a PUT; so must we
             "-master.telemetry=false",  # no internet here, and none wanted
             "-master.electionTimeout=1s",  # restart on old raft state: 18 s -> ~3 s
             "-master.volumeSizeLimitMB=64", "-volume.max=0",
@@ -286,10 +289,8 @@ class S3Server(ServerProcess):
         client = self.client(
             connect_timeout=1, read_timeout=5, retries={"mode": "standard", "max_attempts": 1}
         )
-        try:
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=self.probe_bucket)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
         client.put_object(Bucket=self.probe_bucket, Key="probe", Body=b"ok")
         if client.get_object(Bucket=self.probe_bucket, Key="probe")["Body"].read() != b"ok":
             raise RuntimeError("probe object read back wrong")

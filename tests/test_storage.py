@@ -1,11 +1,10 @@
-"""posebatch.storage against a local tmp dir and a real S3 server (SeaweedFS), same tests for both."""
+"""posebatch.storage: the same tests against a local tmp dir and a real S3 server (SeaweedFS)."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-from servers import S3Server, free_ports
 
 from posebatch.errors import ConfigError, StorageError, StorageNotFound, UnsafeKeyError
 from posebatch.storage import (
@@ -16,13 +15,11 @@ from posebatch.storage import (
     open_storage,
     safe_key,
 )
+from tests.servers import S3Server, free_ports
 
-# Chosen to catch a per-folder walk that is not S3's global order: "a-b" < "a.jpg" < "a/" < "a0".
-KEYS = [
+KEYS = [  # sorted as S3 sorts: by UTF-8 bytes, so "A" < "_" < "a" and "a/" < "a0"
     "A.JPG",
     "_summary.json",
-    "a-b.jpg",
-    "a.jpg",
     "a/x.jpg",
     "a/y/z.png",
     "a0.jpg",
@@ -31,14 +28,26 @@ KEYS = [
     "with space/and space.jpg",
     "ünï/çødé 日本.jpg",
 ]
+# A folder "a" next to names that extend "a" with a character below "/": S3 lists the flat key
+# space, so "a-b.jpg" < "a.jpg" < "a/x.jpg"; a per-folder walk sorted by name gets this wrong.
+SHARED_PREFIX_KEYS = ["a-b.jpg", "a.jpg", "a/x.jpg", "a0.jpg"]
+SEAWEED_ORDER = pytest.mark.xfail(
+    strict=True,
+    reason="SeaweedFS 4.x lists folder by folder (a/x.jpg before a-b.jpg); its StartAfter follows "
+    "the same order, so resuming from the last listed key still works",
+)
+
+
+def make_store(kind: str, request: pytest.FixtureRequest, tmp_path) -> Storage:
+    if kind == "local":
+        return LocalStorage(str(tmp_path / "root"))
+    bucket = request.getfixturevalue("bucket")
+    return open_storage(f"s3://{bucket}/in/put")  # a prefix, to prove keys come back relative
 
 
 @pytest.fixture(params=["local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path) -> Storage:
-    if request.param == "local":
-        return LocalStorage(str(tmp_path / "root"))
-    bucket = request.getfixturevalue("bucket")
-    return open_storage(f"s3://{bucket}/in/put")  # a prefix, to prove keys come back relative
+    return make_store(request.param, request, tmp_path)
 
 
 def fill(store: Storage, keys: list[str]) -> None:
@@ -74,6 +83,26 @@ def test_listing_is_recursive_and_lexicographic(store: Storage) -> None:
     assert list(store.iter_keys()) == sorted(KEYS) == KEYS
 
 
+@pytest.mark.parametrize("kind", ["local", pytest.param("s3", marks=SEAWEED_ORDER)])
+def test_listing_order_is_flat_when_names_share_a_prefix(
+    kind: str, request: pytest.FixtureRequest, tmp_path
+) -> None:
+    store = make_store(kind, request, tmp_path)
+    fill(store, list(reversed(SHARED_PREFIX_KEYS)))
+    assert list(store.iter_keys()) == sorted(SHARED_PREFIX_KEYS) == SHARED_PREFIX_KEYS
+    assert list(store.iter_keys(start_after="a-b.jpg")) == SHARED_PREFIX_KEYS[1:]
+
+
+def test_resuming_after_any_listed_key_gives_the_rest(store: Storage) -> None:
+    # What a producer relies on, whatever order the server uses: no gaps, no repeats.
+    keys = sorted(set(KEYS + SHARED_PREFIX_KEYS))
+    fill(store, keys)
+    listed = list(store.iter_keys())
+    assert sorted(listed) == sorted(keys)
+    for i, key in enumerate(listed):
+        assert list(store.iter_keys(start_after=key)) == listed[i + 1 :], key
+
+
 def test_listing_filters_suffix_case_insensitively(store: Storage) -> None:
     fill(store, KEYS)
     got = list(store.iter_keys(suffixes=(".jpg", ".png")))
@@ -92,7 +121,7 @@ def test_listing_resumes_after_a_key_that_does_not_exist(store: Storage) -> None
     fill(store, KEYS)
     assert list(store.iter_keys(start_after="a/")) == KEYS[KEYS.index("a/x.jpg") :]
     assert list(store.iter_keys(start_after="a/y/zz")) == KEYS[KEYS.index("a0.jpg") :]
-    assert list(store.iter_keys(start_after="zzz")) == []
+    assert list(store.iter_keys(start_after="\U0010ffff")) == []
 
 
 def test_non_ascii_and_space_keys(store: Storage) -> None:
@@ -178,8 +207,8 @@ def test_local_listing_is_lazy(tmp_path) -> None:
     fill(store, ["a/1.jpg", "b/2.jpg"])
     keys = store.iter_keys()
     assert next(keys) == "a/1.jpg"
-    store.write("c/3.jpg", b"")  # written after the walk started, still seen: nothing was cached
-    assert list(keys) == ["b/2.jpg", "c/3.jpg"]
+    store.write("b/3.jpg", b"")  # folder b/ is read only when the walk gets there
+    assert list(keys) == ["b/2.jpg", "b/3.jpg"]
 
 
 # --- open_storage ---------------------------------------------------------------------------
@@ -218,7 +247,8 @@ def test_open_storage_refuses_bad_urls(url: str) -> None:
 def count_list_calls(client) -> list[int]:
     calls: list[int] = []
     client.meta.events.register(
-        "after-call.s3.ListObjectsV2", lambda **kw: calls.append(len(kw["parsed"].get("Contents", [])))
+        "after-call.s3.ListObjectsV2",
+        lambda **kw: calls.append(len(kw["parsed"].get("Contents", []))),
     )
     return calls
 

@@ -50,7 +50,8 @@ DERIVED_NAMES: tuple[str, ...] = ("top_head", "left_mouth_corner", "right_mouth_
 _C = {name: i for i, name in enumerate(COCO17_NAMES)}
 _A = {name: i for i, name in enumerate(API21_NAMES)}
 NOSE, L_EYE, R_EYE, L_EAR, R_EAR = (_C[k] for k in COCO17_NAMES[:5])
-L_SH, R_SH, L_HIP, R_HIP = _C["left_shoulder"], _C["right_shoulder"], _C["left_hip"], _C["right_hip"]
+L_SH, R_SH = _C["left_shoulder"], _C["right_shoulder"]
+L_HIP, R_HIP = _C["left_hip"], _C["right_hip"]
 # Copy-through map: API21 slot <- COCO17 index.
 _COPY_DST = np.array([_A[n] for n in COCO17_NAMES])
 _COPY_SRC = np.arange(len(COCO17_NAMES))
@@ -84,8 +85,8 @@ EYE_LINE_MIN_RATIO = 1.0
 
 # ---- score factors Q (per top_head path; see module docstring) ----
 # top_head: smoothed share within 5% of box size of the derivation forced onto each path, on the
-# same people as the fits above (hits/n: 10/12, 2/13, 9/19, 6/23).
-TOP_HEAD_Q = np.array([0.786, 0.200, 0.476, 0.280])
+# same people as the fits above (hits/n: 9/12, 7/13, 10/19, 11/23).
+TOP_HEAD_Q = np.array([0.714, 0.533, 0.524, 0.480])
 # neck: ExLPose n=6, derived end to end from the 17 GT points (path 2): 6/6 within 5% -> 7/8.
 NECK_Q = 0.875
 # mouth corners: no GT to measure; one quantised example cannot establish reliability, so the
@@ -96,6 +97,7 @@ PATH_FACE_TORSO, PATH_FACE, PATH_TORSO, PATH_SHOULDERS = 0, 1, 2, 3
 PATH_NAMES = ("face+torso", "face", "torso", "shoulders")
 
 _EPS = 1e-6
+_MAX_COORD = 1e9
 _IMAGE_UP = np.array([0.0, -1.0])
 
 
@@ -117,9 +119,11 @@ def _check(kp17: np.ndarray) -> np.ndarray:
 
 
 def _sanitize(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 coordinates and scores in [0, 1]; non-finite values become 0 with score 0."""
+    """float64 coordinates and scores in [0, 1]; a point with a non-finite (or absurd, beyond
+    +-1e9 px, whose squares would overflow) value becomes (0, 0) with score 0."""
     a = arr.astype(np.float64, copy=True)
-    bad = ~np.isfinite(a).all(axis=-1)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(a).all(axis=-1) | (np.abs(a[..., :2]) > _MAX_COORD).any(axis=-1)
     a[bad] = 0.0
     xy = a[..., :2]
     score = np.clip(a[..., 2], 0.0, 1.0)
@@ -206,7 +210,8 @@ def derive(kp17: np.ndarray) -> dict[str, np.ndarray]:
     nose_off = nose - 0.5 * (l_eye + r_eye)
     eye_dir, eye_dist = _unit(eye_vec, -body_up)
     perp = np.stack([-eye_dir[:, 1], eye_dir[:, 0]], axis=1)
-    use_perp = (eye_dist > _EPS) & (eye_dist >= EYE_LINE_MIN_RATIO * np.linalg.norm(nose_off, axis=1))
+    nose_dist = np.linalg.norm(nose_off, axis=1)
+    use_perp = (eye_dist > _EPS) & (eye_dist >= EYE_LINE_MIN_RATIO * nose_dist)
     axis = np.where(use_perp[:, None], perp, -body_up)
     drop = (nose_off * axis).sum(axis=1, keepdims=True) * axis   # sign-free: (d.a) a
     mouth_src = np.minimum(np.minimum(sc[:, L_EYE], sc[:, R_EYE]), sc[:, NOSE])

@@ -1,0 +1,186 @@
+"""A job's state in Redis: its parameters, one record per image, and its completion.
+
+Why per-image records in a hash: a batch may run twice (redelivery, retry, re-submission). HSET of
+the same field is idempotent, so ``HLEN`` is the exact number of images done and the aggregates,
+recomputed from the hash when the job completes, count every image exactly once. No chord, no
+counters that a redelivered batch would bump twice.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+
+from posebatch.aggregate import COUNTS_NAME, SUMMARY_NAME, Record, counts_csv, summarize, summary_json
+
+PREFIX = "posebatch"
+FINALIZE_LOCK_SECONDS = 600
+
+
+def new_job_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``redis://`` or ``rediss://`` URLs (password in the URL or REDIS_PASSWORD)."""
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
+                                health_check_interval=30, retry_on_timeout=True)
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    job_id: str
+    state: str
+    total: int | None
+    done: int
+    failed: int
+    submitted: bool
+    created: str
+    started_at: float | None
+    finished: str | None
+    output: str
+
+    @property
+    def rate(self) -> float:
+        if not self.started_at or not self.done:
+            return 0.0
+        return self.done / max(time.time() - self.started_at, 1e-3)
+
+
+class JobStore:
+    """Reads and writes the Redis keys of jobs; one instance per process is enough."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    @classmethod
+    def from_url(cls, url: str) -> JobStore:
+        return cls(connect(url))
+
+    def _k(self, job_id: str, *parts: str) -> str:
+        return ":".join((PREFIX, "job", job_id, *parts))
+
+    # -- producer side -------------------------------------------------------------------
+    def create(self, job_id: str, meta: dict[str, Any]) -> None:
+        fields = {"meta": json.dumps(meta), "created": now_iso(), "submitted": 0, "state": "submitting"}
+        pipe = self.r.pipeline()
+        pipe.hset(self._k(job_id), mapping=fields)
+        pipe.zadd(f"{PREFIX}:jobs", {job_id: time.time()})
+        pipe.execute()
+
+    def mark_submitted(self, job_id: str, total: int, batches: int) -> None:
+        self.r.hset(self._k(job_id), mapping={"submitted": 1, "total": total, "batches": batches,
+                                              "state": "running" if total else "done"})
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.r.exists(self._k(job_id)))
+
+    def meta(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.r.hget(self._k(job_id), "meta")
+        return json.loads(raw) if raw else None
+
+    def recent(self, limit: int = 20) -> list[str]:
+        return [j.decode() for j in self.r.zrevrange(f"{PREFIX}:jobs", 0, limit - 1)]
+
+    # -- worker side ---------------------------------------------------------------------
+    def add_records(self, job_id: str, records: Iterable[Record]) -> None:
+        records = list(records)
+        if not records:
+            return
+        pipe = self.r.pipeline()
+        pipe.hsetnx(self._k(job_id), "started_at", time.time())
+        pipe.hset(self._k(job_id, "records"), mapping={r.key: r.to_json() for r in records})
+        failed = [r.key for r in records if not r.ok]
+        ok = [r.key for r in records if r.ok]
+        if failed:
+            pipe.sadd(self._k(job_id, "failed"), *failed)
+        if ok:
+            pipe.srem(self._k(job_id, "failed"), *ok)
+        pipe.execute()
+
+    def has_record(self, job_id: str, keys: list[str]) -> list[bool]:
+        vals = self.r.hmget(self._k(job_id, "records"), keys)
+        return [v is not None for v in vals]
+
+    def count_delivery(self, job_id: str, batch_id: str) -> int:
+        """How many times a batch has been started, across workers: bounds poison batches."""
+        return int(self.r.hincrby(self._k(job_id, "deliveries"), batch_id, 1))
+
+    def note_model(self, job_id: str, model: dict[str, str]) -> dict[str, str]:
+        """Remember the first worker's model for the summary; return the one on record, so a
+        worker running another model can refuse instead of mixing results."""
+        self.r.hsetnx(self._k(job_id), "model", json.dumps(model))
+        return json.loads(self.r.hget(self._k(job_id), "model"))
+
+    def records(self, job_id: str) -> Iterator[Record]:
+        for _key, raw in self.r.hscan_iter(self._k(job_id, "records"), count=1000):
+            yield Record.from_json(raw)
+
+    # -- both ------------------------------------------------------------------------------
+    def progress(self, job_id: str) -> JobProgress | None:
+        pipe = self.r.pipeline()
+        pipe.hgetall(self._k(job_id))
+        pipe.hlen(self._k(job_id, "records"))
+        pipe.scard(self._k(job_id, "failed"))
+        h, done, failed = pipe.execute()
+        if not h:
+            return None
+        h = {k.decode(): v.decode() for k, v in h.items()}
+        meta = json.loads(h.get("meta", "{}"))
+        return JobProgress(
+            job_id=job_id, state=h.get("state", "?"),
+            total=int(h["total"]) if "total" in h else None, done=int(done), failed=int(failed),
+            submitted=h.get("submitted") == "1", created=h.get("created", ""),
+            started_at=float(h["started_at"]) if "started_at" in h else None,
+            finished=h.get("finished"), output=meta.get("output", ""),
+        )
+
+    def maybe_finalize(self, job_id: str) -> bool:
+        """Write the aggregates if every image of a fully submitted job has a record.
+
+        Safe to call from any process, any number of times: a lock makes one writer at a time,
+        and the output is a pure function of the records, so writing it twice is harmless.
+        """
+        p = self.progress(job_id)
+        if p is None or not p.submitted or p.total is None or p.done < p.total:
+            return False
+        if p.state == "done":
+            return True
+        lock = self._k(job_id, "finalizing")
+        if not self.r.set(lock, 1, nx=True, ex=FINALIZE_LOCK_SECONDS):
+            return False
+        try:
+            self.write_aggregates(job_id)
+            self.r.hset(self._k(job_id), mapping={"state": "done", "finished": now_iso()})
+            return True
+        finally:
+            self.r.delete(lock)
+
+    def write_aggregates(self, job_id: str) -> dict[str, Any]:
+        from posebatch.storage import open_storage
+
+        meta = self.meta(job_id) or {}
+        dst = open_storage(meta["output"])
+        records = list(self.records(job_id))
+        h = self.r.hgetall(self._k(job_id))
+        created = (h.get(b"created") or b"").decode()
+        model = json.loads(h[b"model"]) if h.get(b"model") else None
+        summary_meta = {"job_id": job_id, "input": meta.get("input"), "output": meta.get("output"),
+                        "created": created, "finished": now_iso(), "model": model,
+                        "settings": meta.get("settings")}
+        summary = summarize(records, summary_meta)
+        prefix = meta.get("summary_prefix", "").replace("{job_id}", job_id)
+        dst.write(prefix + COUNTS_NAME, counts_csv(records), "text/csv")
+        dst.write(prefix + SUMMARY_NAME, summary_json(summary), "application/json")
+        return summary

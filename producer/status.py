@@ -1,0 +1,58 @@
+"""``posebatch status`` and ``posebatch wait``: a job's progress, read from its Redis records."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from posebatch.errors import ConfigError
+from posebatch.jobstate import JobProgress, JobStore
+
+LOST_HINT = ("its state is gone from Redis (a restart without persistence, or another Redis). "
+             "Recover with the same `posebatch submit INPUT --out OUTPUT`: images that already "
+             "have a result are skipped, and the new job's summary counts them all")
+
+
+def describe(p: JobProgress) -> str:
+    total = "?" if p.total is None else str(p.total)
+    line = (f"job {p.job_id}: {p.state}; {p.done}/{total} images done, {p.failed} failed, "
+            f"{p.rate:.1f} img/s")
+    if not p.submitted:
+        line += " (still being submitted, or the producer stopped before the end: resubmit)"
+    if p.state == "done":
+        line += f"; summary in {p.output}"
+    return line
+
+
+def get(store: JobStore, job_id: str) -> JobProgress:
+    p = store.progress(job_id)
+    if p is None:
+        raise ConfigError(f"job {job_id} is unknown: {LOST_HINT}")
+    return p
+
+
+def wait(store: JobStore, job_id: str, *, poll: float = 1.0, timeout: float | None = None,
+         progress: bool | None = None) -> JobProgress:
+    """Block until the job is done (or ``timeout`` s pass); show a progress bar on a terminal."""
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    deadline = None if timeout is None else time.monotonic() + timeout
+    p = get(store, job_id)
+    with tqdm(total=p.total, unit="img", disable=not show, dynamic_ncols=True) as bar:
+        while True:
+            p = store.progress(job_id)
+            if p is None:
+                raise ConfigError(f"job {job_id} disappeared while waiting: {LOST_HINT}")
+            if p.total is not None and bar.total != p.total:
+                bar.total = p.total
+            bar.n = p.done
+            bar.set_postfix(failed=p.failed, refresh=False)
+            bar.refresh()
+            if p.state == "done":
+                return p
+            if p.submitted and p.total is not None and p.done >= p.total:
+                store.maybe_finalize(job_id)  # the last worker died before finalizing
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} not done after {timeout} s: {describe(p)}")
+            time.sleep(poll)

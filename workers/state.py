@@ -1,0 +1,44 @@
+"""The only process-wide state: this worker process's model session and the job store client.
+
+Why a module: Celery's ``worker_process_init`` creates the engine once after fork; tasks fetch it
+here. Any other process (tests, the local run) never touches this module.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from posebatch.jobstate import JobStore
+from posebatch.modelstore import ModelRef, resolve_model
+from posebatch.settings import RuntimeSettings, from_env
+from workers.engine.model import PoseModel
+
+log = logging.getLogger(__name__)
+
+_model: PoseModel | None = None
+_model_ref: ModelRef | None = None
+_store: JobStore | None = None
+
+
+def runtime() -> RuntimeSettings:
+    return from_env(RuntimeSettings)
+
+
+def load_engine() -> tuple[PoseModel, ModelRef]:
+    global _model, _model_ref
+    if _model is None:
+        rt = runtime()
+        _model_ref = resolve_model(rt.model, rt.cache_dir)
+        _model = PoseModel(str(_model_ref.path), rt.providers, rt.intra_threads)
+        log.warning("worker model %s (%s) on %s", _model_ref.name, _model_ref.sha256[:12],
+                    _model.info.provider)
+    assert _model_ref is not None
+    return _model, _model_ref
+
+
+def job_store() -> JobStore:
+    global _store
+    if _store is None:
+        rt = runtime()
+        _store = JobStore.from_url(rt.state_url or rt.broker_url)
+    return _store
