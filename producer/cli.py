@@ -88,6 +88,7 @@ def add_cluster_commands(sub: argparse._SubParsersAction, add_job_flags: Callabl
                         "all cores through ONNX Runtime's threads)")
     p.add_argument("--queues", default="posebatch,posebatch-control")
     p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--hostname", help="worker node name (Celery -n), e.g. gpu0@%%h")
     p.add_argument("celery_args", nargs="*", help="passed to celery worker")
     _broker(p)
     add_runtime_flags(p)
@@ -167,7 +168,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     app.worker_main(["worker", f"--concurrency={ns.concurrency}", "--pool=prefork",
                      f"--queues={ns.queues}", f"--loglevel={ns.loglevel}",
                      "--prefetch-multiplier=1", "--without-gossip", "--without-mingle",
-                     *ns.celery_args])
+                     *([f"--hostname={ns.hostname}"] if ns.hostname else []), *ns.celery_args])
     return EXIT_OK
 
 

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         hits = int(np.sum(err < 0.05))
         q_fit[path] = (hits + 1) / (len(err) + 2)
         print(row(f"{path} {K.PATH_NAMES[path]}", err)[:-1]
-              + f" {hits}/{len(err)} -> {q_fit[path]:.3f} ({K.TOP_HEAD_Q[path]}) |")
+              + f"| {hits}/{len(err)} -> {q_fit[path]:.3f} ({K.TOP_HEAD_Q[path]}) |")
     m = has_neck
     out = K.to_api21(kp17[m])
     err_neck = np.linalg.norm(out[:, a["neck"], :2] - neck_gt[m], axis=1) / box[m]

@@ -76,7 +76,7 @@ TOP_HEAD_SHOULDERS_K = 0.842
 NECK_F = 0.339
 # Mouth corners: no annotation anywhere; calibrated on the seed's single example (eyes y=282.19,
 # nose y=295.41, corners y=308.63 under the eyes: drop = 26.44 / 13.22 = 2.0 exactly). The seed's
-# coordinates sit on a 13.22 px grid, so this ratio is known only to within about [1.3, 4].
+# coordinates sit on a 13.22 px grid: half a cell on the nose drop alone spans [1.3, 4].
 MOUTH_DROP = 2.0
 # The eye-line perpendicular is trusted as the face's down axis only when the eyes are at least
 # this many times as far apart as the nose is from their midpoint (frontal-ish faces; the seed

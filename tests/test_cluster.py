@@ -1,0 +1,183 @@
+"""The cluster end to end: redis-server, SeaweedFS S3 and real worker processes.
+
+Upload the dev set (plus bad files) to a bucket, submit, run two workers, wait: every result and
+the summary must equal the local run's. Then re-submission, --force, the drop-folder watcher and
+the beat schedule's submit task, all against the same real servers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import (
+    WorkerProcess,
+    comparable_summary,
+    download_results,
+    run_cli,
+    upload_tree,
+    without_log_id,
+)
+from tests.devdata import require_dev_data
+from tests.images import encode, gradient, jpeg
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, s3_server, tmp_path_factory):
+    """Servers, a bucket with the input uploaded, the local reference run, two workers."""
+    dev = require_dev_data()
+    redis_server.start()
+    import redis as redis_lib
+
+    redis_lib.Redis.from_url(redis_server.url).flushall()
+    bucket = s3_server.make_bucket(f"c-{uuid.uuid4().hex[:12]}")
+    env = {**s3_server.env(), "POSEBATCH_BROKER_URL": redis_server.url}
+    src = tmp_path_factory.mktemp("src")
+    shutil.copytree(dev / "images", src, dirs_exist_ok=True)
+    (src / "bad").mkdir()
+    (src / "bad" / "empty.jpg").write_bytes(b"")
+    (src / "bad" / "fake.png").write_bytes(b"definitely not a png" * 10)
+    (src / "odd names").mkdir()
+    (src / "odd names" / "straße café.jpg").write_bytes(jpeg(80, 60, orientation=8))
+    (src / "odd names" / "x.bmp").write_bytes(encode(gradient(50, 40), "BMP"))
+    client = s3_server.client()
+    keys = upload_tree(client, bucket, "in/", src)
+    local_out = tmp_path_factory.mktemp("local")
+    run_cli("run", str(src), "--out", str(local_out), "--no-progress", env=env)
+    workdir = tmp_path_factory.mktemp("workers")
+    workers = [WorkerProcess(workdir, env, i) for i in range(2)]
+    for w in workers:
+        w.start()
+    yield {"env": env, "bucket": bucket, "client": client, "keys": keys, "src": src,
+           "local": local_out, "workers": workers, "redis": redis_server}
+    for w in workers:
+        w.stop()
+
+
+def submit(stack, *extra: str, out: str = "out/") -> str:
+    proc = run_cli("submit", f"s3://{stack['bucket']}/in/", "--out",
+                   f"s3://{stack['bucket']}/{out}", "--batch-images", "4", *extra,
+                   env=stack["env"])
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def wait(stack, job_id: str) -> int:
+    proc = run_cli("wait", job_id, "--timeout", "240", "--no-progress", env=stack["env"],
+                   check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode
+
+
+def local_results(stack) -> dict[str, dict]:
+    out: Path = stack["local"]
+    return {p.relative_to(out).as_posix(): json.loads(p.read_text())
+            for p in out.rglob("*.json")}
+
+
+@pytest.fixture(scope="module")
+def first_job(stack):
+    job_id = submit(stack)
+    assert wait(stack, job_id) == 1  # the bad files failed: wait says so
+    return job_id
+
+
+def test_cluster_results_equal_the_local_run(stack, first_job):
+    remote = download_results(stack["client"], stack["bucket"], "out/")
+    local = local_results(stack)
+    assert without_log_id(remote) == without_log_id(local)
+    assert len(without_log_id(remote)) == len(stack["keys"])
+
+
+def test_cluster_summary_equals_the_local_summary(stack, first_job):
+    remote = download_results(stack["client"], stack["bucket"], "out/")["_summary.json"]
+    local = local_results(stack)["_summary.json"]
+    assert comparable_summary(remote) == comparable_summary(local)
+    assert remote["job_id"] == first_job
+    assert remote["images_seen"] == len(stack["keys"]) and remote["failed"] == 2
+    csv = stack["client"].get_object(Bucket=stack["bucket"], Key="out/_counts.csv")["Body"].read()
+    assert csv == (stack["local"] / "_counts.csv").read_bytes()
+
+
+def test_both_workers_took_batches(stack, first_job):
+    assert all(w.processed_batches() > 0 for w in stack["workers"]), [
+        w.log_tail() for w in stack["workers"]]
+
+
+def test_status_reports_the_finished_job(stack, first_job):
+    proc = run_cli("status", first_job, env=stack["env"])
+    assert f"job {first_job}: done" in proc.stdout
+    n = len(stack["keys"])
+    assert f"{n}/{n} images done, 2 failed" in proc.stdout
+
+
+def test_resubmission_processes_nothing_and_force_reprocesses_with_exact_counts(stack,
+                                                                               first_job):
+    before = download_results(stack["client"], stack["bucket"], "out/")
+    job2 = submit(stack)
+    wait(stack, job2)
+    after = download_results(stack["client"], stack["bucket"], "out/")
+    # Same log_ids: no image was processed again.
+    assert {k: v for k, v in after.items() if not k.startswith("_")} == {
+        k: v for k, v in before.items() if not k.startswith("_")}
+    assert comparable_summary(after["_summary.json"]) == comparable_summary(
+        before["_summary.json"])
+    assert after["_summary.json"]["job_id"] == job2
+
+    job3 = submit(stack, "--force")
+    wait(stack, job3)
+    forced = download_results(stack["client"], stack["bucket"], "out/")
+    changed = [k for k in before if not k.startswith("_")
+               and forced[k]["log_id"] != before[k]["log_id"]]
+    assert len(changed) == len(stack["keys"])  # every image redone
+    assert comparable_summary(forced["_summary.json"]) == comparable_summary(
+        before["_summary.json"])
+
+
+def test_watcher_restarted_between_uploads_submits_each_image_once(stack, tmp_path):
+    client, bucket, env = stack["client"], stack["bucket"], stack["env"]
+    drop, out = f"s3://{bucket}/drop/", f"s3://{bucket}/drop-out/"
+    client.put_object(Bucket=bucket, Key="drop/a.jpg", Body=jpeg(64, 48))
+    client.put_object(Bucket=bucket, Key="drop/sub/b.png", Body=encode(gradient(40, 30), "PNG"))
+    client.put_object(Bucket=bucket, Key="drop/readme.txt", Body=b"ignored")
+    first = run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split()
+    # A new watcher process (a restart) after one more upload.
+    client.put_object(Bucket=bucket, Key="drop/c.jpg", Body=jpeg(80, 60))
+    second = run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split()
+    third = run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split()
+    assert len(first) == 1 and len(second) == 1 and third == []
+    for job_id in first + second:
+        wait(stack, job_id)
+    res = download_results(client, bucket, "drop-out/")
+    s1 = res[f"_jobs/{first[0]}/_summary.json"]
+    s2 = res[f"_jobs/{second[0]}/_summary.json"]
+    assert (s1["images_seen"], s2["images_seen"]) == (2, 1)
+    assert {"a.jpg.json", "sub/b.png.json", "c.jpg.json"} <= set(res)
+
+
+def test_scheduled_submit_task_creates_a_job(stack):
+    """What a beat entry sends (posebatch.submit_job) runs on a worker and completes a job."""
+    from celery import Celery
+
+    app = Celery(broker=stack["env"]["POSEBATCH_BROKER_URL"])
+    bucket = stack["bucket"]
+    app.send_task("posebatch.submit_job", queue="posebatch-control",
+                  kwargs={"input_url": f"s3://{bucket}/in/odd names/",
+                          "output_url": f"s3://{bucket}/sched-out/", "batch_images": 4})
+    from tests.cluster import wait_until
+
+    def summary_written() -> bool:
+        try:
+            stack["client"].head_object(Bucket=bucket, Key="sched-out/_summary.json")
+            return True
+        except Exception:
+            return False
+
+    wait_until(summary_written, 120, "the scheduled job's summary")
+    res = download_results(stack["client"], bucket, "sched-out/")
+    assert res["_summary.json"]["images_seen"] == 2
