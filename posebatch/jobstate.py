@@ -13,23 +13,30 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
-from posebatch.aggregate import COUNTS_NAME, SUMMARY_NAME, Record, counts_csv, summarize, summary_json
+from posebatch.aggregate import (
+    COUNTS_NAME,
+    SUMMARY_NAME,
+    Record,
+    counts_csv,
+    summarize,
+    summary_json,
+)
 
 PREFIX = "posebatch"
 FINALIZE_LOCK_SECONDS = 600
 
 
 def new_job_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def connect(url: str) -> redis.Redis:
@@ -73,7 +80,8 @@ class JobStore:
 
     # -- producer side -------------------------------------------------------------------
     def create(self, job_id: str, meta: dict[str, Any]) -> None:
-        fields = {"meta": json.dumps(meta), "created": now_iso(), "submitted": 0, "state": "submitting"}
+        fields = {"meta": json.dumps(meta), "created": now_iso(), "submitted": 0,
+                  "state": "submitting"}
         pipe = self.r.pipeline()
         pipe.hset(self._k(job_id), mapping=fields)
         pipe.zadd(f"{PREFIX}:jobs", {job_id: time.time()})

@@ -72,7 +72,9 @@ class JobSettings:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"unknown job settings {sorted(unknown)}; expected some of {sorted(known)}")
+            raise ConfigError(
+                f"unknown job settings {sorted(unknown)}; expected some of {sorted(known)}"
+            )
         return cls(**data)
 
 

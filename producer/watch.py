@@ -31,7 +31,7 @@ def seen_key(input_url: str, output_url: str) -> str:
 def new_keys(r, seen: str, keys: Iterator[str]) -> Iterator[str]:
     for chunk in chunked(keys, CHECK_CHUNK):
         flags = r.smismember(seen, chunk)
-        yield from (k for k, f in zip(chunk, flags) if not f)
+        yield from (k for k, f in zip(chunk, flags, strict=False) if not f)
 
 
 def poll_once(input_url: str, output_url: str, *, job: JobSettings, broker_url: str,

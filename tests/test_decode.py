@@ -20,7 +20,7 @@ CASES = [
     ("palette png", lambda: encode(gradient(40, 30, "P"), "PNG"), None, (40, 30)),
     ("alpha png", lambda: encode(gradient(40, 30, "RGBA"), "PNG"), None, (40, 30)),
     ("16-bit png", lambda: encode(Image.fromarray(
-        (np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50)), "PNG"), None, (40, 30)),
+        np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50), "PNG"), None, (40, 30)),
     ("exactly 15 px", lambda: jpeg(15, 200), None, (15, 200)),
     ("exactly 4096 px", lambda: jpeg(4096, 16), None, (4096, 16)),
     ("empty", lambda: b"", EMPTY_IMAGE, None),

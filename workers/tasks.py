@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from posebatch.aggregate import Record
 from posebatch.errors import INTERNAL_ERROR, PermanentError, RetryableError
 from posebatch.jobs import claim_output, manifest
@@ -49,7 +52,7 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
         rt = state.runtime()
         engine = PoseEngine(model, job, rt.batch_size, rt.io_threads)
         records = process_keys(engine, src, dst, keys, skip_existing=not force)
-    except RetryableError as err:
+    except (RetryableError, RedisConnectionError, RedisTimeoutError) as err:
         if self.request.retries >= MAX_RETRIES:
             _fail_missing(job_id, keys, f"batch {batch_id} failed after {MAX_RETRIES + 1} "
                           f"attempts: {err}")
@@ -60,8 +63,17 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
     except PermanentError as err:
         _fail_missing(job_id, keys, f"batch {batch_id} cannot run: {err}")
         return 0
-    store.add_records(job_id, records)
-    store.maybe_finalize(job_id)
+    except Exception as err:  # a bug must not leave the job waiting forever for these images
+        log.exception("batch %s of job %s failed", batch_id, job_id)
+        _fail_missing(job_id, keys, f"batch {batch_id} failed: {type(err).__name__}: {err}")
+        return 0
+    try:
+        store.add_records(job_id, records)
+        store.maybe_finalize(job_id)
+    except (RetryableError, RedisConnectionError, RedisTimeoutError) as err:
+        # Results are written; recording them again on the retry is idempotent (skip_existing
+        # re-reads them, or --force recomputes identical records).
+        raise self.retry(exc=err, countdown=min(2 ** self.request.retries, 30)) from err
     return len(records)
 
 
@@ -74,7 +86,8 @@ def _fail_missing(job_id: str, keys: list[str], reason: str) -> None:
     job completes and the summary says what happened instead of waiting forever."""
     store = state.job_store()
     have = store.has_record(job_id, keys)
-    missing = [Record(k, False, INTERNAL_ERROR, 0, 0, reason) for k, h in zip(keys, have) if not h]
+    missing = [Record(k, False, INTERNAL_ERROR, 0, 0, reason)
+               for k, h in zip(keys, have, strict=True) if not h]
     log.error("job %s: %s (%d images recorded as failed)", job_id, reason, len(missing))
     store.add_records(job_id, missing)
     store.maybe_finalize(job_id)

@@ -120,9 +120,9 @@ class PoseModel:
         """Run ``batch (B, 3, H, W) float32 in [0, 1]`` and decode one Detections per image."""
         outs = self.run_raw(batch)
         if self.info.layout == LAYOUT_RTMO:
-            by_name = dict(zip([o.name for o in self.session.get_outputs()], outs))
+            by_name = dict(zip([o.name for o in self.session.get_outputs()], outs, strict=False))
             return [decode_rtmo(d, k, conf, max_det)
-                    for d, k in zip(by_name["dets"], by_name["keypoints"])]
+                    for d, k in zip(by_name["dets"], by_name["keypoints"], strict=False)]
         if self.info.layout == LAYOUT_YOLO_E2E:
             return [decode_yolo_e2e(o, conf, max_det) for o in outs[0]]
         return [decode_yolo_raw(o, conf, iou, max_det) for o in outs[0]]

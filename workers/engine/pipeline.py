@@ -132,5 +132,5 @@ class PoseEngine:
                             dtype=batch.dtype)
             batch = np.concatenate([batch, fill])
         dets = self.model.infer(batch, self.job.det_conf, self.job.nms_iou, self.job.max_persons)
-        for det, item in zip(dets, group):
+        for det, item in zip(dets, group, strict=False):
             yield item.key, to_result(det, item).to_api()
