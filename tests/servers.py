@@ -88,6 +88,7 @@ class ServerProcess:
 
     name = "server"
     ready_timeout = 30.0
+    start_attempts = 1
     stop_timeout = 10.0
 
     def __init__(self, workdir: Path) -> None:
@@ -118,8 +119,25 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
+        """Start (or restart, same ports and data) and return once ``ready()`` passes."""
         if self.running:
             return
+        for attempt in range(1, self.start_attempts + 1):
+            err = self._start_once()
+            if err is None:
+                return
+            exited = self.proc is not None and self.proc.poll() is not None
+            self.kill()
+            what = "exited during startup" if exited else f"not ready after {self.ready_timeout}s"
+            if attempt == self.start_attempts:
+                raise RuntimeError(
+                    f"{self.name} {what} (attempt {attempt}/{self.start_attempts}): {err}\n"
+                    f"--- tail of {self.log_path} ---\n{self.log_tail()}"
+                )
+            with open(self.log_path, "a") as log:
+                log.write(f"\n=== {what}: {err}; starting again\n")
+
+    def _start_once(self) -> Exception | None:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== start {' '.join(self.command())}\n".encode())
             log.flush()
@@ -139,14 +157,7 @@ class ServerProcess:
                 raise RuntimeError(f"exited with code {self.proc.returncode}")
             self.ready()
 
-        err = wait_for(check, self.ready_timeout)
-        if err is not None:
-            exited = self.proc is not None and self.proc.poll() is not None
-            self.kill()
-            what = "exited during startup" if exited else f"not ready after {self.ready_timeout}s"
-            raise RuntimeError(
-                f"{self.name} {what}: {err}\n--- tail of {self.log_path} ---\n{self.log_tail()}"
-            )
+        return wait_for(check, self.ready_timeout)
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
@@ -203,7 +214,11 @@ class S3Server(ServerProcess):
     """SeaweedFS master + volume + filer + S3 gateway in one process, auth on."""
 
     name = "weed"
-    ready_timeout = 90.0
+    ready_timeout = 30.0  # usually 3-8 s
+    # A restart sometimes wedges: the volume server heartbeats just before the master wins its
+    # (single-node) election and is then registered without its volumes, so every read fails
+    # "volume N not found" for good. Killing and starting again clears it.
+    start_attempts = 3
     stop_timeout = 30.0  # the filer's gRPC graceful stop alone can take 15 s
     region = "us-east-1"
     probe_bucket = "pytest-ready"
@@ -248,7 +263,9 @@ class S3Server(ServerProcess):
         ]  # fmt: skip
 
     def child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # weed's S3 gateway also admits whatever AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY it finds in
+        # its environment (tests monkeypatch those, wrong ones included): auth = s3.json only.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env["HOME"] = str(self.workdir)  # ignore any ~/.seaweedfs/*.toml of the developer
         # Each bucket is a collection; growing 7 volumes per new bucket is slow and useless here.
         env["WEED_MASTER_VOLUME_GROWTH_COPY_1"] = "1"
