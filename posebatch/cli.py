@@ -50,6 +50,8 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime (also POSEBATCH_<NAME> environment variables)")
     g.add_argument("--model", help="ONNX model file (default: the model built by `model build`)")
+    g.add_argument("--int8", action="store_true", default=None,
+                   help="use the INT8 model made by `posebatch model quantize`")
     g.add_argument("--providers", choices=["auto", "cpu", "cuda"],
                    help="ONNX Runtime provider (default auto: CUDA when available)")
     g.add_argument("--batch-size", type=int, help="images per model call (default 8)")
@@ -64,7 +66,8 @@ def job_settings(args: argparse.Namespace) -> JobSettings:
 
 
 def runtime_settings(args: argparse.Namespace) -> RuntimeSettings:
-    names = ("model", "providers", "batch_size", "intra_threads", "io_threads", "broker_url")
+    names = ("model", "int8", "providers", "batch_size", "intra_threads", "io_threads",
+             "broker_url")
     return from_env(RuntimeSettings, {n: getattr(args, n, None) for n in names})
 
 
@@ -105,6 +108,13 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="build nothing; exit 0 when the default model is cached, 1 otherwise")
     i = msub.add_parser("info", help="show the model in use; its path is the last line")
     i.add_argument("--model", help="ONNX model file (default: the built default model)")
+    i.add_argument("--int8", action="store_true", help="the INT8 copy of that model")
+    q = msub.add_parser("quantize", help="make a statically quantized INT8 copy of the model",
+                        description="Calibrate on images (the dev set by default) and write "
+                        "<model>.int8.onnx beside the model; select it with --int8.")
+    q.add_argument("--model", help="ONNX model file (default: the built default model)")
+    q.add_argument("--calib", help="folder of calibration images (default: the dev set)")
+    q.add_argument("--imgsz", type=int, default=640)
 
     p = sub.add_parser("eval", help="OKS AP and per-keypoint accuracy against COCO ground truth")
     p.add_argument("--gt", required=True, help="COCO keypoints JSON with the 21 API keypoints")
@@ -143,7 +153,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from workers.local_run import run_job
 
     job, runtime = job_settings(ns), runtime_settings(ns)
-    model = resolve_model(runtime.model, runtime.cache_dir)
+    model = resolve_model(runtime.model, runtime.cache_dir, runtime.int8)
     src, dst = open_storage(ns.input), open_storage(ns.out)
     outcome = run_job(src, dst, model, job, runtime, force=ns.force,
                       progress=False if ns.no_progress else None)
@@ -173,7 +183,15 @@ def cmd_model(ns: argparse.Namespace) -> int:
         path = build_default(runtime.cache_dir, python, force=ns.force)
         print(path)
         return EXIT_OK
-    model = resolve_model(ns.model or runtime.model, runtime.cache_dir)
+    if ns.model_command == "quantize":
+        from posebatch.quantize import int8_path, quantize
+
+        fp32 = resolve_model(ns.model or runtime.model, runtime.cache_dir)
+        calib = ns.calib or _default_calibration_dir()
+        out = quantize(fp32.path, int8_path(fp32.path), Path(calib), imgsz=ns.imgsz)
+        print(out)
+        return EXIT_OK
+    model = resolve_model(ns.model or runtime.model, runtime.cache_dir, ns.int8)
     print(f"name:    {model.name}")
     print(f"sha256:  {model.sha256}")
     meta = model.path.parent / "meta.json"
@@ -181,6 +199,16 @@ def cmd_model(ns: argparse.Namespace) -> int:
         print(f"meta:    {meta}")
     print(model.path)
     return EXIT_OK
+
+
+def _default_calibration_dir() -> str:
+    from posebatch.errors import ConfigError
+
+    here = Path(__file__).resolve().parent.parent
+    for cand in (os.environ.get("POSEBATCH_DEV_DATA"), here.parent / "shared" / "data" / "dev"):
+        if cand and (Path(cand) / "images").is_dir():
+            return str(Path(cand) / "images")
+    raise ConfigError("no calibration images: pass --calib DIR (a few hundred typical images)")
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:

@@ -150,7 +150,7 @@ def cmd_watch(ns: argparse.Namespace) -> int:
 
 def _export_runtime(ns: argparse.Namespace) -> None:
     """Flags become POSEBATCH_* variables, read by the worker's child processes after fork."""
-    for name in ("model", "providers", "batch_size", "intra_threads", "io_threads",
+    for name in ("model", "int8", "providers", "batch_size", "intra_threads", "io_threads",
                  "broker_url", "state_url"):
         value = getattr(ns, name, None)
         if value is not None:
@@ -163,7 +163,8 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     from workers.celery_app import make_app
 
     rt = from_env(RuntimeSettings)
-    resolve_model(rt.model, rt.cache_dir)  # fail now, with a clear message, not in each child
+    # Fail now, with a clear message, not later in each child process.
+    resolve_model(rt.model, rt.cache_dir, rt.int8)
     app = make_app(rt.broker_url)
     app.worker_main(["worker", f"--concurrency={ns.concurrency}", "--pool=prefork",
                      f"--queues={ns.queues}", f"--loglevel={ns.loglevel}",

@@ -28,7 +28,7 @@ def load_engine() -> tuple[PoseModel, ModelRef]:
     global _model, _model_ref
     if _model is None:
         rt = runtime()
-        _model_ref = resolve_model(rt.model, rt.cache_dir)
+        _model_ref = resolve_model(rt.model, rt.cache_dir, rt.int8)
         _model = PoseModel(str(_model_ref.path), rt.providers, rt.intra_threads)
         log.warning("worker model %s (%s) on %s", _model_ref.name, _model_ref.sha256[:12],
                     _model.info.provider)
