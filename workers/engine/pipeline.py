@@ -127,9 +127,10 @@ class PoseEngine:
 
     def _infer(self, group: list[Prepared]) -> Iterator[tuple[str, dict[str, Any]]]:
         batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
-        if self.model.info.fixed_batch and len(group) < self.model.info.fixed_batch:
-            fill = np.zeros((self.model.info.fixed_batch - len(group), *batch.shape[1:]),
-                            dtype=batch.dtype)
+        full = self.model.info.fixed_batch or (
+            self.batch_size if self.model.wants_fixed_batches else 0)
+        if full and len(group) < full:
+            fill = np.zeros((full - len(group), *batch.shape[1:]), dtype=batch.dtype)
             batch = np.concatenate([batch, fill])
         dets = self.model.infer(batch, self.job.det_conf, self.job.nms_iou, self.job.max_persons)
         for det, item in zip(dets, group, strict=False):
