@@ -106,5 +106,15 @@ def summary_json(summary: dict[str, Any]) -> bytes:
     return (json.dumps(summary, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
 
 
+def write_aggregates(dst: Any, records: list[Record], meta: dict[str, Any],
+                     prefix: str = "") -> dict[str, Any]:
+    """Write ``_counts.csv`` then ``_summary.json`` (the summary last: its presence means both
+    are complete) to storage ``dst``; return the summary."""
+    summary = summarize(records, meta)
+    dst.write(prefix + COUNTS_NAME, counts_csv(records), "text/csv")
+    dst.write(prefix + SUMMARY_NAME, summary_json(summary), "application/json")
+    return summary
+
+
 # Fields of the summary that describe one run rather than the results; comparisons ignore them.
 RUN_FIELDS = ("job_id", "created", "finished", "input", "output")

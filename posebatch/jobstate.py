@@ -18,14 +18,7 @@ from typing import Any
 
 import redis
 
-from posebatch.aggregate import (
-    COUNTS_NAME,
-    SUMMARY_NAME,
-    Record,
-    counts_csv,
-    summarize,
-    summary_json,
-)
+from posebatch.aggregate import Record, write_aggregates
 
 PREFIX = "posebatch"
 FINALIZE_LOCK_SECONDS = 600
@@ -187,8 +180,5 @@ class JobStore:
         summary_meta = {"job_id": job_id, "input": meta.get("input"), "output": meta.get("output"),
                         "created": created, "finished": now_iso(), "model": model,
                         "settings": meta.get("settings")}
-        summary = summarize(records, summary_meta)
         prefix = meta.get("summary_prefix", "").replace("{job_id}", job_id)
-        dst.write(prefix + COUNTS_NAME, counts_csv(records), "text/csv")
-        dst.write(prefix + SUMMARY_NAME, summary_json(summary), "application/json")
-        return summary
+        return write_aggregates(dst, records, summary_meta, prefix)

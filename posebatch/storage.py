@@ -3,8 +3,10 @@
 Why so small: the producer lists images, workers read them and write JSON next to them, and the
 aggregator reads results back. Six operations cover that, and keeping both backends behind the
 same six means every test of the pipeline runs unchanged against a tmp dir or a real S3 server.
-Keys are always relative to the root, "/"-separated, and listed in S3's (lexicographic) order so a
-listing can be resumed with ``start_after`` on either backend.
+Keys are always relative to the root, "/"-separated, and listed in S3's order (by UTF-8 bytes of
+the whole key) so a listing can be resumed with ``start_after`` on either backend. Resume from the
+last key the listing *returned*, not from a key computed by sorting: SeaweedFS 4.x lists folder by
+folder ("a/x.jpg" before "a-b.jpg"), with a StartAfter that follows its own order.
 """
 
 from __future__ import annotations
@@ -32,16 +34,33 @@ _TMP_PREFIX = ".posebatch-tmp-"  # partial writes in progress; never listed
 
 
 class Storage(Protocol):
-    url: str
+    """What the producer, workers and aggregator need; keys are relative to ``url``."""
+
+    url: str  # "s3://bucket/prefix/" or "/abs/path", for messages and job records
 
     def iter_keys(
         self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None
-    ) -> Iterator[str]: ...
-    def read(self, key: str) -> bytes: ...
-    def write(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
+    ) -> Iterator[str]:
+        """All keys below the root, recursively, streamed; ``suffixes`` match case-insensitively."""
+        ...
+
+    def read(self, key: str) -> bytes:
+        """The object's bytes; StorageNotFound if it is missing."""
+        ...
+
+    def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        """Create or replace atomically: readers see the old object or the new one, never half."""
+        ...
+
     def exists(self, key: str) -> bool: ...
-    def size(self, key: str) -> int | None: ...
-    def join(self, key: str) -> str: ...
+
+    def size(self, key: str) -> int | None:
+        """Size in bytes, None if missing: lets the input rules reject 40 MB files unread."""
+        ...
+
+    def join(self, key: str) -> str:
+        """Full URL or path of ``key``, for messages."""
+        ...
 
 
 def safe_key(key: str) -> str:

@@ -14,14 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from posebatch.aggregate import (
-    COUNTS_NAME,
-    SUMMARY_NAME,
-    Record,
-    counts_csv,
-    summarize,
-    summary_json,
-)
+from posebatch.aggregate import Record, write_aggregates
 from posebatch.jobs import claim_output, is_image_key, manifest
 from posebatch.modelstore import ModelRef
 from posebatch.settings import JobSettings, RuntimeSettings
@@ -62,9 +55,7 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
     meta = {"job_id": job_id, "input": src.url, "output": dst.url, "created": created,
             "finished": _now(), "model": {"name": model.name, "sha256": model.sha256},
             "settings": job.to_dict()}
-    summary = summarize(records, meta)
-    dst.write(COUNTS_NAME, counts_csv(records), "text/csv")
-    dst.write(SUMMARY_NAME, summary_json(summary), "application/json")
+    summary = write_aggregates(dst, records, meta)
     return RunOutcome(summary, time.monotonic() - started)
 
 
