@@ -54,7 +54,8 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="use the INT8 model made by `posebatch model quantize`")
     g.add_argument("--providers", choices=["auto", "cpu", "cuda"],
                    help="ONNX Runtime provider (default auto: CUDA when available)")
-    g.add_argument("--batch-size", type=int, help="images per model call (default 8)")
+    g.add_argument("--batch-size", type=int,
+                   help="images per model call (default 0 = auto: 4 on CPU, 32 on CUDA)")
     g.add_argument("--intra-threads", type=int, help="ONNX Runtime threads (0 = per core)")
     g.add_argument("--io-threads", type=int, help="download/decode threads (default 4)")
 

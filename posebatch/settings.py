@@ -88,7 +88,9 @@ class RuntimeSettings:
     """Use the INT8 copy made by ``posebatch model quantize`` next to the model."""
     providers: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
-    batch_size: int = 8
+    batch_size: int = 0
+    """Images per model call; 0 = auto: 4 on CPU (measured: same img/s as 8 with 250 MB less
+    memory, see README), 32 on CUDA."""
     intra_threads: int = 0
     """ONNX Runtime intra-op threads; 0 lets it use one per physical core."""
     io_threads: int = 4
@@ -101,8 +103,8 @@ class RuntimeSettings:
     def __post_init__(self) -> None:
         if self.providers not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"providers: expected auto, cpu or cuda, got {self.providers!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size: expected >= 1, got {self.batch_size}")
+        if self.batch_size < 0:
+            raise ConfigError(f"batch_size: expected >= 1 (or 0 for auto), got {self.batch_size}")
         if self.io_threads < 1:
             raise ConfigError(f"io_threads: expected >= 1, got {self.io_threads}")
 
