@@ -74,6 +74,9 @@ class PoseModel:
         if intra_threads:
             opts.intra_op_num_threads = intra_threads
         opts.inter_op_num_threads = 1
+        # ORT's idle intra-op threads spin for work by default; on a CPU worker they would burn
+        # the cores the decode threads need between model calls (measured in bench/).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 path, sess_options=opts,
