@@ -87,6 +87,11 @@ class JobStore:
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self._k(job_id)))
 
+    def has_job(self, job_id: str) -> bool:
+        """Whether the job was created here (its parameters are on record). False after a Redis
+        restart without persistence: workers must then not recreate a headless job."""
+        return bool(self.r.hexists(self._k(job_id), "meta"))
+
     def meta(self, job_id: str) -> dict[str, Any] | None:
         raw = self.r.hget(self._k(job_id), "meta")
         return json.loads(raw) if raw else None
@@ -95,10 +100,18 @@ class JobStore:
         return [j.decode() for j in self.r.zrevrange(f"{PREFIX}:jobs", 0, limit - 1)]
 
     # -- worker side ---------------------------------------------------------------------
-    def add_records(self, job_id: str, records: Iterable[Record]) -> None:
+    def add_records(self, job_id: str, records: Iterable[Record]) -> bool:
+        """Record images; False (nothing written) when the job itself is gone from Redis.
+
+        Why the check: after a restart without persistence, a batch that was running would
+        otherwise recreate a job hash with records but no parameters or total, which `status`
+        shows as forever "submitting" instead of saying the state was lost.
+        """
         records = list(records)
+        if not self.has_job(job_id):
+            return False
         if not records:
-            return
+            return True
         pipe = self.r.pipeline()
         pipe.hsetnx(self._k(job_id), "started_at", time.time())
         pipe.hset(self._k(job_id, "records"), mapping={r.key: r.to_json() for r in records})
@@ -109,6 +122,7 @@ class JobStore:
         if ok:
             pipe.srem(self._k(job_id, "failed"), *ok)
         pipe.execute()
+        return True
 
     def has_record(self, job_id: str, keys: list[str]) -> list[bool]:
         vals = self.r.hmget(self._k(job_id, "records"), keys)

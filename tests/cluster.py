@@ -112,3 +112,88 @@ def wait_until(predicate, timeout: float, what: str) -> None:
     err = wait_for(check, timeout)
     if err is not None:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- helpers for the fault, bad-input and security suites --------------------------------------
+
+def worker_log(worker: WorkerProcess) -> str:
+    """Everything the worker wrote since its last (re)start."""
+    return worker.log_path.read_text(errors="replace").rsplit("=== start", 1)[-1]
+
+
+def batches_received(worker: WorkerProcess) -> int:
+    return worker_log(worker).count("Task posebatch.process_batch[")
+
+
+def result_keys(client: Any, bucket: str, prefix: str) -> list[str]:
+    """Keys (relative to prefix) of the per-image result files written so far."""
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix):]
+            if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith("_"):
+                keys.append(rel[: -len(".json")])
+    return keys
+
+
+def read_counts_csv(data: bytes) -> list[dict[str, str]]:
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+
+
+def compare_with_reference(results: dict[str, dict[str, Any]], counts_csv: bytes,
+                           reference: dict[str, dict[str, Any]], reference_csv: bytes,
+                           images: list[str]) -> dict[str, int]:
+    """Measure a job's output against an undisturbed run of the same images.
+
+    ``results``: every ``*.json`` of the job's output (``download_results``), summary included;
+    ``reference`` the same for the reference run. Returns the figures of docs/reliability.md:
+    ``lost`` = images with no result file or no row in the counts table, ``duplicated`` = rows
+    beyond one per image in the counts table plus images counted beyond the listing in the
+    summary. The caller asserts both are 0 *and* that everything equals the reference.
+    """
+    rows = read_counts_csv(counts_csv)
+    row_keys = [r["key"] for r in rows]
+    have_result = {k[: -len(".json")] for k in results if not k.startswith("_")}
+    lost = len([k for k in images if k not in have_result or k not in set(row_keys)])
+    summary = results.get("_summary.json", {})
+    duplicated = (len(row_keys) - len(set(row_keys))
+                  + max(0, int(summary.get("images_seen", 0)) - len(images)))
+    return {"images": len(images), "lost": lost, "duplicated": duplicated}
+
+
+def record_figures(fault: str, figures: dict[str, int], command: str) -> None:
+    """Append one row of the reliability table to $POSEBATCH_FIGURES (JSON lines), if set."""
+    path = os.environ.get("POSEBATCH_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"fault": fault, **figures, "command": command}) + "\n")
+
+
+def start_all(workers: list[WorkerProcess]) -> None:
+    """Start workers side by side (each loads its model meanwhile); return when all are ready."""
+    for w in workers:
+        w.launch()
+    for w in workers:
+        err = w.wait_ready()
+        if err is not None:
+            raise RuntimeError(f"{w.name} not ready: {err}\n{w.log_tail()}")
+
+
+def batches_in_flight(worker: WorkerProcess) -> int:
+    """Batches this worker received (retries included) and has not finished, by its log."""
+    import re
+
+    text = worker_log(worker)
+    received = len(re.findall(r"Task posebatch\.process_batch\[[^\]]+\] received", text))
+    ended = len(re.findall(r"Task posebatch\.process_batch\[[^\]]+\] (?!received)", text))
+    return received - ended
+
+
+def rerun_batches(r: Any) -> int:
+    """Batch starts beyond the first, over every job in this Redis: work done again
+    (redeliveries, retries), which the counts must not show."""
+    return sum(int(v) - 1 for key in r.scan_iter("posebatch:job:*:deliveries")
+               for v in r.hvals(key))

@@ -138,6 +138,12 @@ class ServerProcess:
                 log.write(f"\n=== {what}: {err}; starting again\n")
 
     def _start_once(self) -> Exception | None:
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> None:
+        """Spawn the process and return at once (``wait_ready`` waits for it). Call it from the
+        main thread: PR_SET_PDEATHSIG fires when the *thread* that spawned the child exits."""
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== start {' '.join(self.command())}\n".encode())
             log.flush()
@@ -151,6 +157,9 @@ class ServerProcess:
                 start_new_session=True,  # Ctrl-C in the terminal reaches pytest only
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
+
+    def wait_ready(self) -> Exception | None:
+        """Poll ``ready()`` until it passes (None) or ``ready_timeout`` passes (the error)."""
 
         def check() -> None:
             if self.proc is not None and self.proc.poll() is not None:
@@ -185,29 +194,83 @@ class ServerProcess:
 
 
 class RedisServer(ServerProcess):
+    """redis-server on a free port. Defaults: no password, no TLS, no persistence.
+
+    Options for fault and security tests: ``password`` (``requirepass``; the URL carries it),
+    ``appendonly`` (AOF persistence with fsync on every write, so a restart keeps queues and job
+    state), ``tls`` (a private CA and server certificate made with ``openssl``; the URL is
+    ``rediss://`` and names the CA file so clients verify the server).
+    """
+
     name = "redis"
     ready_timeout = 20.0
 
-    def __init__(self, workdir: Path, binary: str) -> None:
+    def __init__(self, workdir: Path, binary: str, *, password: str | None = None,
+                 appendonly: bool = False, tls: bool = False) -> None:
         super().__init__(workdir)
         self.binary = binary
         self.port = free_ports(1)[0]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        self.appendonly = appendonly
+        self.tls = tls
+        auth = f":{password}@" if password else ""
+        if tls:
+            self.ca_file = make_test_certificates(self.workdir)
+            self.url = (f"rediss://{auth}127.0.0.1:{self.port}/0"
+                        f"?ssl_cert_reqs=required&ssl_ca_certs={self.ca_file}")
+        else:
+            self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
-        return [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self.workdir),
-        ]  # fmt: skip
+        cmd = [self.binary, "--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", ""]
+        if self.tls:
+            certs = self.workdir / "certs"
+            cmd += ["--port", "0", "--tls-port", str(self.port),
+                    "--tls-cert-file", str(certs / "server.crt"),
+                    "--tls-key-file", str(certs / "server.key"),
+                    "--tls-ca-cert-file", str(certs / "ca.crt"), "--tls-auth-clients", "no"]
+        else:
+            cmd += ["--port", str(self.port)]
+        if self.appendonly:
+            cmd += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            cmd += ["--appendonly", "no"]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        return cmd
 
-    def ready(self) -> None:
+    def client(self):
         import redis
 
-        client = redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=1)
+        return redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=2)
+
+    def ready(self) -> None:
+        client = self.client()
         try:
             client.ping()
         finally:
             client.close()
+
+
+def make_test_certificates(workdir: Path) -> Path:
+    """A throwaway CA and a server certificate for 127.0.0.1 (``openssl`` CLI); returns the CA."""
+    certs = Path(workdir) / "certs"
+    certs.mkdir(parents=True, exist_ok=True)
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not found: cannot make TLS certificates")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=certs, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        "/CN=posebatch-test-ca", "-keyout", "ca.key", "-out", "ca.crt")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout",
+        "server.key", "-out", "server.csr")
+    (certs / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-out", "server.crt", "-extfile", "san.ext")
+    return certs / "ca.crt"
 
 
 class S3Server(ServerProcess):
@@ -235,13 +298,22 @@ class S3Server(ServerProcess):
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.access_key = "posebatch-test-key"
         self.secret_key = "posebatch-test-secret-" + os.urandom(8).hex()
+        # A second identity that may read and list but not write: a worker whose uploads are
+        # refused on every attempt (fault tests: a batch that keeps failing).
+        self.readonly_key = "posebatch-test-readonly"
+        self.readonly_secret = "posebatch-test-ro-secret-" + os.urandom(8).hex()
         self.config_path = self.workdir / "s3.json"
         identity = {
             "name": "admin",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
-        self.config_path.write_text(json.dumps({"identities": [identity]}))
+        readonly = {
+            "name": "readonly",
+            "credentials": [{"accessKey": self.readonly_key, "secretKey": self.readonly_secret}],
+            "actions": ["Read", "List"],
+        }
+        self.config_path.write_text(json.dumps({"identities": [identity, readonly]}))
 
     def command(self) -> list[str]:
         p = self.ports
@@ -279,6 +351,11 @@ class S3Server(ServerProcess):
             "AWS_DEFAULT_REGION": self.region,
             "AWS_ENDPOINT_URL": self.endpoint,
         }
+
+    def readonly_env(self) -> dict[str, str]:
+        """Like ``env()`` but with the identity that may read and list, never write."""
+        return {**self.env(), "AWS_ACCESS_KEY_ID": self.readonly_key,
+                "AWS_SECRET_ACCESS_KEY": self.readonly_secret}
 
     def client(self, **config: Any) -> Any:
         import boto3

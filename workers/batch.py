@@ -53,8 +53,11 @@ def process_keys(
 
     with ThreadPoolExecutor(engine.io_threads, thread_name_prefix="write") as writers:
         writes: list[Future[None]] = []
-        todo = _filter_existing(keys, dst, job, done, writers) if skip_existing else iter(keys)
-        loaders = ((k, _loader(src, k)) for k in _refuse_unsafe(todo, done))
+        # Unsafe keys are refused first: the existence check reads dst/<key>.json, and a
+        # "../x" there raised UnsafeKeyError, failing every image of the batch instead of one.
+        safe = _refuse_unsafe(keys, done)
+        todo = _filter_existing(safe, dst, job, done, writers) if skip_existing else safe
+        loaders = ((k, _loader(src, k)) for k in todo)
         for key, result in engine.run(loaders):
             writes.append(writers.submit(dst.write, result_key(key), encode_result(result),
                                          "application/json"))

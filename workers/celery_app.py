@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 QUEUE = "posebatch"
 CONTROL_QUEUE = "posebatch-control"
 VISIBILITY_TIMEOUT = int(os.environ.get("POSEBATCH_VISIBILITY_TIMEOUT", str(4 * 3600)))
+# How often a worker sweeps Redis for unacknowledged batches older than the visibility timeout
+# (those of a worker that died) and puts them back in the queue. kombu 5.7 defaults to a real
+# sweep only every 10 x 10 s, which adds up to 100 s to every recovery; one cheap ZRANGE every
+# few seconds is nothing next to a batch. Recovery time = visibility timeout + at most one sweep.
+RESTORE_SWEEP_SECONDS = max(1, min(10, VISIBILITY_TIMEOUT // 10))
 
 
 def make_app(broker_url: str | None = None) -> Celery:
@@ -38,7 +43,9 @@ def make_app(broker_url: str | None = None) -> Celery:
         task_routes={"posebatch.submit_job": {"queue": CONTROL_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT,
+                                  "unacked_restore_interval": RESTORE_SWEEP_SECONDS,
+                                  "unacked_restore_throttle": 1},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,
