@@ -146,6 +146,40 @@ def main(args: Sequence[str] | None = None) -> int:
     except PosebatchError as err:
         print(f"posebatch: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as err:
+        code = _broker_error(err)
+        if code is None:
+            raise
+        return code
+
+
+def _broker_error(err: Exception) -> int | None:
+    """Redis/broker failures as one clear line (never the URL: it may hold a password)."""
+    if isinstance(err, PosebatchError):
+        return None
+    try:
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import AuthenticationError, ResponseError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:
+        return None
+    if isinstance(err, AuthenticationError) or (
+            isinstance(err, ResponseError) and "NOAUTH" in str(err)):
+        print("posebatch: Redis refused the credentials; check the password in "
+              "POSEBATCH_BROKER_URL / --broker (redis://:PASSWORD@host:port/db)", file=sys.stderr)
+        return EXIT_CONFIG
+    if isinstance(err, RedisConnectionError | RedisTimeoutError | OperationalError):
+        print(f"posebatch: cannot reach the broker/Redis ({type(err).__name__}: "
+              f"{_strip_urls(str(err))}); is it running? (transient; try again)", file=sys.stderr)
+        return EXIT_TRANSIENT
+    return None
+
+
+def _strip_urls(text: str) -> str:
+    import re
+
+    return re.sub(r"(rediss?|amqps?)://[^\s]*", r"\1://…", text)
 
 
 def cmd_run(ns: argparse.Namespace) -> int:

@@ -1,0 +1,49 @@
+"""Broker trouble reaches the user as one line and a named exit code, never a traceback or a
+password."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.servers import RedisServer, free_ports, require_or_skip
+
+SECRET = "s3cr3t-pw-for-cli-test"
+
+
+@pytest.fixture(scope="module")
+def locked_redis(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("locked"), require_or_skip("redis-server"),
+                         password=SECRET)
+    server.start()
+    yield server
+    server.stop()
+
+
+def cli(*args: str, broker: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "posebatch.cli", *args, "--broker", broker],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("command", [("status", "job-x"), ("wait", "job-x"),
+                                     ("submit", "/nonexistent-input", "--out", "/tmp/o")])
+def test_wrong_redis_password_is_a_clear_config_error(locked_redis, command):
+    proc = cli(*command, broker=f"redis://:wrong-{SECRET}@127.0.0.1:{locked_redis.port}/0")
+    assert proc.returncode == 3, proc.stderr
+    assert "Redis refused the credentials" in proc.stderr
+    assert "Traceback" not in proc.stderr and SECRET not in proc.stderr + proc.stdout
+
+
+def test_unreachable_broker_is_transient_exit_4_without_the_password():
+    port = free_ports(1)[0]
+    proc = cli("status", "job-x", broker=f"redis://:{SECRET}@127.0.0.1:{port}/0")
+    assert proc.returncode == 4, proc.stderr
+    assert "cannot reach the broker" in proc.stderr and SECRET not in proc.stderr
+
+
+def test_unknown_job_says_how_to_recover(locked_redis):
+    proc = cli("status", "no-such-job", broker=locked_redis.url)
+    assert proc.returncode == 3
+    assert "posebatch submit" in proc.stderr
