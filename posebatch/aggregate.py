@@ -20,6 +20,7 @@ from posebatch.settings import JobSettings
 SUMMARY_NAME = "_summary.json"
 COUNTS_NAME = "_counts.csv"
 RESULT_SUFFIX = ".json"
+MAX_REASONS = 50
 CSV_COLUMNS = ("key", "status", "error_code", "person_num", "valid_persons", "error_msg")
 
 
@@ -69,6 +70,8 @@ def summarize(records: Iterable[Record], meta: dict[str, Any]) -> dict[str, Any]
     """Aggregate counts; ``meta`` (job id, model, settings, ...) is copied in first."""
     seen = ok = persons = valid = 0
     failed_by_code: Counter[str] = Counter()
+    reasons: Counter[tuple[int | None, str]] = Counter()
+    example: dict[tuple[int | None, str], str] = {}
     histogram: Counter[int] = Counter()
     for r in records:
         seen += 1
@@ -79,6 +82,9 @@ def summarize(records: Iterable[Record], meta: dict[str, Any]) -> dict[str, Any]
             histogram[r.valid_persons] += 1
         else:
             failed_by_code[str(r.error_code)] += 1
+            reason = (r.error_code, r.error_msg)
+            reasons[reason] += 1
+            example[reason] = min(example.get(reason, r.key), r.key)
     return {
         **meta,
         "images_seen": seen,
@@ -88,6 +94,12 @@ def summarize(records: Iterable[Record], meta: dict[str, Any]) -> dict[str, Any]
         "persons_total": persons,
         "valid_persons_total": valid,
         "valid_persons_histogram": {str(k): histogram[k] for k in sorted(histogram)},
+        # Why images failed, most frequent first (all of them are in _counts.csv).
+        "failure_reasons": [
+            {"error_code": code, "error_msg": msg, "images": n, "example": example[(code, msg)]}
+            for (code, msg), n in sorted(reasons.items(),
+                                         key=lambda kv: (-kv[1], kv[0][0] or 0, kv[0][1]))
+        ][:MAX_REASONS],
     }
 
 

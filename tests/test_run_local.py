@@ -76,6 +76,10 @@ def test_summary_and_counts_agree_with_the_results(dev_run):
     assert summary["images_seen"] == len(per_image) == 19
     assert summary["failed"] == 4
     assert summary["failed_by_code"] == {"216200": 1, "216201": 2, "216202": 1}
+    reasons = {(r["error_code"], r["example"]) for r in summary["failure_reasons"]}
+    assert reasons == {(216200, "bad/empty.jpg"), (216201, "bad/fake.jpg"),
+                       (216201, "bad/anim.gif"), (216202, "bad/tiny.png")}
+    assert sum(r["images"] for r in summary["failure_reasons"]) == summary["failed"]
     assert summary["persons_total"] == sum(r.get("person_num", 0) for r in per_image.values())
     assert sum(summary["valid_persons_histogram"].values()) == summary["succeeded"]
     with open(out / "_counts.csv", encoding="utf-8-sig", newline="") as fh:
