@@ -48,6 +48,8 @@ class JobProgress:
     submitted: bool
     created: str
     started_at: float | None
+    updated_at: float | None
+    """When the last image was recorded: a running job with no progress for long has stalled."""
     finished: str | None
     output: str
 
@@ -114,6 +116,7 @@ class JobStore:
             return True
         pipe = self.r.pipeline()
         pipe.hsetnx(self._k(job_id), "started_at", time.time())
+        pipe.hset(self._k(job_id), "updated_at", time.time())
         pipe.hset(self._k(job_id, "records"), mapping={r.key: r.to_json() for r in records})
         failed = [r.key for r in records if not r.ok]
         ok = [r.key for r in records if r.ok]
@@ -158,6 +161,7 @@ class JobStore:
             total=int(h["total"]) if "total" in h else None, done=int(done), failed=int(failed),
             submitted=h.get("submitted") == "1", created=h.get("created", ""),
             started_at=float(h["started_at"]) if "started_at" in h else None,
+            updated_at=float(h["updated_at"]) if "updated_at" in h else None,
             finished=h.get("finished"), output=meta.get("output", ""),
         )
 

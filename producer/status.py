@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 from posebatch.errors import ConfigError
 from posebatch.jobstate import JobProgress, JobStore
 
+STALL_SECONDS = float(os.environ.get("POSEBATCH_STALL_SECONDS", "600"))
 LOST_HINT = ("its state is gone from Redis (a restart without persistence, or another Redis). "
              "Recover with the same `posebatch submit INPUT --out OUTPUT`: images that already "
              "have a result are skipped, and the new job's summary counts them all")
@@ -21,6 +23,12 @@ def describe(p: JobProgress) -> str:
         line += " (still being submitted, or the producer stopped before the end: resubmit)"
     if p.state == "done":
         line += f"; summary in {p.output}"
+    idle = time.time() - (p.updated_at or p.started_at or time.time())
+    if p.state == "running" and idle > STALL_SECONDS:
+        line += (f"; no progress for {idle / 60:.0f} min: check that workers run "
+                 "(`celery -A workers.celery_app inspect active`); a batch lost in a crash "
+                 "returns after the visibility timeout, or resubmit the same job (done images "
+                 "are skipped)")
     return line
 
 

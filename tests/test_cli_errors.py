@@ -47,3 +47,18 @@ def test_unknown_job_says_how_to_recover(locked_redis):
     proc = cli("status", "no-such-job", broker=locked_redis.url)
     assert proc.returncode == 3
     assert "posebatch submit" in proc.stderr
+
+
+def test_status_flags_a_running_job_without_progress():
+    import time
+
+    from posebatch.jobstate import JobProgress
+    from producer.status import STALL_SECONDS, describe
+
+    now = time.time()
+    base = dict(job_id="j", state="running", total=10, done=4, failed=0, submitted=True,
+                created="", started_at=now - 4000, finished=None, output="s3://b/o/")
+    stale = describe(JobProgress(**base, updated_at=now - STALL_SECONDS - 60))
+    fresh = describe(JobProgress(**base, updated_at=now - 5))
+    assert "no progress for" in stale and "resubmit" in stale
+    assert "no progress" not in fresh
