@@ -1,7 +1,7 @@
 """Generate the benchmark corpus: photos at the sizes users actually have, from the dev images.
 
 Each corpus image is one dev image placed (scaled to fit, random scale and offset, random mirror)
-on a blurred "fill" copy of itself, at 1920x1080 (video frames) or 4032x3024 (12 MP phone photos),
+on a blurred colour wash of itself, at 1920x1080 (video frames) or 4032x3024 (12 MP phone photos),
 with light sensor-like noise so the JPEG sizes are realistic, saved as JPEG quality 90. A share of
 the phone photos is stored the way phones store portrait shots: sensor-landscape pixels plus EXIF
 orientation 6, so the decoder's rotation path is part of the measurement.
@@ -86,14 +86,15 @@ def _add_noise(arr: np.ndarray, tile: np.ndarray, rng: np.random.Generator) -> n
 
 
 def compose(src: Image.Image, out_w: int, out_h: int, rng: np.random.Generator) -> Image.Image:
-    """``src`` scaled to fit (x0.75-1.0) at a random offset on a blurred, cover-scaled copy."""
+    """``src`` scaled to fit (x0.75-1.0) at a random offset on a blurred colour wash of itself."""
     src = src.convert("RGB")
     if rng.random() < 0.5:
         src = src.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     sw, sh = src.size
     cover = max(out_w / sw, out_h / sh)
-    small = src.resize((max(1, round(sw * cover / 8)), max(1, round(sh * cover / 8))),
-                       Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(6))
+    # A colour wash, not a second copy of the people: 1/32 scale, blurred, scaled back up.
+    small = src.resize((max(1, round(sw * cover / 32)), max(1, round(sh * cover / 32))),
+                       Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(4))
     bg = small.resize((round(sw * cover), round(sh * cover)), Image.Resampling.BILINEAR)
     left, top = (bg.width - out_w) // 2, (bg.height - out_h) // 2
     canvas = bg.crop((left, top, left + out_w, top + out_h))
