@@ -74,6 +74,9 @@ class PoseModel:
         if intra_threads:
             opts.intra_op_num_threads = intra_threads
         opts.inter_op_num_threads = 1
+        # Memory patterns pre-plan one buffer per input shape: batch 4 at 640 peaks at 340 MB
+        # with them, 240 MB without, at the same img/s (38.6/40.2 vs 38.3/39.7, interleaved).
+        opts.enable_mem_pattern = False
         # ORT's idle intra-op threads spin for work by default; on a CPU worker they would burn
         # the cores the decode threads need between model calls (measured in bench/).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
