@@ -24,19 +24,17 @@ C = {n: i for i, n in enumerate(COCO17_NAMES)}
 
 # The seed's response example (shared/SPEC.md), all 21 points; box 652.6 x 703.2. Its coordinates
 # sit on a 13.22 px grid (the vendor model's output stride), so each is known to +-6.6 px.
-SEED = {
-    "top_head": (620.0, 242.53125), "left_ear": (659.65625, 295.40625),
-    "right_ear": (593.5625, 282.1875), "left_eye": (633.21875, 282.1875),
-    "right_eye": (606.78125, 282.1875), "nose": (620.0, 295.40625),
-    "left_mouth_corner": (633.21875, 308.625), "right_mouth_corner": (606.78125, 308.625),
-    "neck": (620.0, 335.0625), "left_shoulder": (699.3125, 361.5),
-    "right_shoulder": (553.90625, 348.28125), "left_elbow": (791.84375, 361.5),
-    "right_elbow": (461.375, 348.28125), "left_wrist": (884.375, 374.71875),
-    "right_wrist": (368.84375, 348.28125), "left_hip": (686.09375, 573.0),
-    "right_hip": (593.5625, 586.21875), "left_knee": (699.3125, 731.625),
-    "right_knee": (580.34375, 744.84375), "left_ankle": (725.75, 877.03125),
-    "right_ankle": (580.34375, 890.25),
-}
+def _load_fit_script():
+    spec = importlib.util.spec_from_file_location(
+        "fit_derived_keypoints", ROOT / "scripts" / "fit_derived_keypoints.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+
+
+SEED = _load_fit_script().SEED  # one copy of the seed's 21 points, the one the fit uses
 SEED_BOX = 703.2
 FACE = [C[n] for n in ("nose", "left_eye", "right_eye", "left_ear", "right_ear")]
 HIPS = [C["left_hip"], C["right_hip"]]
@@ -331,8 +329,5 @@ def test_derivation_accuracy_on_dev_gt(name, path, max_median, min_within, withi
 
 def test_fit_script_reproduces_module_constants(capsys):
     gt = require_dev_data() / "annotations.json"
-    spec = importlib.util.spec_from_file_location(
-        "fit_derived_keypoints", ROOT / "scripts" / "fit_derived_keypoints.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_fit_script()
     assert mod.main(["--gt", str(gt)]) == 0, capsys.readouterr().out[-2000:]
