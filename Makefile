@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BUILD_VENV := .venv-build
 POSEBATCH := $(VENV)/bin/posebatch
-DEV_DATA ?= $(firstword $(wildcard $(POSEBATCH_DEV_DATA) ../shared/data/dev /work/shared/data/dev))
+DEV_DATA ?= $(firstword $(wildcard $(POSEBATCH_DEV_DATA) ../shared/data/dev ../../shared/data/dev))
 SAMPLES_CACHE := $(or $(POSEBATCH_CACHE),$(HOME)/.cache/posebatch)/samples
 DEMO_OUT ?= out/demo
 

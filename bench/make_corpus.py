@@ -18,13 +18,14 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from posebatch.devdata import dev_data_dir
 
 HERE = Path(__file__).resolve().parent
 CORPUS_ROOT = HERE / "corpus"
@@ -46,13 +47,11 @@ class Params:
 
 
 def dev_images_dir() -> Path:
-    """$POSEBATCH_DEV_DATA, else ../shared/data/dev (next to the repo), else /work/shared/..."""
-    candidates = [os.environ.get("POSEBATCH_DEV_DATA"), HERE.parent.parent / "shared/data/dev",
-                  "/work/shared/data/dev"]
-    for c in candidates:
-        if c and (Path(c) / "images").is_dir():
-            return Path(c) / "images"
-    raise SystemExit("no dev images: set POSEBATCH_DEV_DATA to the folder holding images/")
+    """The dev set's images (``posebatch.devdata``)."""
+    found = dev_data_dir()
+    if found is None:
+        raise SystemExit("no dev images: set POSEBATCH_DEV_DATA to the folder holding images/")
+    return found / "images"
 
 
 def source_files(src: Path) -> list[Path]:

@@ -95,10 +95,10 @@ def apply_ort_experiments(configs: list[str], mem_pattern: bool | None) -> None:
 def instrumented(images: Path, ns: argparse.Namespace) -> dict:
     import numpy as np
 
+    import posebatch.schema as result_mod
     import workers.batch as batch_mod
-    import workers.engine.model as model_mod
     import workers.engine.pipeline as pipe
-    import workers.engine.result as result_mod
+    import workers.engine.runner as model_mod
     from posebatch.modelstore import resolve_model
     from posebatch.settings import JobSettings, RuntimeSettings, from_env
     from posebatch.storage import LocalStorage, open_storage

@@ -263,7 +263,7 @@ def measure_model(model_path: str, shapes: Counter, batch: int, intra: int, prov
                   min_seconds: float) -> dict[str, Any]:
     """session.run on ready random tensors, batch by batch, per input shape, >= min_seconds
     each; images/s over the corpus' shape mix = N / sum(count_shape / rate_shape)."""
-    from workers.engine.model import PoseModel
+    from workers.engine.runner import PoseModel
 
     model = PoseModel(model_path, providers, intra)
     rng = np.random.default_rng(0)

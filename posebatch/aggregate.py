@@ -1,8 +1,8 @@
-"""Per-image records and the job aggregates built from them.
+"""The job aggregates (``_summary.json``, ``_counts.csv``), recomputed from per-image records.
 
-Why records and not counters: a batch may run twice (redelivery after a worker dies, a retry, a
-re-submitted job). A record is keyed by image, so writing it twice changes nothing, and every
-aggregate is recomputed from the set of records: exact by construction.
+Why recomputed and not counted: a batch may run twice (redelivery after a worker dies, a retry,
+a re-submitted job). Records are keyed by image (``posebatch.records``), so the aggregates built
+from the set of records are exact by construction.
 """
 
 from __future__ import annotations
@@ -12,58 +12,14 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from typing import Any
 
-from posebatch.settings import JobSettings
+from posebatch.records import Record
 
 SUMMARY_NAME = "_summary.json"
 COUNTS_NAME = "_counts.csv"
-RESULT_SUFFIX = ".json"
 MAX_REASONS = 50
 CSV_COLUMNS = ("key", "status", "error_code", "person_num", "valid_persons", "error_msg")
-
-
-@dataclass(frozen=True)
-class Record:
-    """What the aggregates need to know about one image."""
-
-    key: str
-    ok: bool
-    error_code: int | None
-    person_num: int
-    valid_persons: int
-    error_msg: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Record:
-        return cls(**json.loads(text))
-
-
-def is_valid_person(person: dict[str, Any], job: JobSettings) -> bool:
-    """The seed's rule: more than N keypoints above a score, and a box above a score."""
-    confident = sum(
-        1 for part in person["body_parts"].values() if part["score"] > job.valid_kpt_score
-    )
-    return confident > job.valid_min_kpts and person["location"]["score"] > job.valid_box_score
-
-
-def record_from_result(key: str, result: dict[str, Any], job: JobSettings) -> Record:
-    """Derive the record from the API result itself, so a skipped (already done) image and a
-    freshly processed one produce the same record."""
-    if "error_code" in result:
-        return Record(key, False, int(result["error_code"]), 0, 0, str(result["error_msg"]))
-    persons = result["person_info"]
-    valid = sum(1 for p in persons if is_valid_person(p, job))
-    return Record(key, True, None, int(result["person_num"]), valid)
-
-
-def result_key(image_key: str) -> str:
-    """``a/b.jpg`` -> ``a/b.jpg.json``: the image's own name plus ``.json``."""
-    return image_key + RESULT_SUFFIX
 
 
 def summarize(records: Iterable[Record], meta: dict[str, Any]) -> dict[str, Any]:

@@ -54,3 +54,15 @@ class StorageNotFound(PermanentError):
 
 class UnsafeKeyError(PermanentError):
     """A key would escape the output prefix (``..``, absolute paths); refused."""
+
+
+class StateUnavailable(RetryableError):
+    """The Redis holding job state (and usually the broker) cannot be reached right now."""
+
+
+class BrokerUnavailable(RetryableError):
+    """The Celery broker refused or dropped a connection while sending tasks."""
+
+
+class StateAuthError(ConfigError):
+    """Redis refused the credentials: the password in the broker/state URL is wrong."""

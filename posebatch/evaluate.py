@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from posebatch.aggregate import result_key
 from posebatch.errors import ConfigError
-from workers.engine.keypoints import API21_NAMES
+from posebatch.keys import result_key
+from posebatch.schema import API21_NAMES
 
 # Per-keypoint OKS sigmas. The 17 COCO points use COCO's published values; the others are ours:
 # top_head and neck as loose as a shoulder (0.079, as MPII-style head-top/neck evaluations use),

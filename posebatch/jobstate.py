@@ -1,5 +1,10 @@
 """A job's state in Redis: its parameters, one record per image, and its completion.
 
+(The output manifest, in the output storage, is ``posebatch.manifest``.) Redis errors are
+translated here, at the boundary, into the project's errors (``StateUnavailable`` to retry,
+``StateAuthError`` to fix the URL), so no caller imports redis to catch them.
+
+
 Why per-image records in a hash: a batch may run twice (redelivery, retry, re-submission). HSET of
 the same field is idempotent, so ``HLEN`` is the exact number of images done and the aggregates,
 recomputed from the hash when the job completes, count every image exactly once. No chord, no
@@ -8,20 +13,63 @@ counters that a redelivered batch would bump twice.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import re
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from posebatch.aggregate import Record, write_aggregates
+from posebatch.aggregate import write_aggregates
+from posebatch.errors import StateAuthError, StateUnavailable
+from posebatch.records import Record
 
 PREFIX = "posebatch"
 FINALIZE_LOCK_SECONDS = 600
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def strip_urls(text: str) -> str:
+    """Messages may quote the URL, and the URL may hold a password."""
+    return re.sub(r"(rediss?|amqps?)://[^\s]*", r"\1://…", text)
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Translate redis-py errors into the project's (never with the URL: it may hold a password)."""
+    try:
+        yield
+    except redis.exceptions.AuthenticationError as err:
+        raise StateAuthError(
+            "Redis refused the credentials; check the password in POSEBATCH_BROKER_URL / "
+            "--broker (redis://:PASSWORD@host:port/db)") from err
+    except redis.exceptions.ResponseError as err:
+        if "NOAUTH" in str(err) or "WRONGPASS" in str(err):
+            raise StateAuthError(
+                "Redis wants a password; put it in POSEBATCH_BROKER_URL / --broker "
+                "(redis://:PASSWORD@host:port/db)") from err
+        raise
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+        raise StateUnavailable(f"cannot reach the broker/Redis ({type(err).__name__}: "
+                               f"{strip_urls(str(err))}); is it running?") from err
+
+
+def translated(method: Callable[_P, _T]) -> Callable[_P, _T]:
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with redis_errors():
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 def new_job_id() -> str:
@@ -74,6 +122,7 @@ class JobStore:
         return ":".join((PREFIX, "job", job_id, *parts))
 
     # -- producer side -------------------------------------------------------------------
+    @translated
     def create(self, job_id: str, meta: dict[str, Any]) -> None:
         fields = {"meta": json.dumps(meta), "created": now_iso(), "submitted": 0,
                   "state": "submitting"}
@@ -82,26 +131,32 @@ class JobStore:
         pipe.zadd(f"{PREFIX}:jobs", {job_id: time.time()})
         pipe.execute()
 
+    @translated
     def mark_submitted(self, job_id: str, total: int, batches: int) -> None:
         self.r.hset(self._k(job_id), mapping={"submitted": 1, "total": total, "batches": batches,
                                               "state": "running" if total else "done"})
 
+    @translated
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self._k(job_id)))
 
+    @translated
     def has_job(self, job_id: str) -> bool:
         """Whether the job was created here (its parameters are on record). False after a Redis
         restart without persistence: workers must then not recreate a headless job."""
         return bool(self.r.hexists(self._k(job_id), "meta"))
 
+    @translated
     def meta(self, job_id: str) -> dict[str, Any] | None:
         raw = self.r.hget(self._k(job_id), "meta")
         return json.loads(raw) if raw else None
 
+    @translated
     def recent(self, limit: int = 20) -> list[str]:
         return [j.decode() for j in self.r.zrevrange(f"{PREFIX}:jobs", 0, limit - 1)]
 
     # -- worker side ---------------------------------------------------------------------
+    @translated
     def add_records(self, job_id: str, records: Iterable[Record]) -> bool:
         """Record images; False (nothing written) when the job itself is gone from Redis.
 
@@ -127,14 +182,17 @@ class JobStore:
         pipe.execute()
         return True
 
+    @translated
     def has_record(self, job_id: str, keys: list[str]) -> list[bool]:
         vals = self.r.hmget(self._k(job_id, "records"), keys)
         return [v is not None for v in vals]
 
+    @translated
     def count_delivery(self, job_id: str, batch_id: str) -> int:
         """How many times a batch has been started, across workers: bounds poison batches."""
         return int(self.r.hincrby(self._k(job_id, "deliveries"), batch_id, 1))
 
+    @translated
     def note_model(self, job_id: str, model: dict[str, str]) -> dict[str, str]:
         """Remember the first worker's model for the summary; return the one on record, so a
         worker running another model can refuse instead of mixing results."""
@@ -142,10 +200,12 @@ class JobStore:
         return json.loads(self.r.hget(self._k(job_id), "model"))
 
     def records(self, job_id: str) -> Iterator[Record]:
-        for _key, raw in self.r.hscan_iter(self._k(job_id, "records"), count=1000):
-            yield Record.from_json(raw)
+        with redis_errors():  # a generator: translate while iterating, not only at the call
+            for _key, raw in self.r.hscan_iter(self._k(job_id, "records"), count=1000):
+                yield Record.from_json(raw)
 
     # -- both ------------------------------------------------------------------------------
+    @translated
     def progress(self, job_id: str) -> JobProgress | None:
         pipe = self.r.pipeline()
         pipe.hgetall(self._k(job_id))
@@ -165,6 +225,7 @@ class JobStore:
             finished=h.get("finished"), output=meta.get("output", ""),
         )
 
+    @translated
     def maybe_finalize(self, job_id: str) -> bool:
         """Write the aggregates if every image of a fully submitted job has a record.
 
@@ -186,6 +247,7 @@ class JobStore:
         finally:
             self.r.delete(lock)
 
+    @translated
     def write_aggregates(self, job_id: str) -> dict[str, Any]:
         from posebatch.storage import open_storage
 

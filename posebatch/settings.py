@@ -16,6 +16,9 @@ from typing import Any
 from posebatch.errors import ConfigError
 
 ENV_PREFIX = "POSEBATCH_"
+DEFAULT_BATCH_IMAGES = 32
+"""Images per cluster task: a lost worker loses little, the task overhead is amortised (CPU).
+GPU workers want 256 or more (README)."""
 
 
 def default_cache_dir() -> Path:

@@ -1,7 +1,8 @@
 """Scheduled jobs: cron expressions in a TOML file, run by Celery beat.
 
 Why beat sends ``posebatch.submit_job`` instead of listing itself: beat must stay a tiny,
-single process; the submission (the listing) runs on a worker's control queue. Each run lists
+single process; the submission (the listing) runs on the control worker (``posebatch
+control``), never on a model worker. Each run lists
 the whole INPUT again; images with results are skipped, so the summary at OUTPUT always covers
 everything in INPUT.
 
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from posebatch.errors import ConfigError
-from posebatch.settings import JobSettings
+from posebatch.queue import SUBMIT_JOB
+from posebatch.settings import DEFAULT_BATCH_IMAGES, JobSettings
 
 
 def parse_cron(expr: str):
@@ -61,11 +63,11 @@ def load_schedule(path: str | Path) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"schedule {path}: job name {name!r} used twice")
         settings = JobSettings.from_dict(entry.get("settings", {})).to_dict()
         schedule[name] = {
-            "task": "posebatch.submit_job",
+            "task": SUBMIT_JOB,
             "schedule": parse_cron(entry["cron"]),
             "kwargs": {"input_url": entry["input"], "output_url": entry["output"],
                        "settings": settings,
-                       "batch_images": int(entry.get("batch_images", 32)),
+                       "batch_images": int(entry.get("batch_images", DEFAULT_BATCH_IMAGES)),
                        "force": bool(entry.get("force", False))},
         }
     return schedule

@@ -7,17 +7,16 @@ batches while the listing is still running.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 
-from posebatch.errors import ConfigError, StorageNotFound
-from posebatch.jobs import MANIFEST_NAME, is_image_key
+from posebatch.errors import ConfigError
 from posebatch.jobstate import JobStore, new_job_id
-from posebatch.settings import JobSettings
+from posebatch.keys import is_image_key
+from posebatch.manifest import check_output, manifest
+from posebatch.queue import PROCESS_BATCH, QUEUE, broker_errors, make_app
+from posebatch.settings import DEFAULT_BATCH_IMAGES, JobSettings
 from posebatch.storage import open_storage
-
-DEFAULT_BATCH_IMAGES = 32
 
 
 def chunked(keys: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -26,31 +25,16 @@ def chunked(keys: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def check_output_settings(output_url: str, job: JobSettings) -> None:
-    """Refuse early (before enqueuing) when OUTPUT holds results made with other settings."""
-    dst = open_storage(output_url)
-    try:
-        current = json.loads(dst.read(MANIFEST_NAME))
-    except (StorageNotFound, ValueError):
-        return
-    if current.get("settings") != job.to_dict():
-        raise ConfigError(f"{dst.join(MANIFEST_NAME)} holds results made with settings "
-                          f"{current.get('settings')}, not {job.to_dict()}; use another --out, "
-                          "or --force to reprocess everything")
-
-
 def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str,
            state_url: str | None = None, batch_images: int = DEFAULT_BATCH_IMAGES,
            force: bool = False, job_id: str | None = None, keys: Iterable[str] | None = None,
            summary_prefix: str = "", on_batch: Callable[[int], None] | None = None) -> str:
     """Enqueue one job; return its id. ``keys`` (relative to INPUT) replaces the listing."""
-    from workers.celery_app import QUEUE, make_app
-
     if batch_images < 1:
         raise ConfigError(f"--batch-images: expected >= 1, got {batch_images}")
     src, dst = open_storage(input_url), open_storage(output_url)
-    if not force:
-        check_output_settings(output_url, job)
+    if not force:  # refuse early, before anything is enqueued
+        check_output(dst, manifest(job))
     store = JobStore.from_url(state_url or broker_url)
     job_id = job_id or new_job_id()
     store.create(job_id, {"input": src.url, "output": dst.url,
@@ -59,10 +43,10 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
     app = make_app(broker_url)
     listing = keys if keys is not None else (k for k in src.iter_keys() if is_image_key(k))
     total = batches = 0
-    with app.producer_or_acquire() as producer:
+    with broker_errors(), app.producer_or_acquire() as producer:
         for batch in chunked(listing, batch_images):
             app.send_task(
-                "posebatch.process_batch", queue=QUEUE, producer=producer,
+                PROCESS_BATCH, queue=QUEUE, producer=producer,
                 kwargs={"job_id": job_id, "batch_id": f"{batches:08d}", "input_url": src.url,
                         "output_url": dst.url, "keys": batch, "settings": job.to_dict(),
                         "force": force},

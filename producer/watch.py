@@ -13,11 +13,11 @@ import logging
 import time
 from collections.abc import Iterator
 
-from posebatch.jobs import is_image_key
-from posebatch.jobstate import PREFIX, connect
-from posebatch.settings import JobSettings
+from posebatch.jobstate import PREFIX, connect, redis_errors
+from posebatch.keys import is_image_key
+from posebatch.settings import DEFAULT_BATCH_IMAGES, JobSettings
 from posebatch.storage import open_storage
-from producer.submit import DEFAULT_BATCH_IMAGES, chunked, submit
+from producer.submit import chunked, submit
 
 log = logging.getLogger(__name__)
 CHECK_CHUNK = 500
@@ -30,7 +30,8 @@ def seen_key(input_url: str, output_url: str) -> str:
 
 def new_keys(r, seen: str, keys: Iterator[str]) -> Iterator[str]:
     for chunk in chunked(keys, CHECK_CHUNK):
-        flags = r.smismember(seen, chunk)
+        with redis_errors():
+            flags = r.smismember(seen, chunk)
         yield from (k for k, f in zip(chunk, flags, strict=False) if not f)
 
 
@@ -47,7 +48,8 @@ def poll_once(input_url: str, output_url: str, *, job: JobSettings, broker_url: 
         job_id = submit(src.url, dst.url, job=job, broker_url=broker_url, state_url=state_url,
                         batch_images=batch_images, keys=keys, force=False,
                         summary_prefix="_jobs/{job_id}/")
-        r.sadd(seen, *keys)
+        with redis_errors():
+            r.sadd(seen, *keys)
         log.warning("job %s: %d new images", job_id, len(keys))
         jobs.append(job_id)
     return jobs

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,16 +27,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from posebatch.devdata import dev_data_dir  # noqa: E402
 from workers.engine import keypoints as K  # noqa: E402
 
 
 def default_gt() -> Path:
-    """$POSEBATCH_DEV_DATA, else ../shared/data/dev next to the repository, else /work/shared."""
-    for cand in (os.environ.get("POSEBATCH_DEV_DATA"), ROOT.parent / "shared" / "data" / "dev",
-                 Path("/work/shared/data/dev")):
-        if cand and (Path(cand) / "annotations.json").is_file():
-            return Path(cand) / "annotations.json"
-    return ROOT.parent / "shared" / "data" / "dev" / "annotations.json"
+    """The dev set's annotations (``posebatch.devdata``), or where they would be."""
+    found = dev_data_dir()
+    return (found or ROOT.parent / "shared" / "data" / "dev") / "annotations.json"
 
 
 UP = np.array([0.0, -1.0])

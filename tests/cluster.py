@@ -23,8 +23,9 @@ class WorkerProcess(ServerProcess):
     ready_timeout = 60.0
     stop_timeout = 20.0
 
-    def __init__(self, workdir: Path, env: dict[str, str], index: int = 0) -> None:
-        self.name = f"worker{index}"
+    def __init__(self, workdir: Path, env: dict[str, str], index: int = 0,
+                 name: str | None = None) -> None:
+        self.name = name or f"worker{index}"
         super().__init__(workdir)
         self.env = env
 
@@ -60,6 +61,16 @@ class WorkerProcess(ServerProcess):
 
     def processed_batches(self) -> int:
         return self.log_path.read_text(errors="replace").count("succeeded in")
+
+
+class ControlProcess(WorkerProcess):
+    """``posebatch control``: the control worker that runs scheduled submissions."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        super().__init__(workdir, env, name="control")
+
+    def command(self) -> list[str]:
+        return [*CLI, "control", "--loglevel", "INFO", "--hostname", f"{self.name}@%h"]
 
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 300,

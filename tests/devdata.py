@@ -1,21 +1,12 @@
-"""Where the annotated development set lives (SPEC: shared/data/dev), if anywhere."""
+"""The dev set for tests: found by ``posebatch.devdata``, skipped when absent."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def dev_data_dir() -> Path | None:
-    for cand in (os.environ.get("POSEBATCH_DEV_DATA"), ROOT.parent / "shared" / "data" / "dev",
-                 Path("/work/shared/data/dev")):
-        if cand and (Path(cand) / "annotations.json").is_file():
-            return Path(cand)
-    return None
+from posebatch.devdata import dev_data_dir
 
 
 def require_dev_data() -> Path:

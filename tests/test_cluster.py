@@ -160,11 +160,22 @@ def test_watcher_restarted_between_uploads_submits_each_image_once(stack, tmp_pa
     assert {"a.jpg.json", "sub/b.png.json", "c.jpg.json"} <= set(res)
 
 
-def test_scheduled_submit_task_creates_a_job(stack):
-    """What a beat entry sends (posebatch.submit_job) runs on a worker and completes a job."""
+def test_scheduled_submit_task_creates_a_job(stack, tmp_path):
+    """What a beat entry sends (posebatch.submit_job) runs on the control worker, and the model
+    workers complete the job."""
     from celery import Celery
 
-    app = Celery(broker=stack["env"]["POSEBATCH_BROKER_URL"])
+    from tests.cluster import ControlProcess
+
+    control = ControlProcess(tmp_path, stack["env"])
+    control.start()
+    try:
+        _scheduled_job_completes(stack, Celery(broker=stack["env"]["POSEBATCH_BROKER_URL"]))
+    finally:
+        control.stop()
+
+
+def _scheduled_job_completes(stack, app) -> None:
     bucket = stack["bucket"]
     app.send_task("posebatch.submit_job", queue="posebatch-control",
                   kwargs={"input_url": f"s3://{bucket}/in/odd names/",

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from posebatch.cli import make_argument_parser
+from posebatch.queue import QUEUE
 from posebatch.settings import JobSettings, RuntimeSettings
 from producer.schedule import load_schedule
-from workers.celery_app import QUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRA_VARS = {"POSEBATCH_VISIBILITY_TIMEOUT", "POSEBATCH_CACHE", "POSEBATCH_BUILD_PYTHON",
@@ -45,7 +45,7 @@ def _posebatch_vars(text: str) -> set[str]:
 
 def test_compose_commands_parse_with_the_real_cli():
     services = _compose()["services"]
-    for name in ("worker-gpu", "worker-cpu", "producer", "beat"):
+    for name in ("worker-gpu", "worker-cpu", "producer", "control", "beat"):
         make_argument_parser().parse_args(services[name]["command"])
 
 

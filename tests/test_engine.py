@@ -12,8 +12,8 @@ from PIL import Image
 from posebatch.modelstore import resolve_model
 from posebatch.settings import JobSettings, RuntimeSettings, from_env
 from tests.devdata import require_dev_data
-from workers.engine.model import PoseModel
 from workers.engine.pipeline import PoseEngine
+from workers.engine.runner import PoseModel
 
 PHOTO = "humanart/2D_virtual_human_digital_art_000000001648.jpg"
 

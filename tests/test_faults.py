@@ -460,7 +460,7 @@ def test_batch_failing_on_every_attempt_stops_and_records_its_images_as_failed(
         cluster: Cluster, s3_server: S3Server):
     """The workers may read but not write (S3 answers 403 to every upload): the batch is
     retried MAX_RETRIES times with backoff, then each image is recorded as failed, with why."""
-    from workers.tasks import MAX_RETRIES
+    from workers.policy import MAX_RETRIES
 
     folder = "mhp/"
     keys = [k[len(folder):] for k in subset(cluster, folder)]  # relative to the job's input
@@ -501,7 +501,7 @@ def test_batch_whose_worker_keeps_dying_is_abandoned_with_a_reason(cluster: Clus
     """A batch that killed its worker MAX_DELIVERIES times (say, an image that crashes the
     decoder) is not started again: its images are recorded as failed and the job completes.
     The earlier deaths are the delivery counter in Redis, set here as they would have left it."""
-    from workers.tasks import MAX_DELIVERIES
+    from workers.policy import MAX_DELIVERIES
 
     folder = "jhmdb/"
     keys = [k[len(folder):] for k in subset(cluster, folder)]

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from posebatch.schema import API21_NAMES
 from tests.devdata import require_dev_data
 from workers.engine import keypoints as K
-from workers.engine.keypoints import API21_NAMES, COCO17_NAMES, to_api21
+from workers.engine.keypoints import COCO17_NAMES, to_api21
 
 ROOT = Path(__file__).resolve().parent.parent
 A = {n: i for i, n in enumerate(API21_NAMES)}

@@ -1,4 +1,8 @@
-"""The engine runs without Celery; the producer runs without a model runtime."""
+"""Layers go one way: command line -> producer / workers -> batch -> engine -> core.
+
+Read from the source (every import statement, function-level ones included), so an import added
+inside a function cannot sneak past; plus two checks on what a process really loads.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,51 @@ import sys
 
 import pytest
 
-from posebatch.errors import ConfigError
-from posebatch.settings import JobSettings, RuntimeSettings, from_env
+from tests.importgraph import cycles, import_graph, layer, reachable
+
+GRAPH = import_graph()
+ALLOWED = {  # which layers each layer may import
+    "core": {"core"},
+    "workers": {"workers", "core"},
+    "producer": {"producer", "core"},
+    "cli": {"cli", "workers", "producer", "core"},
+}
+ENGINE_FORBIDDEN = {"celery", "kombu", "boto3", "botocore", "redis"}
+
+
+def test_the_graph_sees_every_layer_and_function_level_imports():
+    assert {layer(m) for m in GRAPH} == set(ALLOWED)
+    # cmd_run imports the local run inside the function: it must be an edge.
+    assert "workers.local_run" in GRAPH["posebatch.cli.run"]
+
+
+def test_no_module_imports_itself_through_others():
+    assert cycles(GRAPH) == []
+
+
+def test_layers_import_only_downwards():
+    wrong = sorted(f"{src} -> {dst}" for src, deps in GRAPH.items() for dst in deps
+                   if layer(dst) is not None and layer(dst) not in ALLOWED[layer(src)])
+    assert wrong == []
+
+
+def test_no_cycle_between_top_level_packages():
+    packages: dict[str, set[str]] = {}
+    for src, deps in GRAPH.items():
+        packages.setdefault(layer(src), set()).update(
+            layer(d) for d in deps if layer(d) not in (None, layer(src)))
+    assert cycles(packages) == []
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if m.startswith("workers.engine")))
+def test_engine_never_reaches_celery_boto3_or_redis(module):
+    assert reachable(GRAPH, module) & ENGINE_FORBIDDEN == set()
+
+
+def test_the_checks_catch_a_cycle_and_an_upward_import():
+    graph = {"posebatch.a": {"workers.b"}, "workers.b": {"posebatch.a"}}
+    assert cycles(graph) == [["posebatch.a", "workers.b"]]
+    assert layer("workers.b") not in ALLOWED[layer("posebatch.a")]
 
 
 def _modules_after_import(code: str) -> set[str]:
@@ -18,45 +65,13 @@ def _modules_after_import(code: str) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_engine_and_local_run_import_without_celery():
+def test_engine_and_local_run_load_no_celery():
     mods = _modules_after_import("import workers.engine.pipeline, workers.batch, workers.local_run")
     assert "celery" not in mods
 
 
-def test_producer_imports_without_onnxruntime():
+def test_producer_and_command_line_load_no_model_runtime():
     mods = _modules_after_import(
         "import producer.submit, producer.watch, producer.status, producer.schedule, "
-        "producer.cli, posebatch.cli")
+        "producer.control, posebatch.cli")
     assert "onnxruntime" not in mods
-
-
-@pytest.mark.parametrize(("env", "overrides", "expected", "error"), [
-    ({}, {}, {"imgsz": 640, "rect": False}, None),
-    ({"POSEBATCH_IMGSZ": "960"}, {}, {"imgsz": 960}, None),
-    ({"POSEBATCH_IMGSZ": "960"}, {"imgsz": 320}, {"imgsz": 320}, None),
-    ({"POSEBATCH_RECT": "yes"}, {}, {"rect": True}, None),
-    ({"POSEBATCH_IMGSZ": "big"}, {}, None, "POSEBATCH_IMGSZ: expected int, got 'big'"),
-    ({"POSEBATCH_RECT": "maybe"}, {}, None, "expected true or false"),
-    ({}, {"imgsz": 100}, None, "imgsz must be a multiple of 32"),
-    ({}, {"det_conf": 1.5}, None, "det_conf must be in"),
-])
-def test_job_settings_from_env_and_flags(env, overrides, expected, error):
-    if error:
-        with pytest.raises(ConfigError, match=error):
-            from_env(JobSettings, overrides, env=env)
-        return
-    job = from_env(JobSettings, overrides, env=env)
-    for name, value in expected.items():
-        assert getattr(job, name) == value
-
-
-def test_runtime_settings_reject_unknown_provider():
-    with pytest.raises(ConfigError, match="expected auto, cpu or cuda, got 'tpu'"):
-        from_env(RuntimeSettings, {"providers": "tpu"}, env={})
-
-
-def test_job_settings_round_trip_through_a_dict():
-    job = JobSettings(imgsz=960, valid_box_score=0.05)
-    assert JobSettings.from_dict(job.to_dict()) == job
-    with pytest.raises(ConfigError, match="unknown job settings"):
-        JobSettings.from_dict({"imgsz": 640, "bogus": 1})

@@ -173,8 +173,8 @@ def test_escaping_keys_are_refused_by_the_local_batch_function(tmp_path):
     from posebatch.settings import JobSettings, RuntimeSettings, from_env
     from posebatch.storage import LocalStorage
     from workers.batch import process_keys
-    from workers.engine.model import PoseModel
     from workers.engine.pipeline import PoseEngine
+    from workers.engine.runner import PoseModel
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

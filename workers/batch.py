@@ -12,18 +12,15 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from posebatch.aggregate import Record, record_from_result, result_key
 from posebatch.errors import INTERNAL_ERROR, StorageNotFound, UnsafeKeyError
+from posebatch.keys import result_key
+from posebatch.records import Record, record_from_result
+from posebatch.schema import encode_result, error_result
 from posebatch.settings import JobSettings
 from posebatch.storage import Storage, safe_key
 from workers.engine.pipeline import PoseEngine
-from workers.engine.result import error_result
 
 LOOKUP_WINDOW = 64  # existence checks in flight; bounded so a huge listing streams
-
-
-def encode_result(result: dict[str, Any]) -> bytes:
-    return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def process_keys(

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from posebatch.aggregate import Record, write_aggregates
-from posebatch.jobs import claim_output, is_image_key, manifest
+from posebatch.aggregate import write_aggregates
+from posebatch.keys import is_image_key
+from posebatch.manifest import claim_output, manifest
 from posebatch.modelstore import ModelRef
+from posebatch.records import Record
 from posebatch.settings import JobSettings, RuntimeSettings
 from posebatch.storage import Storage
 from workers.batch import process_keys
-from workers.engine.model import PoseModel
 from workers.engine.pipeline import PoseEngine
+from workers.engine.runner import PoseModel
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
             progress: bool | None = None, job_id: str = "local") -> RunOutcome:
     from tqdm import tqdm
 
-    wanted = manifest(model.sha256, model.name, job)
+    wanted = manifest(job, model.sha256, model.name)
     claim_output(dst, wanted, force)
     engine = PoseEngine(PoseModel(str(model.path), runtime.providers, runtime.intra_threads),
                         job, runtime.batch_size, runtime.io_threads)

@@ -1,6 +1,6 @@
-"""The only process-wide state: this worker process's model session and the job store client.
+"""The only process-wide state of a worker: its model session, job-store client and claimed jobs.
 
-Why a module: Celery's ``worker_process_init`` creates the engine once after fork; tasks fetch it
+Why a module: Celery's ``worker_process_init`` loads the model once after fork; tasks fetch it
 here. Any other process (tests, the local run) never touches this module.
 """
 
@@ -11,20 +11,22 @@ import logging
 from posebatch.jobstate import JobStore
 from posebatch.modelstore import ModelRef, resolve_model
 from posebatch.settings import RuntimeSettings, from_env
-from workers.engine.model import PoseModel
+from workers.engine.runner import PoseModel
 
 log = logging.getLogger(__name__)
 
 _model: PoseModel | None = None
 _model_ref: ModelRef | None = None
 _store: JobStore | None = None
+_claimed: set[str] = set()  # jobs whose output manifest this process has checked and written
 
 
 def runtime() -> RuntimeSettings:
     return from_env(RuntimeSettings)
 
 
-def load_engine() -> tuple[PoseModel, ModelRef]:
+def load_model() -> tuple[PoseModel, ModelRef]:
+    """This process's model (loaded on first use) and which file it is."""
     global _model, _model_ref
     if _model is None:
         rt = runtime()
@@ -42,3 +44,11 @@ def job_store() -> JobStore:
         rt = runtime()
         _store = JobStore.from_url(rt.state_url or rt.broker_url)
     return _store
+
+
+def has_claimed(job_id: str) -> bool:
+    return job_id in _claimed
+
+
+def note_claimed(job_id: str) -> None:
+    _claimed.add(job_id)

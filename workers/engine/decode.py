@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from posebatch.errors import BAD_FORMAT, BAD_SIZE, EMPTY_IMAGE, ImageError
+from workers.engine.letterbox import PAD_GRAY
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP")
-PAD_GRAY = 114
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from posebatch.schema import API21_NAMES
+
 COCO17_NAMES: tuple[str, ...] = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear",
-    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
-    "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
-)
-API21_NAMES: tuple[str, ...] = (
-    "top_head", "left_ear", "right_ear", "left_eye", "right_eye", "nose",
-    "left_mouth_corner", "right_mouth_corner", "neck",
     "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
     "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
 )

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-PAD_VALUE = 114  # the gray Ultralytics pads with during training
+PAD_GRAY = 114
+"""The grey Ultralytics pads with in training; also the background under transparent pixels."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def letterbox(rgb_hw3: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray,
         )
     else:
         resized = rgb_hw3
-    canvas = np.full((oh, ow, 3), PAD_VALUE, dtype=np.uint8)
+    canvas = np.full((oh, ow, 3), PAD_GRAY, dtype=np.uint8)
     top, left = int(lb.pad_y), int(lb.pad_x)
     canvas[top : top + new_h, left : left + new_w] = resized
     # Store the integer offsets actually used, so the inverse is exact.
@@ -66,12 +67,11 @@ def to_source_xy(xy: np.ndarray, lb: Letterbox) -> np.ndarray:
     return out
 
 
-def to_model_xy(xy: np.ndarray, lb: Letterbox) -> np.ndarray:
-    """The forward map: ``xy (..., 2)`` in source-array pixels -> model pixels."""
-    out = np.empty_like(xy, dtype=np.float32)
-    out[..., 0] = xy[..., 0] * lb.scale + lb.pad_x
-    out[..., 1] = xy[..., 1] * lb.scale + lb.pad_y
-    return out
+def to_input_tensor(canvas_hw3: np.ndarray) -> np.ndarray:
+    """``canvas (H, W, 3) uint8`` -> the model's input ``(3, H, W) float32`` in [0, 1]."""
+    tensor = np.ascontiguousarray(canvas_hw3.transpose(2, 0, 1), dtype=np.float32)
+    tensor *= 1.0 / 255.0
+    return tensor
 
 
 def input_shape_for(src_hw: tuple[int, int], imgsz: int, stride: int = 32) -> tuple[int, int]:

@@ -17,13 +17,19 @@ from typing import Any
 import numpy as np
 
 from posebatch.errors import INTERNAL_ERROR, ImageError, RetryableError
+from posebatch.schema import PoseResult, error_result
 from posebatch.settings import JobSettings
 from workers.engine.decode import DecodedImage, Limits, decode_image
 from workers.engine.keypoints import to_api21
-from workers.engine.letterbox import Letterbox, input_shape_for, letterbox, to_source_xy
-from workers.engine.model import PoseModel
-from workers.engine.postprocess import Detections
-from workers.engine.result import PoseResult, error_result
+from workers.engine.layouts import Detections
+from workers.engine.letterbox import (
+    Letterbox,
+    input_shape_for,
+    letterbox,
+    to_input_tensor,
+    to_source_xy,
+)
+from workers.engine.runner import PoseModel
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +66,7 @@ def prepare(key: str, load: Loader, job: JobSettings,
         else:
             out_hw = (job.imgsz, job.imgsz)
         canvas, box = letterbox(image.rgb, out_hw)
-        tensor = np.ascontiguousarray(canvas.transpose(2, 0, 1), dtype=np.float32)
-        tensor *= 1.0 / 255.0
-        return Prepared(key, tensor=tensor, image=image, box=box)
+        return Prepared(key, tensor=to_input_tensor(canvas), image=image, box=box)
     except ImageError as err:
         return Prepared(key, error=error_result(err.code, err.message))
     except RetryableError:

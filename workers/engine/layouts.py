@@ -24,11 +24,6 @@ class Detections:
     scores: np.ndarray
     kpts: np.ndarray
 
-    @classmethod
-    def empty(cls) -> Detections:
-        return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32),
-                   np.zeros((0, 17, 3), np.float32))
-
     def __len__(self) -> int:
         return len(self.scores)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from posebatch.errors import ModelError
-from workers.engine.postprocess import (
+from workers.engine.layouts import (
     Detections,
     decode_rtmo,
     decode_yolo_e2e,

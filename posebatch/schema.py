@@ -1,18 +1,28 @@
-"""The per-image result in the original API's format, built from model detections.
+"""The per-image result in the original API's format: its 21 keypoint names, the result and the
+error shapes, and their JSON bytes.
 
-Why a dataclass and not a dict from the start: it validates its own shapes once, and the API dict
-is produced in one place (``to_api``), so the local run and the cluster cannot drift apart.
+Why in the core: the engine builds results, while evaluation, exports and recounts read them;
+one home for the format means none of them can drift from what ``posebatch run`` writes. Why a
+dataclass and not a dict from the start: it validates its own shapes once, and the API dict is
+produced in one place (``to_api``).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from workers.engine.keypoints import API21_NAMES
+API21_NAMES: tuple[str, ...] = (
+    "top_head", "left_ear", "right_ear", "left_eye", "right_eye", "nose",
+    "left_mouth_corner", "right_mouth_corner", "neck",
+    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+    "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
+)
+"""The API's keypoints in SPEC order; left and right are the person's own."""
 
 COORD_DECIMALS = 2
 SCORE_DECIMALS = 4
@@ -89,3 +99,8 @@ def error_result(code: int, message: str, log_id: int | None = None) -> dict[str
     """The API's error shape: ``{"error_code", "error_msg", "log_id"}``."""
     return {"error_code": code, "error_msg": message,
             "log_id": new_log_id() if log_id is None else log_id}
+
+
+def encode_result(result: dict[str, Any]) -> bytes:
+    """The bytes written to ``<image>.json``: compact UTF-8, the same for local and cluster runs."""
+    return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

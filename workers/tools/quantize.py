@@ -27,12 +27,12 @@ def int8_path(fp32: Path) -> Path:
 
 def calibration_tensors(images: list[Path], imgsz: int) -> Iterator[dict[str, np.ndarray]]:
     from workers.engine.decode import decode_image
-    from workers.engine.letterbox import letterbox
+    from workers.engine.letterbox import letterbox, to_input_tensor
 
     for path in images:
         img = decode_image(path.read_bytes(), target=imgsz)
         canvas, _ = letterbox(img.rgb, (imgsz, imgsz))
-        yield {"images": canvas.transpose(2, 0, 1)[None].astype(np.float32) / 255.0}
+        yield {"images": to_input_tensor(canvas)[None]}
 
 
 def quantize(fp32: Path, out: Path, calib_dir: Path, imgsz: int = 640,
@@ -50,7 +50,7 @@ def quantize(fp32: Path, out: Path, calib_dir: Path, imgsz: int = 640,
     except ImportError as err:
         raise ConfigError(f"quantization needs the onnx package ({err}); "
                           "pip install 'posebatch[quantize]'") from err
-    from posebatch.jobs import is_image_key
+    from posebatch.keys import is_image_key
 
     images = sorted(p for p in calib_dir.rglob("*") if p.is_file() and is_image_key(p.name))
     if not images:

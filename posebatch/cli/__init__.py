@@ -1,0 +1,53 @@
+"""The ``posebatch`` command: one parser, one table of exit codes, one module per command group.
+
+The top layer: the only place that imports both roles (``workers`` and ``producer``), and only
+inside the handler of the subcommand that needs them, so ``submit`` never loads a model runtime
+and ``run`` never loads Celery. Built as ``make_argument_parser()`` + ``main(args=None)`` so tests
+run it as a subprocess and as a function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from posebatch import __version__
+from posebatch.cli import cluster, evaluate, exitcodes, model, run, worker
+
+COMMAND_GROUPS = (run, model, evaluate, cluster, worker)
+
+
+def make_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posebatch",
+        description="Find every person in many images; write 21 body keypoints per image in "
+                    "the cloud body-keypoint API's JSON format, plus per-job person counts.",
+        epilog=exitcodes.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"posebatch {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for group in COMMAND_GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    ns = make_argument_parser().parse_args(args)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(ns.verbose, 2),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(ns.handler(ns))
+    except (KeyboardInterrupt, Exception) as err:
+        code = exitcodes.for_error(err)  # re-raises what it does not know
+        if code == exitcodes.INTERRUPTED:
+            print("interrupted", file=sys.stderr)
+        else:
+            hint = " (transient; try again)" if code == exitcodes.TRANSIENT else ""
+            print(f"posebatch: {err}{hint}", file=sys.stderr)
+        return code

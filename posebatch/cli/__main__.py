@@ -1,0 +1,5 @@
+import sys
+
+from posebatch.cli import main
+
+sys.exit(main())

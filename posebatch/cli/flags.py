@@ -1,0 +1,64 @@
+"""Flag groups shared by several subcommands, and the typed settings they become.
+
+Why shared: ``run``, ``submit`` and ``watch`` take the same job settings; defining the flags once
+keeps their names, help and defaults identical, and every flag falls back to its
+``POSEBATCH_<NAME>`` variable through ``posebatch.settings.from_env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from posebatch.settings import JobSettings, RuntimeSettings, from_env
+
+JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
+              "valid_box_score", "max_image_bytes")
+RUNTIME_FIELDS = ("model", "int8", "providers", "batch_size", "intra_threads", "io_threads",
+                  "broker_url", "state_url")
+
+
+def add_job_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("job settings (also POSEBATCH_<NAME> environment variables)")
+    g.add_argument("--imgsz", type=int, help="model input side in pixels (default 640)")
+    g.add_argument("--rect", action="store_true", default=None,
+                   help="letterbox to a stride-aligned rectangle instead of a square")
+    g.add_argument("--det-conf", type=float,
+                   help="persons below this box score are not reported (default 0.05)")
+    g.add_argument("--nms-iou", type=float, help="NMS IoU threshold (default 0.6)")
+    g.add_argument("--valid-kpt-score", type=float,
+                   help="validity rule: keypoint score threshold (default 0.2)")
+    g.add_argument("--valid-min-kpts", type=int,
+                   help="validity rule: MORE than this many keypoints above it (default 3)")
+    g.add_argument("--valid-box-score", type=float,
+                   help="validity rule: box score must exceed this (default 0.03; 0.05+ stricter)")
+    g.add_argument("--max-image-bytes", type=int,
+                   help="largest accepted encoded file in bytes (default 4194304 = 4 MiB)")
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime (also POSEBATCH_<NAME> environment variables)")
+    g.add_argument("--model", help="ONNX model file (default: the model built by `model build`)")
+    g.add_argument("--int8", action="store_true", default=None,
+                   help="use the INT8 model made by `posebatch model quantize`")
+    g.add_argument("--providers", choices=["auto", "cpu", "cuda"],
+                   help="ONNX Runtime provider (default auto: CUDA when available)")
+    g.add_argument("--batch-size", type=int,
+                   help="images per model call (default 0 = auto: 4 on CPU, 32 on CUDA)")
+    g.add_argument("--intra-threads", type=int, help="ONNX Runtime threads (0 = per core)")
+    g.add_argument("--io-threads", type=int, help="download/decode threads (default 4)")
+
+
+def add_broker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", dest="broker_url",
+                   help="broker URL, redis:// or rediss:// (default $POSEBATCH_BROKER_URL, "
+                        "else redis://127.0.0.1:6379/0)")
+    p.add_argument("--state", dest="state_url",
+                   help="Redis for job state (default $POSEBATCH_STATE_URL, else the broker)")
+
+
+def job_settings(ns: argparse.Namespace) -> JobSettings:
+    return from_env(JobSettings, {n: getattr(ns, n, None) for n in JOB_FIELDS})
+
+
+def runtime_settings(ns: argparse.Namespace) -> RuntimeSettings:
+    return from_env(RuntimeSettings, {n: getattr(ns, n, None) for n in RUNTIME_FIELDS})

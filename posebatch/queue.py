@@ -1,0 +1,85 @@
+"""The Celery app both roles share: queue and task names, broker settings, error translation.
+
+Why in the core: the producer sends tasks by name and the workers consume them; if each built its
+own app, queue names and broker options could drift. Neither role imports the other: the
+producer's app knows the tasks by name only, a worker's app registers them (``include``).
+
+Why each setting (also in the README):
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a batch is acknowledged only after its
+  results are written; if the worker dies mid-batch the broker hands it to another worker.
+- ``worker_prefetch_multiplier = 1``: a worker reserves one batch at a time, so a slow or dying
+  worker does not sit on batches other workers could run.
+- ``visibility_timeout`` (Redis transport): how long an unacknowledged batch stays invisible
+  before Redis redelivers it; far above the longest batch, or busy batches would run twice.
+- ``task_ignore_result``: results live in storage and job records, not in a result backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+from celery import Celery
+
+from posebatch.errors import BrokerUnavailable
+from posebatch.jobstate import redis_errors, strip_urls
+from posebatch.settings import RuntimeSettings, from_env
+
+QUEUE = "posebatch"
+"""Batches of images: consumed by model workers."""
+CONTROL_QUEUE = "posebatch-control"
+"""Job-level work (scheduled submissions): consumed by a control worker, not by model workers."""
+PROCESS_BATCH = "posebatch.process_batch"
+SUBMIT_JOB = "posebatch.submit_job"
+
+VISIBILITY_TIMEOUT = int(os.environ.get("POSEBATCH_VISIBILITY_TIMEOUT", str(4 * 3600)))
+# How often a worker sweeps Redis for unacknowledged batches older than the visibility timeout
+# (those of a worker that died) and puts them back in the queue. kombu 5.7 defaults to a real
+# sweep only every 10 x 10 s, which adds up to 100 s to every recovery; one cheap ZRANGE every
+# few seconds is nothing next to a batch. Recovery time = visibility timeout + at most one sweep.
+RESTORE_SWEEP_SECONDS = max(1, min(10, VISIBILITY_TIMEOUT // 10))
+
+
+def make_app(broker_url: str | None = None, include: Sequence[str] = ()) -> Celery:
+    """The Celery app; ``include`` names the task modules this process registers."""
+    url = broker_url or from_env(RuntimeSettings).broker_url
+    app = Celery("posebatch", broker=url, include=list(include))
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_default_queue=QUEUE,
+        task_routes={SUBMIT_JOB: {"queue": CONTROL_QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT,
+                                  "unacked_restore_interval": RESTORE_SWEEP_SECONDS,
+                                  "unacked_restore_throttle": 1},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_track_started=False,
+        worker_send_task_events=False,
+        timezone="UTC",
+    )
+    if url.startswith("rediss://"):
+        # Certificates are checked by default; see README for ssl_cert_reqs in the URL.
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": os.environ.get("POSEBATCH_SSL_CERT_REQS",
+                                                                   "required")}
+    return app
+
+
+@contextlib.contextmanager
+def broker_errors() -> Iterator[None]:
+    """Translate kombu's and redis-py's errors while talking to the broker."""
+    from kombu.exceptions import OperationalError
+
+    with redis_errors():
+        try:
+            yield
+        except OperationalError as err:
+            raise BrokerUnavailable(f"cannot reach the broker ({strip_urls(str(err))}); is it "
+                                    "running?") from err

@@ -1,0 +1,163 @@
+"""What happens to a batch when things go wrong: retries, backoff, poison batches, missing images.
+
+Why apart from the Celery task: this is the part of the cluster that decides whether images are
+lost, retried or recorded as failed, so it must be readable in one place and unit-testable without
+a broker (``tests/stubs.py`` holds an in-memory job state). ``workers/tasks.py`` only translates
+the two outcomes that need Celery (``Retry``, ``Requeue``) into Celery's own exceptions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from posebatch.errors import INTERNAL_ERROR, PermanentError, RetryableError, StateUnavailable
+from posebatch.records import Record
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 4
+"""Storage errors: retried with exponential backoff, then the batch's images are failed."""
+MAX_DELIVERIES = 8
+"""Starts of one batch, retries and redeliveries after worker loss included (poison batches)."""
+STATE_PATIENCE = 60.0
+"""Seconds a batch waits for the job-state Redis to come back before it goes back to the queue."""
+_T = TypeVar("_T")
+
+
+class JobState(Protocol):
+    """The part of ``posebatch.jobstate.JobStore`` the policy uses."""
+
+    def has_job(self, job_id: str) -> bool: ...
+    def count_delivery(self, job_id: str, batch_id: str) -> int: ...
+    def has_record(self, job_id: str, keys: list[str]) -> list[bool]: ...
+    def add_records(self, job_id: str, records: list[Record]) -> bool: ...
+    def maybe_finalize(self, job_id: str) -> bool: ...
+
+
+class Retry(Exception):  # noqa: N818 - an outcome, like Celery's own Retry
+    """Run the batch again after ``countdown`` seconds."""
+
+    def __init__(self, cause: Exception, countdown: int) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.countdown = countdown
+
+
+class Requeue(Exception):  # noqa: N818
+    """Give the message back to the broker unacknowledged; nothing was recorded, nothing lost."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    job_id: str
+    batch_id: str
+    keys: list[str]
+    retries: int
+    """How many times this delivery has been retried already (Celery's ``request.retries``)."""
+
+
+def backoff(retries: int) -> int:
+    return min(2 ** retries, 30)
+
+
+def patiently(call: Callable[..., _T], *args: object, patience: float = STATE_PATIENCE,
+              sleep: Callable[[float], None] = time.sleep) -> _T:
+    """Run one job-state call, waiting out a Redis outage (restart, failover) for a while.
+
+    Why not a Celery retry: the broker is usually the same Redis, so while it is down a retry
+    cannot be published. Every call passed here is idempotent (HSET of the same values) or
+    harmless when repeated (the delivery counter only bounds poison batches).
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.5
+    while True:
+        try:
+            return call(*args)
+        except StateUnavailable as err:
+            if time.monotonic() + delay > deadline:
+                raise Requeue(f"job state unreachable for {patience:.0f} s: {err}") from err
+            log.warning("%s; trying again in %.1f s", err, delay)
+            sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def run_batch(state: JobState, attempt: Attempt, work: Callable[[], list[Record]], *,
+              max_retries: int = MAX_RETRIES, max_deliveries: int = MAX_DELIVERIES,
+              patience: float = STATE_PATIENCE) -> int:
+    """Run ``work`` for one batch under the policy; return how many images were recorded.
+
+    Raises ``Retry`` (storage hiccup, retries left) or ``Requeue`` (job state unreachable).
+    Every other way out records each image of the batch, so a job always completes.
+    """
+    job_id, batch_id = attempt.job_id, attempt.batch_id
+
+    def state_call(call: Callable[..., _T], *args: object) -> _T:
+        return patiently(call, *args, patience=patience)
+
+    if not state_call(state.has_job, job_id):
+        log.error("job %s is unknown: its state is gone from Redis (restarted without "
+                  "persistence?); batch %s dropped. Run the same `posebatch submit` again: "
+                  "images with results are skipped", job_id, batch_id)
+        return 0
+    if state_call(state.count_delivery, job_id, batch_id) > max_deliveries:
+        return fail_missing(state, attempt, f"batch {batch_id} abandoned after "
+                            f"{max_deliveries} attempts (the worker died or failed each time); "
+                            "resubmit to retry", patience)
+    try:
+        records = work()
+    except Requeue:
+        raise
+    except StateUnavailable as err:
+        raise Requeue(str(err)) from err
+    except RetryableError as err:
+        if attempt.retries >= max_retries:
+            return fail_missing(state, attempt, f"batch {batch_id} failed after "
+                                f"{max_retries + 1} attempts: {err}", patience)
+        log.warning("batch %s of job %s: %s; retry in %s s", batch_id, job_id, err,
+                    backoff(attempt.retries))
+        raise Retry(err, backoff(attempt.retries)) from err
+    except PermanentError as err:
+        return fail_missing(state, attempt, f"batch {batch_id} cannot run: {err}", patience)
+    except Exception as err:  # a bug must not leave the job waiting forever for these images
+        log.exception("batch %s of job %s failed", batch_id, job_id)
+        return fail_missing(state, attempt, f"batch {batch_id} failed: {type(err).__name__}: "
+                            f"{err}", patience)
+    # Results are written; recording them twice (a redelivery) is idempotent.
+    if not state_call(state.add_records, job_id, records):
+        log.error("job %s disappeared from Redis while batch %s ran (restarted without "
+                  "persistence?); its results are written, resubmit the job to count them",
+                  job_id, batch_id)
+        return 0
+    try:
+        state_call(state.maybe_finalize, job_id)
+    except RetryableError as err:  # the aggregates could not be written
+        if attempt.retries >= max_retries:
+            log.error("job %s: cannot write the summary (%s); `posebatch wait %s` writes it",
+                      job_id, err, job_id)
+            return len(records)
+        # Running the batch again finds its results (skipped) and finalizes again.
+        raise Retry(err, backoff(attempt.retries)) from err
+    return len(records)
+
+
+def fail_missing(state: JobState, attempt: Attempt, reason: str,
+                 patience: float = STATE_PATIENCE) -> int:
+    """Record every image of the batch that has no record yet as failed, with the reason, so the
+    job completes and the summary says what happened instead of waiting forever."""
+    have = patiently(state.has_record, attempt.job_id, attempt.keys, patience=patience)
+    missing = [Record(k, False, INTERNAL_ERROR, 0, 0, reason)
+               for k, h in zip(attempt.keys, have, strict=True) if not h]
+    log.error("job %s: %s (%d images recorded as failed)", attempt.job_id, reason, len(missing))
+    patiently(state.add_records, attempt.job_id, missing, patience=patience)
+    try:
+        patiently(state.maybe_finalize, attempt.job_id, patience=patience)
+    except RetryableError as err:
+        # The records are complete; only the aggregates are missing (the output may be what
+        # fails). `posebatch wait` or the job's next finishing batch writes them.
+        log.error("job %s: cannot write the summary (%s); `posebatch wait %s` writes it",
+                  attempt.job_id, err, attempt.job_id)
+    return 0
