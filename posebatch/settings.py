@@ -91,6 +91,12 @@ class RuntimeSettings:
     """Use the INT8 copy made by ``posebatch model quantize`` next to the model."""
     providers: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
+    backend: str = "auto"
+    """``ort`` (ONNX Runtime), ``openvino``, or ``auto``: ONNX Runtime on CUDA, else the faster
+    of the two on this CPU, measured once per model and host (cached in ``cache_dir``)."""
+    precision: str = "auto"
+    """``auto`` (bf16 on OpenVINO where the CPU has AMX/AVX512-BF16, else f32), ``f32``,
+    ``bf16`` (OpenVINO) or ``fp16`` (ONNX Runtime on CUDA, a converted copy of the model)."""
     batch_size: int = 0
     """Images per model call; 0 = auto: 4 on CPU (measured: same img/s as 8 with 250 MB less
     memory, see README), 32 on CUDA."""
@@ -106,6 +112,11 @@ class RuntimeSettings:
     def __post_init__(self) -> None:
         if self.providers not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"providers: expected auto, cpu or cuda, got {self.providers!r}")
+        if self.backend not in ("auto", "ort", "openvino"):
+            raise ConfigError(f"backend: expected auto, ort or openvino, got {self.backend!r}")
+        if self.precision not in ("auto", "f32", "bf16", "fp16"):
+            raise ConfigError(
+                f"precision: expected auto, f32, bf16 or fp16, got {self.precision!r}")
         if self.batch_size < 0:
             raise ConfigError(f"batch_size: expected >= 1 (or 0 for auto), got {self.batch_size}")
         if self.io_threads < 1:

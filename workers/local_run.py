@@ -22,8 +22,8 @@ from posebatch.records import Record
 from posebatch.settings import JobSettings, RuntimeSettings
 from posebatch.storage import Storage
 from workers.batch import process_keys
+from workers.engine.backends import open_runner_for
 from workers.engine.pipeline import PoseEngine
-from workers.engine.runner import PoseModel
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
 
     wanted = manifest(job, model.sha256, model.name)
     claim_output(dst, wanted, force)
-    engine = PoseEngine(PoseModel(str(model.path), runtime.providers, runtime.intra_threads),
-                        job, runtime.batch_size, runtime.io_threads)
+    engine = PoseEngine(open_runner_for(model, runtime), job, runtime.batch_size,
+                        runtime.io_threads)
     created = _now()
     total = sum(1 for _ in iter_images(src)) if src.url.startswith("/") else None
     show = sys.stderr.isatty() if progress is None else progress

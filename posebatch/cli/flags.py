@@ -13,8 +13,8 @@ from posebatch.settings import JobSettings, RuntimeSettings, from_env
 
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
               "valid_box_score", "max_image_bytes")
-RUNTIME_FIELDS = ("model", "int8", "providers", "batch_size", "intra_threads", "io_threads",
-                  "broker_url", "state_url")
+RUNTIME_FIELDS = ("model", "int8", "providers", "backend", "precision", "batch_size",
+                  "intra_threads", "io_threads", "broker_url", "state_url")
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -42,6 +42,11 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="use the INT8 model made by `posebatch model quantize`")
     g.add_argument("--providers", choices=["auto", "cpu", "cuda"],
                    help="ONNX Runtime provider (default auto: CUDA when available)")
+    g.add_argument("--backend", choices=["auto", "ort", "openvino"],
+                   help="model runtime (default auto: ONNX Runtime on CUDA, else the faster one "
+                        "on this CPU, measured once and cached)")
+    g.add_argument("--precision", choices=["auto", "f32", "bf16", "fp16"],
+                   help="default auto: bf16 with OpenVINO on CPUs with AMX/AVX512-BF16, else f32")
     g.add_argument("--batch-size", type=int,
                    help="images per model call (default 0 = auto: 4 on CPU, 32 on CUDA)")
     g.add_argument("--intra-threads", type=int, help="ONNX Runtime threads (0 = per core)")

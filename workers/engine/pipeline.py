@@ -19,6 +19,7 @@ import numpy as np
 from posebatch.errors import INTERNAL_ERROR, ImageError, RetryableError
 from posebatch.schema import PoseResult, error_result
 from posebatch.settings import JobSettings
+from workers.engine.backends import Runner
 from workers.engine.decode import DecodedImage, Limits, decode_image
 from workers.engine.keypoints import to_api21
 from workers.engine.layouts import Detections
@@ -29,7 +30,6 @@ from workers.engine.letterbox import (
     to_input_tensor,
     to_source_xy,
 )
-from workers.engine.runner import PoseModel
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ def to_result(det: Detections, item: Prepared) -> PoseResult:
 
 
 class PoseEngine:
-    """Batches prepared images by input shape and runs them through one PoseModel."""
+    """Batches prepared images by input shape and runs them through one model runner."""
 
-    def __init__(self, model: PoseModel, job: JobSettings, batch_size: int = 0,
+    def __init__(self, model: Runner, job: JobSettings, batch_size: int = 0,
                  io_threads: int = 4) -> None:
         self.model = model
         self.job = job

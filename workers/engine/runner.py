@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -93,33 +94,11 @@ class PoseModel:
         log.info("model %s (%s) on %s", path, self.info.layout, self.info.provider)
 
     def _inspect(self, path: str) -> ModelInfo:
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1 or len(inputs[0].shape) != 4:
-            raise ModelError(f"{path}: expected one image input (B, 3, H, W), got "
-                             f"{[(i.name, i.shape) for i in inputs]}")
-        shape = inputs[0].shape
-        fixed_hw = (shape[2], shape[3]) if all(isinstance(d, int) for d in shape[2:]) else None
-        fixed_batch = shape[0] if isinstance(shape[0], int) else None
-        outs = self.session.get_outputs()
-        names = {o.name for o in outs}
-        if {"dets", "keypoints"} <= names:
-            layout = LAYOUT_RTMO
-        elif len(outs) == 1 and len(outs[0].shape) == 3:
-            dims = outs[0].shape
-            if dims[1] == 56:
-                layout = LAYOUT_YOLO_RAW
-            elif dims[2] == 57:
-                layout = LAYOUT_YOLO_E2E
-            else:
-                raise ModelError(f"{path}: output {dims} is neither [B, 56, N] (YOLO-pose) nor "
-                                 "[B, K, 57] (end-to-end YOLO-pose)")
-        else:
-            raise ModelError(
-                f"{path}: unsupported outputs {[(o.name, o.shape) for o in outs]}; supported: "
-                "YOLOv8/11-pose [B, 56, N], YOLO26 end-to-end [B, K, 57], RTMO dets+keypoints"
-            )
-        return ModelInfo(path=path, layout=layout, input_name=inputs[0].name, fixed_hw=fixed_hw,
-                         fixed_batch=fixed_batch, provider=self.session.get_providers()[0])
+        return inspect_io(
+            path, [(i.name, i.shape) for i in self.session.get_inputs()],
+            [(o.name, o.shape) for o in self.session.get_outputs()],
+            self.session.get_providers()[0],
+        )
 
     @property
     def wants_fixed_batches(self) -> bool:
@@ -142,11 +121,47 @@ class PoseModel:
 
     def infer(self, batch: np.ndarray, conf: float, iou: float, max_det: int) -> list[Detections]:
         """Run ``batch (B, 3, H, W) float32 in [0, 1]`` and decode one Detections per image."""
-        outs = self.run_raw(batch)
-        if self.info.layout == LAYOUT_RTMO:
-            by_name = dict(zip([o.name for o in self.session.get_outputs()], outs, strict=False))
-            return [decode_rtmo(d, k, conf, max_det)
-                    for d, k in zip(by_name["dets"], by_name["keypoints"], strict=False)]
-        if self.info.layout == LAYOUT_YOLO_E2E:
-            return [decode_yolo_e2e(o, conf, max_det) for o in outs[0]]
-        return [decode_yolo_raw(o, conf, iou, max_det) for o in outs[0]]
+        names = [o.name for o in self.session.get_outputs()]
+        return decode_outputs(self.info.layout, names, self.run_raw(batch), conf, iou, max_det)
+
+
+def inspect_io(path: str, inputs: list[tuple[str, Any]], outputs: list[tuple[str, Any]],
+               provider: str) -> ModelInfo:
+    """Which output layout a graph has, from its input/output names and shapes (a dimension that
+    is not an int is dynamic). Shared by every backend so they accept exactly the same models."""
+    if len(inputs) != 1 or len(inputs[0][1]) != 4:
+        raise ModelError(f"{path}: expected one image input (B, 3, H, W), got {inputs}")
+    name, shape = inputs[0]
+    fixed_hw = (shape[2], shape[3]) if all(isinstance(d, int) for d in shape[2:]) else None
+    fixed_batch = shape[0] if isinstance(shape[0], int) else None
+    names = {n for n, _ in outputs}
+    if {"dets", "keypoints"} <= names:
+        layout = LAYOUT_RTMO
+    elif len(outputs) == 1 and len(outputs[0][1]) == 3:
+        dims = outputs[0][1]
+        if dims[1] == 56:
+            layout = LAYOUT_YOLO_RAW
+        elif dims[2] == 57:
+            layout = LAYOUT_YOLO_E2E
+        else:
+            raise ModelError(f"{path}: output {dims} is neither [B, 56, N] (YOLO-pose) nor "
+                             "[B, K, 57] (end-to-end YOLO-pose)")
+    else:
+        raise ModelError(
+            f"{path}: unsupported outputs {outputs}; supported: "
+            "YOLOv8/11-pose [B, 56, N], YOLO26 end-to-end [B, K, 57], RTMO dets+keypoints"
+        )
+    return ModelInfo(path=path, layout=layout, input_name=name, fixed_hw=fixed_hw,
+                     fixed_batch=fixed_batch, provider=provider)
+
+
+def decode_outputs(layout: str, names: list[str], outs: list[np.ndarray], conf: float,
+                   iou: float, max_det: int) -> list[Detections]:
+    """Raw graph outputs (in ``names`` order) -> one Detections per image."""
+    if layout == LAYOUT_RTMO:
+        by_name = dict(zip(names, outs, strict=False))
+        return [decode_rtmo(d, k, conf, max_det)
+                for d, k in zip(by_name["dets"], by_name["keypoints"], strict=False)]
+    if layout == LAYOUT_YOLO_E2E:
+        return [decode_yolo_e2e(o, conf, max_det) for o in outs[0]]
+    return [decode_yolo_raw(o, conf, iou, max_det) for o in outs[0]]
