@@ -56,12 +56,16 @@ def process_keys(
         todo = _filter_existing(safe, dst, job, done, writers) if skip_existing else safe
         loaders = ((k, _loader(src, k)) for k in todo)
         for key, result in engine.run(loaders):
-            writes.append(writers.submit(dst.write, result_key(key), encode_result(result),
-                                         "application/json"))
+            # Encoding too runs on the writer threads: the model's thread only hands results on.
+            writes.append(writers.submit(_write_result, dst, key, result))
             done(key, result)
         for fut in writes:
             fut.result()  # surface write errors (retryable) before the batch counts as done
     return records
+
+
+def _write_result(dst: Storage, key: str, result: dict[str, Any]) -> None:
+    dst.write(result_key(key), encode_result(result), "application/json")
 
 
 def _loader(src: Storage, key: str) -> Callable[[], bytes]:
