@@ -43,8 +43,28 @@ def machine_info() -> dict[str, Any]:
         "mem_gb": round(mem_kb / 1024 / 1024, 1), "kernel": platform.release(),
         "python": platform.python_version(), "onnxruntime": ort.__version__,
         "ort_providers": ort.get_available_providers(), "numpy": np.__version__,
-        "pillow": PIL.__version__,
+        "pillow": PIL.__version__, "matrix_extensions": cpu_extensions(),
+        "openvino": _openvino_version(),
     }
+
+
+def cpu_extensions() -> list[str]:
+    """The CPU flags that decide which backend and precision are fast (bf16/int8 matrix units)."""
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return sorted(f for f in flags if f.startswith(
+                    ("amx", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2")))
+    return []
+
+
+def _openvino_version() -> str | None:
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    return ov.get_version()
 
 
 PROBE = """

@@ -36,12 +36,14 @@ def corpus_shapes(manifest: dict, imgsz: int, rect: bool) -> Counter:
 
 
 def measure_model(model_path: str, shapes: Counter, batch: int, intra: int, providers: str,
-                  min_seconds: float) -> dict[str, Any]:
-    """session.run on ready random tensors, batch by batch, per input shape, >= min_seconds
+                  min_seconds: float, backend: str = "ort",
+                  precision: str = "auto") -> dict[str, Any]:
+    """The runner on ready random tensors, batch by batch, per input shape, >= min_seconds
     each; images/s over the corpus' shape mix = N / sum(count_shape / rate_shape)."""
-    from workers.engine.runner import PoseModel
+    from workers.engine.backends import open_runner
 
-    model = PoseModel(model_path, providers, intra)
+    model = open_runner(model_path, backend=backend, precision=precision, providers=providers,
+                        threads=intra)
     rng = np.random.default_rng(0)
     rates, cpu_ms = {}, {}
     for (h, w), _count in sorted(shapes.items()):

@@ -38,9 +38,15 @@ def throughput_rows(r: dict[str, Any]) -> list[str]:
         rows.append(f"| {name} | {fmt(rate)} | {fmt(ratio(rate, a_rate), 2)} | {notes} |")
 
     if a:
-        row(f"(a) model alone: session.run, batch {s['batch_size']}", a_rate,
+        row(f"(a) model alone, backend {s.get('backend', 'ort')}: {a.get('provider')}, "
+            f"batch {s['batch_size']}", a_rate,
             f"start {fmt(a['start'])} / end {fmt(a['end'])} img/s (the faster used); "
             + ", ".join(f"{k}: {v:.1f}" for k, v in a["per_shape"].items()))
+    for name, ab in (r.get("a_backends") or {}).items():
+        if ab:
+            row(f"model alone, backend {name}, batch {s['batch_size']}", ab["img_per_s"],
+                f"{ab['provider']}; " + ", ".join(f"{k}: {v:.1f}"
+                                                  for k, v in ab["per_shape"].items()))
     d = r.get("decode")
     if d:
         row(f"decode only: validate+decode+letterbox+tensor, {d['threads']} threads",
@@ -97,14 +103,17 @@ def header_lines(r: dict[str, Any]) -> list[str]:
         f"# posebatch benchmark, {r['date']} on {m['host']}",
         "",
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), "
-        f"{m['mem_gb']} GB, kernel {m['kernel']}",
-        f"- software: Python {m['python']}, onnxruntime {m['onnxruntime']} "
+        f"{m['mem_gb']} GB, kernel {m['kernel']}; extensions: "
+        f"{' '.join(m.get('matrix_extensions') or []) or '-'}",
+        f"- software: Python {m['python']}, onnxruntime {m['onnxruntime']}, openvino "
+        f"{m.get('openvino') or '-'} "
         f"({a.get('provider', '?')}), numpy {m['numpy']}, Pillow {m['pillow']}"
         + (f"; peer: torch {r['peer_versions']['torch']}, ultralytics "
            f"{r['peer_versions']['ultralytics']}" if r.get("peer_versions") else ""),
         f"- settings: batch size {s['batch_size']}, intra threads {s['intra_threads']} "
         f"(0 = ONNX Runtime's default), io threads {s['io_threads']}, providers "
-        f"{s['providers']}, imgsz {s['imgsz']}, rect {s['rect']}, det_conf {s['det_conf']}, "
+        f"{s['providers']}, backend {s.get('backend')} {s.get('precision')}, "
+        f"imgsz {s['imgsz']}, rect {s['rect']}, det_conf {s['det_conf']}, "
         f"nms_iou {s['nms_iou']}, cluster task size {s['task_images']} images",
         f"- model: {r['model']['path']} (sha256 {r['model']['sha256'][:12]})",
         f"- corpus: {r['corpus']['description']}",

@@ -50,6 +50,9 @@ def parse_args() -> argparse.Namespace:
                     help="ONNX Runtime intra-op threads (0: its default, one per core)")
     ap.add_argument("--io-threads", type=int, default=2, help="decode threads")
     ap.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "ort", "openvino"],
+                    help="backend of (b) and (c); (a) measures every installed backend")
+    ap.add_argument("--precision", default="auto", choices=["auto", "f32", "bf16"])
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--rect", action="store_true", help="pass --rect to posebatch")
     ap.add_argument("--det-conf", type=float, default=0.05,
@@ -74,6 +77,8 @@ def main() -> int:
     from posebatch.modelstore import resolve_model
     from posebatch.settings import RuntimeSettings, from_env
 
+    # (b) and (c) run the CLI and workers as subprocesses: they read these like any user's.
+    os.environ["POSEBATCH_BACKEND"], os.environ["POSEBATCH_PRECISION"] = ns.backend, ns.precision
     started = datetime.now(UTC)
     machine = machine_info()
     model = resolve_model(None, from_env(RuntimeSettings).cache_dir)
@@ -90,7 +95,8 @@ def main() -> int:
     r: dict[str, Any] = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
         "settings": {k: getattr(ns, k) for k in ("batch_size", "intra_threads", "io_threads",
-                                                  "providers", "imgsz", "rect", "det_conf",
+                                                  "providers", "backend", "precision", "imgsz",
+                                                  "rect", "det_conf",
                                                   "nms_iou", "task_images")},
         "model": {"path": str(model.path), "sha256": model.sha256},
         "corpus": {"folder": str(folder), "description": make_corpus.describe(folder),
@@ -138,13 +144,17 @@ def run_stages(r: dict[str, Any], ns: argparse.Namespace, model_path: Path, imag
             r["gflops_probe"] = stage("probe", gflops_probe)
         a_args = (str(model_path), shapes, ns.batch_size, ns.intra_threads, ns.providers,
                   ns.model_seconds)
-        a1 = stage("a", measure_model, *a_args)
+        r["a_backends"] = {}
+        for name, (backend, precision) in model_backends().items():
+            r["a_backends"][name] = stage(f"a-{name}", measure_model, *a_args, backend,
+                                          precision)
+        a1 = stage("a", measure_model, *a_args, ns.backend, ns.precision)
         r["decode"] = stage("decode", measure_decode, files, ns.imgsz, ns.rect, ns.io_threads)
         r["b"] = stage("b", best_of, ns.repeat, measure_cli_run, images, len(files), ns, work)
         r["c"] = stage("c", measure_cluster, images, files, ns, work)
         if peer_python:
             r["d"] = stage("d", measure_peer, peer_python, files, ns, work)
-        a2 = stage("a", measure_model, *a_args)  # again: the machine may have drifted
+        a2 = stage("a", measure_model, *a_args, ns.backend, ns.precision)  # drift check
         if a1 and a2:  # the ceiling: the faster of the two (other load only slows it down)
             best = a1 if a1["img_per_s"] >= a2["img_per_s"] else a2
             r["a"] = {**best, "start": a1["img_per_s"], "end": a2["img_per_s"]}
@@ -158,6 +168,20 @@ def run_stages(r: dict[str, Any], ns: argparse.Namespace, model_path: Path, imag
                                   for k in ("torch", "ultralytics")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def model_backends() -> dict[str, tuple[str, str]]:
+    """Every backend and precision installed here, for the model-alone rows."""
+    from workers.engine.backends import openvino_available
+
+    out = {"ort-f32": ("ort", "f32")}
+    if openvino_available():
+        from workers.engine.runner_openvino import cpu_has_bf16
+
+        out["openvino-f32"] = ("openvino", "f32")
+        if cpu_has_bf16():
+            out["openvino-bf16"] = ("openvino", "bf16")
+    return out
 
 
 def headline(r: dict[str, Any]) -> dict[str, Any]:

@@ -52,16 +52,8 @@ def default_model_path(cache_dir: Path) -> Path:
     return cache_dir / "models" / DEFAULT_SHA256 / f"{DEFAULT_NAME}.onnx"
 
 
-def resolve_model(model: str | None, cache_dir: Path, int8: bool = False) -> ModelRef:
-    """The model a run uses: ``model`` when given, else the default built one; with ``int8``
-    its quantized copy (``<name>.int8.onnx`` beside it)."""
-    if int8:
-        fp32 = resolve_model(model, cache_dir)
-        q = fp32.path.with_name(fp32.path.stem + ".int8.onnx")
-        if not q.is_file():
-            raise ModelError(f"no INT8 model at {q}; run `posebatch model quantize"
-                             f"{' --model ' + model if model else ''}` first")
-        return ModelRef(q, fingerprint(q), fp32.name + "-int8")
+def resolve_model(model: str | None, cache_dir: Path) -> ModelRef:
+    """The model a run uses: ``model`` when given, else the default built one."""
     if model:
         p = Path(model)
         if not p.is_file():

@@ -87,8 +87,6 @@ class RuntimeSettings:
 
     model: str | None = None
     """Path of the ONNX model; None means the default model built by ``posebatch model build``."""
-    int8: bool = False
-    """Use the INT8 copy made by ``posebatch model quantize`` next to the model."""
     providers: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
     backend: str = "auto"

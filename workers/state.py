@@ -30,7 +30,7 @@ def load_model() -> tuple[Runner, ModelRef]:
     global _model, _model_ref
     if _model is None:
         rt = runtime()
-        _model_ref = resolve_model(rt.model, rt.cache_dir, rt.int8)
+        _model_ref = resolve_model(rt.model, rt.cache_dir)
         _model = open_runner_for(_model_ref, rt)
         log.warning("worker model %s (%s) on %s", _model_ref.name, _model_ref.sha256[:12],
                     _model.info.provider)

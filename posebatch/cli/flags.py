@@ -13,7 +13,7 @@ from posebatch.settings import JobSettings, RuntimeSettings, from_env
 
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
               "valid_box_score", "max_image_bytes")
-RUNTIME_FIELDS = ("model", "int8", "providers", "backend", "precision", "batch_size",
+RUNTIME_FIELDS = ("model", "providers", "backend", "precision", "batch_size",
                   "intra_threads", "io_threads", "broker_url", "state_url")
 
 
@@ -38,8 +38,6 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime (also POSEBATCH_<NAME> environment variables)")
     g.add_argument("--model", help="ONNX model file (default: the model built by `model build`)")
-    g.add_argument("--int8", action="store_true", default=None,
-                   help="use the INT8 model made by `posebatch model quantize`")
     g.add_argument("--providers", choices=["auto", "cpu", "cuda"],
                    help="ONNX Runtime provider (default auto: CUDA when available)")
     g.add_argument("--backend", choices=["auto", "ort", "openvino"],

@@ -30,7 +30,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from workers.local_run import run_job
 
     job, runtime = job_settings(ns), runtime_settings(ns)
-    model = resolve_model(runtime.model, runtime.cache_dir, runtime.int8)
+    model = resolve_model(runtime.model, runtime.cache_dir)
     src, dst = open_storage(ns.input), open_storage(ns.out)
     outcome = run_job(src, dst, model, job, runtime, force=ns.force,
                       progress=False if ns.no_progress else None)

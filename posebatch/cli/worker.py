@@ -60,7 +60,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
     rt = from_env(RuntimeSettings)
     # Fail now, with a clear message, not later in each child process.
-    resolve_model(rt.model, rt.cache_dir, rt.int8)
+    resolve_model(rt.model, rt.cache_dir)
     app.worker_main(_celery_argv(ns, ns.concurrency, "prefork"))
     return exitcodes.OK
 
