@@ -50,7 +50,9 @@ def measure_cluster(images: Path, files: list[Path], ns: argparse.Namespace,
         env = {**s3.env(), "POSEBATCH_BROKER_URL": redis_srv.url,
                "POSEBATCH_BATCH_SIZE": str(ns.batch_size),
                "POSEBATCH_INTRA_THREADS": str(ns.intra_threads),
-               "POSEBATCH_IO_THREADS": str(ns.io_threads), "POSEBATCH_PROVIDERS": ns.providers}
+               "POSEBATCH_IO_THREADS": str(ns.io_threads), "POSEBATCH_PROVIDERS": ns.providers,
+               "POSEBATCH_BACKEND": getattr(ns, "backend", "auto"),
+               "POSEBATCH_PRECISION": getattr(ns, "precision", "auto")}
         base_env = {**clean_env(), **env}
         worker = WorkerProcess(work / "worker", env)
         worker.child_env = lambda: dict(base_env)  # type: ignore[method-assign]

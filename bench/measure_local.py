@@ -124,7 +124,9 @@ RUN_LINE = re.compile(r"(\d+) images, (\d+) ok, (\d+) failed.*?; ([\d.]+) s \(([
 
 def runtime_flags(ns: argparse.Namespace) -> list[str]:
     return ["--batch-size", str(ns.batch_size), "--intra-threads", str(ns.intra_threads),
-            "--io-threads", str(ns.io_threads), "--providers", ns.providers]
+            "--io-threads", str(ns.io_threads), "--providers", ns.providers,
+            "--backend", getattr(ns, "backend", "auto"),
+            "--precision", getattr(ns, "precision", "auto")]
 
 
 def job_flags(ns: argparse.Namespace) -> list[str]:

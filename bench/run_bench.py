@@ -77,8 +77,6 @@ def main() -> int:
     from posebatch.modelstore import resolve_model
     from posebatch.settings import RuntimeSettings, from_env
 
-    # (b) and (c) run the CLI and workers as subprocesses: they read these like any user's.
-    os.environ["POSEBATCH_BACKEND"], os.environ["POSEBATCH_PRECISION"] = ns.backend, ns.precision
     started = datetime.now(UTC)
     machine = machine_info()
     model = resolve_model(None, from_env(RuntimeSettings).cache_dir)
