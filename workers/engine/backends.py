@@ -76,7 +76,23 @@ def open_runner(path: str, *, backend: str = "auto", precision: str = "auto",
         return OpenVinoModel(path, precision, threads)
     if precision == "bf16":
         raise ModelError("the ort backend has no bf16 (use --backend openvino, or --precision f32)")
-    return PoseModel(path, providers, threads)
+    if precision == "fp16" or (precision == "auto" and ort_on_cuda(providers)):
+        from workers.engine.fp16 import ensure_fp16
+
+        path = str(ensure_fp16(path))
+    trt_cache = str(Path(cache_dir) / "tensorrt") if cache_dir else None
+    return PoseModel(path, providers, threads, trt_cache=trt_cache)
+
+
+def ort_on_cuda(providers: str) -> bool:
+    """Whether ONNX Runtime will run on CUDA for this ``--providers`` value."""
+    if providers == "cpu":
+        return False
+    if providers == "cuda":
+        return True
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def open_runner_for(model: ModelRef, runtime: RuntimeSettings) -> Runner:
@@ -88,13 +104,8 @@ def open_runner_for(model: ModelRef, runtime: RuntimeSettings) -> Runner:
 
 def _auto_backend(path: str, precision: str, providers: str, threads: int, model_sha256: str,
                   cache_dir: Path | None) -> str:
-    if providers == "cuda" or precision == "fp16" or not openvino_available():
+    if precision == "fp16" or not openvino_available() or ort_on_cuda(providers):
         return "ort"
-    if providers == "auto":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return "ort"
     if precision == "bf16":
         return "openvino"
     key = f"{model_sha256 or os.path.abspath(path)}|{precision}|{threads}|{host_fingerprint()}"

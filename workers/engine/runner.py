@@ -40,8 +40,25 @@ class ModelInfo:
     provider: str
 
 
-def choose_providers(wanted: str, available: list[str]) -> list[str]:
-    """``auto``: CUDA when the installed onnxruntime has it, else CPU. ``cuda`` demands it."""
+def tensorrt_libraries_present() -> bool:
+    """Whether TensorRT's runtime library loads here. onnxruntime-gpu lists its TensorRT provider
+    whether or not TensorRT is installed, so the list alone does not say it can run."""
+    import ctypes
+
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
+
+
+def choose_providers(wanted: str, available: list[str], *, fp16: bool = False,
+                     trt_cache: str | None = None, trt_present: bool | None = None) -> list[Any]:
+    """``auto``: CUDA when the installed onnxruntime has it, else CPU. ``cuda`` demands it.
+    On CUDA, TensorRT goes first when its libraries are present (never required): its engines
+    are cached on disk in ``trt_cache``, because building one takes minutes."""
     if wanted == "cpu":
         return ["CPUExecutionProvider"]
     has_cuda = "CUDAExecutionProvider" in available
@@ -56,14 +73,23 @@ def choose_providers(wanted: str, available: list[str]) -> list[str]:
             "cudnn_conv_algo_search": "HEURISTIC",
             "do_copy_in_default_stream": True,
         }
-        return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]  # type: ignore[list-item]
+        chain: list[Any] = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+        if "TensorrtExecutionProvider" in available and (
+                tensorrt_libraries_present() if trt_present is None else trt_present):
+            trt_opts: dict[str, Any] = {"trt_fp16_enable": fp16}
+            if trt_cache:
+                trt_opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=trt_cache,
+                                trt_timing_cache_enable=True, trt_timing_cache_path=trt_cache)
+            chain.insert(0, ("TensorrtExecutionProvider", trt_opts))
+        return chain
     return ["CPUExecutionProvider"]
 
 
 class PoseModel:
     """One ONNX pose model: ``infer(batch (B, 3, H, W) float32) -> list[Detections]``."""
 
-    def __init__(self, path: str, providers: str = "auto", intra_threads: int = 0) -> None:
+    def __init__(self, path: str, providers: str = "auto", intra_threads: int = 0, *,
+                 trt_cache: str | None = None) -> None:
         import onnxruntime as ort
 
         if not os.path.isfile(path):
@@ -84,12 +110,14 @@ class PoseModel:
         try:
             self.session = ort.InferenceSession(
                 path, sess_options=opts,
-                providers=choose_providers(providers, ort.get_available_providers()),
+                providers=choose_providers(providers, ort.get_available_providers(),
+                                           fp16=".fp16." in os.path.basename(path),
+                                           trt_cache=trt_cache),
             )
         except Exception as err:  # onnxruntime raises its own untyped errors
             raise ModelError(f"cannot load ONNX model {path}: {err}") from err
         self.info = self._inspect(path)
-        self.on_cuda = self.info.provider == "CUDAExecutionProvider"
+        self.on_cuda = self.info.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self._ort = ort
         log.info("model %s (%s) on %s", path, self.info.layout, self.info.provider)
 
