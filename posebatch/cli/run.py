@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 
 from posebatch.cli import exitcodes
-from posebatch.cli.flags import add_job_flags, add_runtime_flags, job_settings, runtime_settings
+from posebatch.cli.flags import (
+    add_input_output,
+    add_job_flags,
+    add_runtime_flags,
+    job_settings,
+    runtime_settings,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="process a folder (or s3:// prefix) in this process",
-                       description="Walk INPUT recursively and write OUT/<relative path>.json "
-                       "per image, then OUT/_summary.json and OUT/_counts.csv. Images whose "
-                       "result exists are skipped unless --force. Exit 0 even when some images "
-                       "fail (see the summary); non-zero only when the job cannot run.")
-    p.add_argument("input", help="folder or s3://bucket/prefix with images")
-    p.add_argument("--out", required=True, help="folder or s3://bucket/prefix for results")
+                       description=cmd_run.__doc__)
+    add_input_output(p)
     p.add_argument("--force", action="store_true",
                    help="reprocess images that already have a result")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -25,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    """Walk INPUT recursively and write OUT/<relative path>.json per image, then OUT/_summary.json
+    and OUT/_counts.csv. Images whose result exists are skipped unless --force. Exit 0 even when
+    some images fail (see the summary); non-zero only when the job cannot run."""
     from posebatch.modelstore import resolve_model
     from posebatch.storage import open_storage
     from workers.local_run import run_job
