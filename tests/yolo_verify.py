@@ -10,7 +10,12 @@ import json
 import os
 import sys
 
-from ultralytics.data.utils import IMG_FORMATS, check_det_dataset, img2label_paths, verify_image_label
+from ultralytics.data.utils import (
+    IMG_FORMATS,
+    check_det_dataset,
+    img2label_paths,
+    verify_image_label,
+)
 
 data = check_det_dataset(sys.argv[1], autodownload=False)
 nkpt, ndim = data["kpt_shape"]
@@ -23,7 +28,7 @@ for split in ("train", "val"):
     files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.*"), recursive=True)
                    if f.rpartition(".")[-1].lower() in IMG_FORMATS)
     rows = []
-    for im_file, lb_file in zip(files, img2label_paths(files)):
+    for im_file, lb_file in zip(files, img2label_paths(files), strict=True):
         out = verify_image_label((im_file, lb_file, "", True, data["nc"], nkpt, ndim, False))
         im, lb, shape, _segments, kpts, nm, nf, ne, nc, msg = out
         rows.append({"image": os.path.relpath(im_file, root), "label": lb_file,
