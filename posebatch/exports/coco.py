@@ -18,6 +18,7 @@ from posebatch.exports.base import ImageItem, Person
 from posebatch.exports.skeleton import NAMES, coco_skeleton
 
 FILE_NAME = "annotations.json"
+BUF = 1 << 20  # large writes: one result is many small strings
 
 
 def category() -> dict[str, Any]:
@@ -44,8 +45,8 @@ class CocoWriter:
     def __init__(self, dest: Path, info: dict[str, Any]) -> None:
         self.dest = dest
         self.info = info
-        self._images = open(dest / ".images.part", "w", encoding="utf-8")  # noqa: SIM115
-        self._anns = open(dest / ".annotations.part", "w", encoding="utf-8")  # noqa: SIM115
+        self._images = open(dest / ".images.part", "w", encoding="utf-8", buffering=BUF)  # noqa: SIM115
+        self._anns = open(dest / ".annotations.part", "w", encoding="utf-8", buffering=BUF)  # noqa: SIM115
         self._image_id = 0
         self._ann_id = 0
 

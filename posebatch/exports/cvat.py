@@ -49,7 +49,7 @@ class CvatWriter:
         self.dest = dest
         self.placer = placer
         self._tmp = dest / (FILE_NAME + ".part")
-        self._f = open(self._tmp, "w", encoding="utf-8")  # noqa: SIM115
+        self._f = open(self._tmp, "w", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115
         self._xml = XMLGenerator(self._f, "utf-8", short_empty_elements=True)
         self._frame = 0
         self._start(task_name, size)

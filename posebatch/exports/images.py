@@ -12,6 +12,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from posebatch.errors import ConfigError
 from posebatch.storage import LocalStorage, Storage
 
 MODES = ("link", "copy", "none")
@@ -46,6 +47,9 @@ class ImagePlacer:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink() or path.exists():
             path.unlink()
+        if self.local and not os.path.isfile(self.src.join(key)):
+            raise ConfigError(f"image {self.src.join(key)} is gone (the job's input moved?); "
+                              f"export with --no-images to write the annotations only")
         if self.local and self.mode == "link":
             os.symlink(self.src.join(key), path)
         elif self.local:

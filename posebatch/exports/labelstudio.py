@@ -68,7 +68,7 @@ class LabelStudioWriter:
         self.image_url = image_url
         self.model_version = model_version
         self._tmp = dest / (TASKS_NAME + ".part")
-        self._f = open(self._tmp, "w", encoding="utf-8")  # noqa: SIM115
+        self._f = open(self._tmp, "w", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115
         self._f.write("[")
         self._n = 0
 
