@@ -133,6 +133,14 @@ class PoseEngine:
             for group in pending.values():
                 yield from self._infer(group)
 
+    def infer_group(self, group: list[Prepared]) -> list[tuple[str, dict[str, Any]]]:
+        """One model call on prepared images of one input shape, at most ``batch_size`` of them.
+
+        For callers that gather their own batches (``posebatch serve``): the same inference and
+        result code as ``run``, so both give the same persons for the same image.
+        """
+        return list(self._infer(group))
+
     def _infer(self, group: list[Prepared]) -> Iterator[tuple[str, dict[str, Any]]]:
         batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
         full = self.model.info.fixed_batch or (
