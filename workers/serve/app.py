@@ -79,7 +79,9 @@ def create_app(batcher: Batcher, authority: Authority | None, config: ServeConfi
             log.exception("unexpected error in %s", ANALYSIS_PATH)
             result = error_result(INTERNAL_ERROR, "internal error; see the server log")
         code = result.get("error_code", 0)
-        metrics.observe_request(code, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.observe_request(code, seconds)
+        log.info("POST %s -> %s in %.1f ms", ANALYSIS_PATH, code, seconds * 1000)  # no query
         return Response(encode_result(result), media_type="application/json")
 
     async def _analyse(request: Request) -> dict[str, Any]:
