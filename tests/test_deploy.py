@@ -110,3 +110,13 @@ def test_bad_schedules_are_refused_with_a_clear_message(tmp_path, text, message)
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_schedule(path)
+
+
+def test_serve_service_and_autoscaler_point_at_the_serve_deployment():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy/k8s/serve.yaml").read_text())}
+    deployment, service, hpa = docs["Deployment"], docs["Service"], docs["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "serve"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
