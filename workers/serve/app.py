@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from posebatch.errors import BAD_SIZE, EMPTY_IMAGE, INTERNAL_ERROR
+from posebatch.errors import BAD_SIZE, EMPTY_IMAGE, INTERNAL_ERROR, ImageError
 from posebatch.schema import encode_result, error_result
 from workers.serve.auth import (
     SCOPE,
@@ -31,6 +31,7 @@ from workers.serve.auth import (
     TokenInvalid,
 )
 from workers.serve.batcher import Batcher, Overloaded
+from workers.serve.form import decode_base64, urlencoded_field
 from workers.serve.metrics import Metrics
 
 log = logging.getLogger("posebatch.serve")
@@ -62,8 +63,16 @@ class ServeConfig:
         return 3 * self.max_base64_bytes + FORM_SLACK
 
 
-def api_error(code: int, message: str) -> JSONResponse:
-    return JSONResponse(error_result(code, message))
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it passes ``limit`` (chunked bodies have no length)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(batcher: Batcher, authority: Authority | None, config: ServeConfig,
@@ -112,25 +121,41 @@ def create_app(batcher: Batcher, authority: Authority | None, config: ServeConfi
             return error_result(UNAVAILABLE, f"Service temporarily unavailable: {err}")
 
     async def _read_and_run(request: Request) -> dict[str, Any]:
-        try:
-            form = await request.form(max_fields=MAX_FORM_FIELDS,
-                                      max_part_size=config.max_body_bytes)
-        except HTTPException as err:
-            if "maximum size" in str(err.detail):
-                return error_result(BAD_SIZE, f"image is larger than "
-                                    f"{config.max_base64_bytes} bytes after base64")
-            return error_result(INVALID_PARAM, f"invalid param: cannot read the form "
-                                f"({err.detail})")
-        image = form.get("image")
-        if image is not None and not isinstance(image, str):  # multipart file part
-            image = (await image.read()).decode("ascii", "replace")
-        if not image:
-            return error_result(EMPTY_IMAGE, "image is empty: send the base64 image in the "
-                                "form field 'image'")
-        if len(image) > config.max_base64_bytes:
-            return error_result(BAD_SIZE, f"image is {len(image)} bytes after base64; the "
-                                f"limit is {config.max_base64_bytes}")
-        return await batcher.analyse(image)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            try:
+                form = await request.form(max_fields=MAX_FORM_FIELDS,
+                                          max_part_size=config.max_body_bytes)
+            except HTTPException as err:
+                if "maximum size" in str(err.detail):
+                    return _too_large()
+                return error_result(INVALID_PARAM, f"invalid param: cannot read the form "
+                                    f"({err.detail})")
+            value = form.get("image")
+            if value is not None and not isinstance(value, str):  # sent as a file part
+                field: bytes | None = await value.read()
+            else:
+                field = None if value is None else value.encode("latin-1", "replace")
+        else:  # the API's own encoding: application/x-www-form-urlencoded
+            body = await _read_body(request, config.max_body_bytes)
+            if body is None:
+                return _too_large()
+            # Parsed in the decode pool: up to 12 MB of form is no work for the event loop.
+            return await batcher.analyse(lambda: _image_bytes(urlencoded_field(body, "image")))
+        return await batcher.analyse(lambda: _image_bytes(field))
+
+    def _image_bytes(field: bytes | None) -> bytes:
+        """Runs in the decode pool: the API's checks on the field, then base64."""
+        if not field:
+            raise ImageError(EMPTY_IMAGE, "image is empty: send the base64 image in the form "
+                             "field 'image'")
+        if len(field) > config.max_base64_bytes:
+            raise ImageError(BAD_SIZE, f"image is {len(field)} bytes after base64; the limit "
+                             f"is {config.max_base64_bytes}")
+        return decode_base64(field)
+
+    def _too_large() -> dict[str, Any]:
+        return error_result(BAD_SIZE, f"image is larger than {config.max_base64_bytes} bytes "
+                            "after base64")
 
     async def token(request: Request) -> Response:
         params = dict(request.query_params)

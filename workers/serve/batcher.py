@@ -13,8 +13,6 @@ once with a clear error, instead of waiting behind an ever longer queue.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import itertools
 import logging
 import time
@@ -23,30 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from posebatch.errors import BAD_BASE64, INTERNAL_ERROR, ImageError
+from posebatch.errors import INTERNAL_ERROR
 from posebatch.schema import error_result
-from workers.engine.pipeline import PoseEngine, Prepared, prepare
+from workers.engine.pipeline import Loader, PoseEngine, Prepared, prepare
 
 log = logging.getLogger(__name__)
 
-_WHITESPACE = str.maketrans("", "", "\r\n\t")
-
-
 class Overloaded(Exception):
     """More requests are in flight than ``max_pending``; the caller should retry later."""
-
-
-def decode_base64(text: str) -> bytes:
-    """The image bytes of the ``image`` field, strictly: anything but base64 is error 216203.
-
-    Line breaks (MIME-style wrapping) are dropped, and spaces are read as ``+``: a client that
-    forgot to URL-encode its form sends ``+`` that the form decoder turned into spaces.
-    """
-    cleaned = text.translate(_WHITESPACE).replace(" ", "+")
-    try:
-        return base64.b64decode(cleaned, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ImageError(BAD_BASE64, f"image is not valid base64 ({err})") from err
 
 
 class Batcher:
@@ -92,14 +74,17 @@ class Batcher:
         finally:
             self.pending -= 1
 
-    async def analyse(self, image_b64: str) -> dict[str, Any]:
-        """The API result for one base64 image: persons, or an error result."""
+    async def analyse(self, load: Loader) -> dict[str, Any]:
+        """The API result for one image: persons, or an error result.
+
+        ``load`` runs in the decode pool and returns the image bytes, or raises ImageError with
+        the API's code (empty, too large, bad base64), like the engine's loaders in ``run``.
+        """
         loop = asyncio.get_running_loop()
         key = f"request-{next(self._ids)}"
         job = self.engine.job
         fixed_hw = self.engine.model.info.fixed_hw
-        item = await loop.run_in_executor(
-            self._decode, prepare, key, lambda: decode_base64(image_b64), job, fixed_hw)
+        item = await loop.run_in_executor(self._decode, prepare, key, load, job, fixed_hw)
         if item.error is not None:
             return item.error
         assert self._queue is not None, "Batcher.start() was not called"
