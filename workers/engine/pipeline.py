@@ -102,6 +102,14 @@ class PoseEngine:
         self.batch_size = model.info.fixed_batch or batch_size or auto
         self.io_threads = io_threads
 
+    def infer_group(self, group: list[Prepared]) -> list[tuple[str, dict[str, Any]]]:
+        """One model call on prepared images of one input shape, at most ``batch_size`` of them.
+
+        For callers that gather their own batches (``posebatch serve``): the same inference and
+        result code as ``run``, so both give the same persons for the same image.
+        """
+        return list(self._infer(group))
+
     def run(self, items: Iterable[tuple[str, Loader]]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, api_result)`` for every item, in no particular order."""
         ahead = self.batch_size * 2 + self.io_threads
@@ -132,14 +140,6 @@ class PoseEngine:
                     yield from self._infer(pending.pop(item.tensor.shape[1:]))
             for group in pending.values():
                 yield from self._infer(group)
-
-    def infer_group(self, group: list[Prepared]) -> list[tuple[str, dict[str, Any]]]:
-        """One model call on prepared images of one input shape, at most ``batch_size`` of them.
-
-        For callers that gather their own batches (``posebatch serve``): the same inference and
-        result code as ``run``, so both give the same persons for the same image.
-        """
-        return list(self._infer(group))
 
     def _infer(self, group: list[Prepared]) -> Iterator[tuple[str, dict[str, Any]]]:
         batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
