@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -83,11 +84,15 @@ def run_local(files: list[Path], copies: int, extra: list[str]) -> dict[str, Any
                 shutil.copyfile(f, dst)
         cmd = [*CLI, "run", str(src), "--out", str(out), "--no-progress", *extra]
         started = time.monotonic()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         wall = time.monotonic() - started
     m = re.search(r"(\d+) images.*\(([\d.]+) img/s\)", proc.stdout)
     assert m, proc.stdout
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {"images": int(m.group(1)), "img_per_s": float(m.group(2)), "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 1), "img_per_cpu_s": round(int(m.group(1)) / cpu, 2),
             "command": " ".join(["posebatch", *cmd[3:]])}
 
 
@@ -168,6 +173,7 @@ def load_level(server: Server, bodies: list[tuple[bytes, int]], concurrency: int
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
+    server_cpu = proc_cpu_seconds(server.proc.pid) - cpu0[0]
     calls, imgs = (a - b for a, b in zip(server.batches(), batches0, strict=True))
     lat = sorted(latencies) or [float("nan")]
     return {
@@ -176,7 +182,8 @@ def load_level(server: Server, bodies: list[tuple[bytes, int]], concurrency: int
         "p50_ms": round(1000 * statistics.median(lat), 1),
         "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1),
         "mean_batch": round(imgs / calls, 2) if calls else None,
-        "server_cpu_s": round(proc_cpu_seconds(server.proc.pid) - cpu0[0], 1),
+        "server_cpu_s": round(server_cpu, 1),
+        "req_per_server_cpu_s": round(len(latencies) / server_cpu, 2) if server_cpu else None,
         "client_cpu_s": round(time.process_time() - cpu0[1], 1),
         "errors": len(errors), "error_examples": errors[:3],
     }
@@ -245,8 +252,9 @@ def main() -> int:
 
 def markdown(r: dict[str, Any]) -> str:
     rows = [f"| serve, concurrency {lv['concurrency']} | {lv['req_per_s']} req/s | "
-            f"{lv['p50_ms']} | {lv['p99_ms']} | {lv['mean_batch']} | {lv['requests']} | "
-            f"{lv['errors']} | {lv['server_cpu_s']} / {lv['client_cpu_s']} |"
+            f"{lv['req_per_server_cpu_s']} | {lv['p50_ms']} | {lv['p99_ms']} | "
+            f"{lv['mean_batch']} | {lv['requests']} | {lv['errors']} | "
+            f"{lv['server_cpu_s']} / {lv['client_cpu_s']} |"
             for lv in r["serve"]]
     return "\n".join([
         f"# posebatch serve bench, {r['date']}",
@@ -257,11 +265,15 @@ def markdown(r: dict[str, Any]) -> str:
         f"Command: `{r['bench_command']}`; server: `{r['serve_command']}`; "
         f"run: `{r['run']['command']}`.",
         "",
-        "| | throughput | p50 ms | p99 ms | mean batch | requests | errors | CPU s server / "
-        "client |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| `posebatch run` ({r['run']['images']} images) | {r['run']['img_per_s']} img/s | | | "
-        f"| | | |",
+        "Per CPU-second: images (or requests) per second of CPU the process itself used; less "
+        "distorted by other load on a shared machine than per wall-second. `run`'s includes its "
+        "start-up and model load.",
+        "",
+        "| | throughput | per CPU-s | p50 ms | p99 ms | mean batch | requests | errors | "
+        "CPU s server / client |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| `posebatch run` ({r['run']['images']} images) | {r['run']['img_per_s']} img/s | "
+        f"{r['run']['img_per_cpu_s']} | | | | | | {r['run']['cpu_s']} |",
         *rows, "",
     ])
 

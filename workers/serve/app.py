@@ -24,6 +24,7 @@ from posebatch.errors import BAD_SIZE, EMPTY_IMAGE, INTERNAL_ERROR, ImageError
 from posebatch.schema import encode_result, error_result
 from workers.serve.auth import (
     SCOPE,
+    TOKEN_TTL_S,
     Authority,
     BadClient,
     RateLimiter,
@@ -171,7 +172,7 @@ def create_app(batcher: Batcher, authority: Authority | None, config: ServeConfi
                                  "error_description": "The authorization grant type is not "
                                  "supported; use grant_type=client_credentials"}, 400)
         if authority is None:
-            return JSONResponse({"access_token": "no-auth", "expires_in": 30 * 24 * 3600,
+            return JSONResponse({"access_token": "no-auth", "expires_in": TOKEN_TTL_S,
                                  "scope": SCOPE})
         try:
             key = authority.authenticate(params.get("client_id", ""),
