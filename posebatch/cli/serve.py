@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="accept requests without a valid token (only behind a trusted gateway)")
     g.add_argument("--qps", type=float,
                    help="requests/s per key and replica, error 18 past it (default 0 = no limit)")
-    g.add_argument("--max-batch", dest="batch_size", type=int,
+    g.add_argument("--max-batch", dest="batch_size", type=int, metavar="N",
                    help="most requests per model call (same as --batch-size; default auto: 4 on "
                         "CPU, 32 on CUDA)")
     g.add_argument("--max-wait-ms", type=float,

@@ -2,8 +2,8 @@
 
 Why not a general form parser: the field is up to 4 MB of base64, and a general parser
 percent-decodes it character by character in Python (about 0.3 s for 4 MB here, on the event
-loop, stalling every other request). Base64 URL-encodes to only three escapes, so three
-``bytes.replace`` calls (C speed) undo it, and this runs in the decode thread pool.
+loop, stalling every other request). Base64 URL-encodes to only three escapes, so a few
+``bytes.replace`` calls (C speed) undo them, and this runs in the decode thread pool.
 """
 
 from __future__ import annotations
