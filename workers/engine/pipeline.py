@@ -102,6 +102,14 @@ class PoseEngine:
         self.batch_size = model.info.fixed_batch or batch_size or auto
         self.io_threads = io_threads
 
+    def infer_group(self, group: list[Prepared]) -> list[tuple[str, dict[str, Any]]]:
+        """One model call on prepared images of one input shape, at most ``batch_size`` of them.
+
+        For callers that gather their own batches (``posebatch serve``): the same inference and
+        result code as ``run``, so both give the same persons for the same image.
+        """
+        return list(self._infer(group))
+
     def run(self, items: Iterable[tuple[str, Loader]]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, api_result)`` for every item, in no particular order."""
         return ((key, result) for key, result, _image in self.run_images(items))
