@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -26,6 +26,10 @@ from posebatch.schema import error_result
 from workers.engine.pipeline import Loader, PoseEngine, Prepared, prepare
 
 log = logging.getLogger(__name__)
+
+Pending = tuple[Prepared, "asyncio.Future[dict[str, Any]]"]
+"""A prepared image and the future its request awaits."""
+
 
 class Overloaded(Exception):
     """More requests are in flight than ``max_pending``; the caller should retry later."""
@@ -47,7 +51,7 @@ class Batcher:
         self._ids = itertools.count()
         self._decode = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self._model = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self._queue: asyncio.Queue[tuple[Prepared, asyncio.Future[dict[str, Any]]]] | None = None
+        self._queue: asyncio.Queue[Pending] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -114,7 +118,7 @@ class Batcher:
             for group in _by_shape(live):
                 await self._run_group(loop, group)
 
-    async def _run_group(self, loop: asyncio.AbstractEventLoop, group) -> None:
+    async def _run_group(self, loop: asyncio.AbstractEventLoop, group: list[Pending]) -> None:
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._model, self._infer,
@@ -133,8 +137,10 @@ class Batcher:
         return dict(self.engine.infer_group(items))
 
 
-def _by_shape(batch):
-    groups: dict[tuple[int, ...], list] = {}
+def _by_shape(batch: list[Pending]) -> Iterable[list[Pending]]:
+    """One model call needs one input shape (``--rect`` letterboxes to several)."""
+    groups: dict[tuple[int, ...], list[Pending]] = {}
     for item, fut in batch:
+        assert item.tensor is not None
         groups.setdefault(item.tensor.shape, []).append((item, fut))
     return groups.values()
