@@ -108,7 +108,7 @@ class PoseEngine:
         For callers that gather their own batches (``posebatch serve``): the same inference and
         result code as ``run``, so both give the same persons for the same image.
         """
-        return list(self._infer(group))
+        return [(key, result) for key, result, _image in self._infer(group)]
 
     def run(self, items: Iterable[tuple[str, Loader]]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, api_result)`` for every item, in no particular order."""
