@@ -52,6 +52,21 @@ class StorageNotFound(PermanentError):
     """The object or folder does not exist."""
 
 
+class ObjectUnreadable(PermanentError):
+    """One object exists but cannot be read, and rereading will not help: permission denied, an
+    archived S3 object, a FIFO or device named like an image, a dangling symlink. That image gets
+    an error result; the job goes on."""
+
+
+class ObjectTooLarge(PermanentError):
+    """An object is larger than the caller's limit; found before its bytes were read."""
+
+    def __init__(self, where: str, size: int, limit: int) -> None:
+        super().__init__(f"{where} is {size} bytes; the limit is {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
 class UnsafeKeyError(PermanentError):
     """A key would escape the output prefix (``..``, absolute paths); refused."""
 

@@ -12,15 +12,25 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from posebatch.errors import INTERNAL_ERROR, StorageNotFound, UnsafeKeyError
+from posebatch.errors import (
+    BAD_SIZE,
+    EMPTY_IMAGE,
+    INTERNAL_ERROR,
+    ImageError,
+    ObjectTooLarge,
+    ObjectUnreadable,
+    StorageNotFound,
+    UnsafeKeyError,
+)
 from posebatch.keys import result_key
 from posebatch.records import Record, record_from_result
-from posebatch.schema import encode_result, error_result
+from posebatch.schema import encode_result, error_result, is_api_result
 from posebatch.settings import JobSettings
 from posebatch.storage import Storage, safe_key
 from workers.engine.pipeline import PoseEngine
 
 LOOKUP_WINDOW = 64  # existence checks in flight; bounded so a huge listing streams
+_FOREIGN = {"foreign": True}  # marks a file at the result path that posebatch did not write
 
 
 def process_keys(
@@ -36,6 +46,8 @@ def process_keys(
 
     With ``skip_existing`` an image whose result already exists is not processed again; its
     record is rebuilt from the stored result, so the aggregates still count it exactly once.
+    A file at the result path that is not a posebatch result (another tool's sidecar) is never
+    overwritten, even without ``skip_existing``: that image gets an error record instead.
     Retryable storage errors propagate (the caller retries the whole batch: writes are idempotent).
     """
     job: JobSettings = engine.job
@@ -53,8 +65,8 @@ def process_keys(
         # Unsafe keys are refused first: the existence check reads dst/<key>.json, and a
         # "../x" there raised UnsafeKeyError, failing every image of the batch instead of one.
         safe = _refuse_unsafe(keys, done)
-        todo = _filter_existing(safe, dst, job, done, writers) if skip_existing else safe
-        loaders = ((k, _loader(src, k)) for k in todo)
+        todo = _filter_existing(safe, dst, job, done, writers, redo=not skip_existing)
+        loaders = ((k, _loader(src, k, job.max_image_bytes)) for k in todo)
         for key, result in engine.run(loaders):
             writes.append(writers.submit(dst.write, result_key(key), encode_result(result),
                                          "application/json"))
@@ -64,8 +76,23 @@ def process_keys(
     return records
 
 
-def _loader(src: Storage, key: str) -> Callable[[], bytes]:
-    return lambda: src.read(key)
+def _loader(src: Storage, key: str, max_bytes: int) -> Callable[[], bytes]:
+    """Read one image, its size checked before its bytes are read; a problem of this one object
+    becomes an ImageError (its error result), a problem of the storage propagates."""
+
+    def load() -> bytes:
+        try:
+            return src.read(key, max_bytes=max_bytes)
+        except ObjectTooLarge as err:
+            raise ImageError(BAD_SIZE, f"image is {err.size} bytes; the limit is {err.limit} "
+                             "bytes") from err
+        except ObjectUnreadable as err:
+            raise ImageError(EMPTY_IMAGE, f"no image data: {err}") from err
+        except StorageNotFound as err:
+            raise ImageError(EMPTY_IMAGE, f"no image data: {err} (removed after the listing?)"
+                             ) from err
+
+    return load
 
 
 def _refuse_unsafe(keys: Iterable[str], done) -> Iterator[str]:
@@ -79,30 +106,40 @@ def _refuse_unsafe(keys: Iterable[str], done) -> Iterator[str]:
 
 
 def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
-                     pool: ThreadPoolExecutor) -> Iterator[str]:
-    """Yield the keys that have no result yet; record the others from their stored result."""
+                     pool: ThreadPoolExecutor, *, redo: bool = False) -> Iterator[str]:
+    """Yield the keys that have no result yet (all of ours with ``redo``); record the others
+    from their stored result, and a foreign file at the result path as an error."""
 
     def existing(key: str) -> dict[str, Any] | None:
         try:
-            return json.loads(dst.read(result_key(key)))
+            data = dst.read(result_key(key))
         except StorageNotFound:
             return None
-        except ValueError:  # a torn or foreign file: process the image again
-            return None
+        try:
+            result = json.loads(data)
+        except ValueError:  # writes are atomic: a file we cannot parse is not ours
+            return _FOREIGN
+        if not is_api_result(result):
+            return _FOREIGN
+        return None if redo else result
 
     window: deque[tuple[str, Future[dict[str, Any] | None]]] = deque()
     for key in keys:
         window.append((key, pool.submit(existing, key)))
         if len(window) >= LOOKUP_WINDOW:
-            yield from _settle(window.popleft(), done)
+            yield from _settle(window.popleft(), done, dst)
     while window:
-        yield from _settle(window.popleft(), done)
+        yield from _settle(window.popleft(), done, dst)
 
 
-def _settle(entry, done) -> Iterator[str]:
+def _settle(entry, done, dst: Storage) -> Iterator[str]:
     key, fut = entry
     result = fut.result()
     if result is None:
         yield key
+    elif result is _FOREIGN:
+        done(key, error_result(INTERNAL_ERROR, f"{dst.join(result_key(key))} exists and is not a "
+                               "posebatch result (another tool's file?); it was not overwritten: "
+                               "move it away, or write the results to another --out"))
     else:
         done(key, result)
