@@ -41,6 +41,7 @@ def process_keys(
     *,
     skip_existing: bool = True,
     on_record: Callable[[Record], None] | None = None,
+    before_first_write: Callable[[], None] | None = None,
 ) -> list[Record]:
     """Run ``keys`` of ``src`` through ``engine``, write ``dst/<key>.json``, return records.
 
@@ -49,6 +50,8 @@ def process_keys(
     A file at the result path that is not a posebatch result (another tool's sidecar) is never
     overwritten, even without ``skip_existing``: that image gets an error record instead.
     Retryable storage errors propagate (the caller retries the whole batch: writes are idempotent).
+    ``before_first_write`` runs once, before the first result is written (the local run claims
+    the output there, so a run that writes nothing claims nothing).
     """
     job: JobSettings = engine.job
     records: list[Record] = []
@@ -68,6 +71,8 @@ def process_keys(
         todo = _filter_existing(safe, dst, job, done, writers, redo=not skip_existing)
         loaders = ((k, _loader(src, k, job.max_image_bytes)) for k in todo)
         for key, result in engine.run(loaders):
+            if before_first_write is not None and not writes:
+                before_first_write()
             writes.append(writers.submit(dst.write, result_key(key), encode_result(result),
                                          "application/json"))
             done(key, result)
