@@ -126,7 +126,9 @@ def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
             return _FOREIGN
         if not is_api_result(result):
             return _FOREIGN
-        return None if redo else result
+        if redo or result.get("error_code") == EMPTY_IMAGE:
+            return None  # 216200 (no image data) is retried: permissions or an archive fixed
+        return result
 
     window: deque[tuple[str, Future[dict[str, Any] | None]]] = deque()
     for key in keys:

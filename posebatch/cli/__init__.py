@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from posebatch import __version__
@@ -44,9 +45,13 @@ def main(args: Sequence[str] | None = None) -> int:
     try:
         return int(ns.handler(ns))
     except (KeyboardInterrupt, Exception) as err:
-        code = exitcodes.for_error(err)  # re-raises what it does not know
+        code = exitcodes.for_error(err)
         if code == exitcodes.INTERRUPTED:
             print("interrupted", file=sys.stderr)
+        elif code == exitcodes.CRASH:
+            traceback.print_exc()
+            print(f"posebatch: unexpected error {type(err).__name__}: {err} (a bug: please "
+                  "report it with the traceback above)", file=sys.stderr)
         else:
             hint = " (transient; try again)" if code == exitcodes.TRANSIENT else ""
             print(f"posebatch: {err}{hint}", file=sys.stderr)

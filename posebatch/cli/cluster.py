@@ -10,7 +10,7 @@ import os
 import sys
 
 from posebatch.cli import exitcodes
-from posebatch.cli.flags import add_broker_flags, add_job_flags, job_settings
+from posebatch.cli.flags import add_broker_flags, add_job_flags, bounded, job_settings
 from posebatch.settings import DEFAULT_BATCH_IMAGES, RuntimeSettings, from_env
 
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "already exists are skipped by the workers unless --force.")
     p.add_argument("input", help="s3://bucket/prefix or folder with images")
     p.add_argument("--out", required=True, help="s3://bucket/prefix or folder for results")
-    p.add_argument("--batch-images", type=int, default=DEFAULT_BATCH_IMAGES,
+    p.add_argument("--batch-images", type=bounded(int, 1, 10000), default=DEFAULT_BATCH_IMAGES,
                    help=f"images per task (default {DEFAULT_BATCH_IMAGES}): small enough that "
                         "a lost worker loses little, large enough to amortise the task overhead")
     p.add_argument("--force", action="store_true", help="reprocess images that have results")
@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "summary if no worker did. Exit 0 when all images succeeded, 1 when some "
                        "failed, 4 on --timeout.")
     p.add_argument("job_id")
-    p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 4)")
+    p.add_argument("--timeout", type=bounded(float, 0, 10**7),
+                   help="give up after this many seconds (exit 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_broker_flags(p)
     p.set_defaults(handler=cmd_wait)
@@ -65,10 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "round is one job; its summary goes to OUTPUT/_jobs/<job id>/.")
     p.add_argument("input", help="s3://bucket/prefix or folder to watch")
     p.add_argument("--out", required=True, help="s3://bucket/prefix or folder for results")
-    p.add_argument("--interval", type=float, default=30.0,
+    p.add_argument("--interval", type=bounded(float, 1, 86400), default=30.0,
                    help="seconds between polls (default 30)")
     p.add_argument("--once", action="store_true", help="poll once and exit")
-    p.add_argument("--batch-images", type=int, default=DEFAULT_BATCH_IMAGES,
+    p.add_argument("--batch-images", type=bounded(int, 1, 10000), default=DEFAULT_BATCH_IMAGES,
                    help=f"images per task (default {DEFAULT_BATCH_IMAGES})")
     add_broker_flags(p)
     add_job_flags(p)
