@@ -105,7 +105,9 @@ class JobProgress:
     def rate(self) -> float:
         if not self.started_at or not self.done:
             return 0.0
-        return self.done / max(time.time() - self.started_at, 1e-3)
+        # A finished job's rate is frozen at its last record, not diluted by the time since.
+        end = self.updated_at if self.state == "done" and self.updated_at else time.time()
+        return self.done / max(end - self.started_at, 1e-3)
 
 
 class JobStore:
