@@ -15,9 +15,9 @@ import traceback
 from collections.abc import Sequence
 
 from posebatch import __version__
-from posebatch.cli import cluster, evaluate, exitcodes, model, run, worker
+from posebatch.cli import cluster, evaluate, exitcodes, model, recount, run, worker
 
-COMMAND_GROUPS = (run, model, evaluate, cluster, worker)
+COMMAND_GROUPS = (run, recount, model, evaluate, cluster, worker)
 
 
 def make_argument_parser() -> argparse.ArgumentParser:
