@@ -10,7 +10,14 @@ import os
 import sys
 
 from posebatch.cli import exitcodes
-from posebatch.cli.flags import add_broker_flags, add_job_flags, bounded, job_settings
+from posebatch.cli.flags import (
+    add_broker_flags,
+    add_job_flags,
+    add_selection_flags,
+    bounded,
+    job_settings,
+    selection,
+)
 from posebatch.settings import DEFAULT_BATCH_IMAGES, RuntimeSettings, from_env
 
 
@@ -39,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="reprocess images that have results")
     p.add_argument("--job-id", help="use this id instead of a generated one")
     add_broker_flags(p)
+    add_selection_flags(p)
     add_job_flags(p)
     p.set_defaults(handler=cmd_submit)
 
@@ -87,12 +95,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_submit(ns: argparse.Namespace) -> int:
+    from posebatch.selection import open_input
     from producer.submit import submit
 
     rt = _runtime(ns)
-    job_id = submit(ns.input, ns.out, job=job_settings(ns), broker_url=rt.broker_url,
+    src, single = open_input(ns.input)
+    job_id = submit(src.url, ns.out, job=job_settings(ns), broker_url=rt.broker_url,
                     state_url=rt.state_url, batch_images=ns.batch_images, force=ns.force,
-                    job_id=ns.job_id)
+                    job_id=ns.job_id, selection=selection(ns, src, single))
     print(f"submitted; follow with: posebatch wait {job_id}", file=sys.stderr)
     print(job_id)
     return exitcodes.OK
