@@ -23,7 +23,7 @@ from tests.cluster import CLI, read_counts_csv
 from tests.images import jpeg
 
 BAD_NAME = os.fsdecode(b"bad\xffname.jpg")  # not UTF-8: listed by Python with a surrogate
-BAD_KEY = "bad\\xffname.jpg"  # its key in JSON, CSV and S3 (posebatch.names)
+BAD_KEY = "bad*xffname.jpg"  # its key in JSON, CSV and S3 (posebatch.names)
 FOREIGN = {"title": "a photo library's sidecar"}
 AS_ROOT = os.geteuid() == 0  # root reads chmod 000 files: that case needs another user
 
@@ -56,13 +56,14 @@ ODD_FILES: dict[str, tuple] = {
                                 ("2147483648 bytes; the limit is 4194304 bytes",)),
     BAD_NAME: (lambda p: p.write_bytes(jpeg()), None, ()),
     "back\\slash.jpg": (lambda p: p.write_bytes(jpeg()), None, ()),
+    "star*.jpg": (lambda p: p.write_bytes(jpeg()), None, ()),
     "sidecar.jpg": (lambda p: (p.write_bytes(jpeg()), Path(f"{p}.json").write_text(
         json.dumps(FOREIGN))), INTERNAL_ERROR, ("sidecar.jpg.json exists and is not a posebatch "
                                                 "result", "not overwritten")),
     "IMG_0001": (lambda p: p.write_bytes(jpeg()), None, ()),  # a JPEG without extension
     **({} if AS_ROOT else {"noperm.jpg": (_chmod000, EMPTY_IMAGE, ("permission denied",))}),
 }
-KEY_OF = {BAD_NAME: BAD_KEY, "back\\slash.jpg": "back\\\\slash.jpg"}
+KEY_OF = {BAD_NAME: BAD_KEY, "star*.jpg": "star**.jpg"}
 NOT_IMAGES = ("notes", "readme.txt")  # extensionless text and a text file: not selected
 
 
@@ -145,12 +146,13 @@ def test_a_rerun_retries_only_216200_and_keeps_the_rest(odd_run):
 def test_an_interrupted_force_can_never_pass_for_a_finished_one(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    for i in range(60):
+    for i in range(16):
         (src / f"{i:03d}.jpg").write_bytes(jpeg(64 + i, 48))
-    assert cli("run", str(src), "--out", str(out), "--no-progress").returncode == 0
+    small = ("--imgsz", "256")  # the model's cost, not the test's subject
+    assert cli("run", str(src), "--out", str(out), "--no-progress", *small).returncode == 0
     manifest = out / "_posebatch.json"
     proc = subprocess.Popen([*CLI, "run", str(src), "--out", str(out), "--no-progress",
-                             "--det-conf", "0.3", "--force", "--batch-size", "1"],
+                             "--det-conf", "0.3", "--force", "--batch-size", "1", *small],
                             env={**os.environ, "POSEBATCH_INTRA_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -159,14 +161,14 @@ def test_an_interrupted_force_can_never_pass_for_a_finished_one(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 130
-    again = cli("run", str(src), "--out", str(out), "--no-progress", "--det-conf", "0.3")
+    again = cli("run", str(src), "--out", str(out), "--no-progress", "--det-conf", "0.3", *small)
     assert again.returncode == 3, again.stdout + again.stderr
     assert "did not finish" in again.stderr and "--force" in again.stderr
     assert cli("run", str(src), "--out", str(out), "--no-progress", "--det-conf", "0.3",
-               "--force").returncode == 0
+               "--force", *small).returncode == 0
     assert json.loads(manifest.read_text())["complete"] is True
-    done = cli("run", str(src), "--out", str(out), "--no-progress", "--det-conf", "0.3")
-    assert done.returncode == 0 and "60 images" in done.stdout
+    done = cli("run", str(src), "--out", str(out), "--no-progress", "--det-conf", "0.3", *small)
+    assert done.returncode == 0 and "16 images" in done.stdout
 
 
 def test_a_run_that_wrote_nothing_claims_nothing(tmp_path):
@@ -184,24 +186,46 @@ def test_a_run_that_wrote_nothing_claims_nothing(tmp_path):
 
 # -- selection: a single file, key lists, globs --------------------------------------------------
 
-@pytest.mark.parametrize(("args", "stdin", "expected"), [
-    (("{src}/a.jpg",), None, ["a.jpg"]),
-    (("{src}", "--keys-from", "-"), "./a.jpg\na.jpg\n\nsub/b.png\n", ["a.jpg", "sub/b.png"]),
-    (("{src}", "--include", "*.png"), None, ["sub/b.png"]),
-    (("{src}", "--exclude", "sub/"), None, ["a.jpg", "c.jpg"]),
-    (("{src}", "--include", "/*.jpg", "--exclude", "c.*"), None, ["a.jpg"]),
+@pytest.mark.parametrize(("include", "exclude", "lines", "expected"), [
+    ((), (), None, ["IMG_0002", "a.jpg", "c.jpg", "sub/b.png"]),  # extensionless JPEG sniffed
+    ((), (), b"./a.jpg\na.jpg\n\nsub/b.png\r\nnotes\n", ["a.jpg", "sub/b.png", "notes"]),
+    (("*.png",), (), None, ["sub/b.png"]),
+    ((), ("sub/",), None, ["IMG_0002", "a.jpg", "c.jpg"]),
+    (("/*.jpg",), ("c.*",), None, ["a.jpg"]),
 ])
-def test_input_selection(tmp_path, args, stdin, expected):
-    src, out = tmp_path / "in", tmp_path / "out"
-    (src / "sub").mkdir(parents=True)
-    for name in ("a.jpg", "c.jpg"):
-        (src / name).write_bytes(jpeg())
-    (src / "sub" / "b.png").write_bytes(jpeg())  # a JPEG named .png: decoded by content
-    proc = cli("run", *(a.format(src=src) for a in args), "--out", str(out), "--no-progress",
-               stdin=stdin)
+def test_input_selection(tmp_path, include, exclude, lines, expected):
+    """Which keys a job takes (the same function for `run` and `submit`), on real files."""
+    from posebatch.selection import Selection, keys_from_lines, select_keys
+    from posebatch.storage import LocalStorage
+
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jpg", "c.jpg", "IMG_0002", "sub/b.png"):
+        (tmp_path / name).write_bytes(jpeg())
+    (tmp_path / "notes").write_text("text without extension\n")
+    src = LocalStorage(str(tmp_path))
+    keys = None if lines is None else keys_from_lines(lines, src)
+    assert list(select_keys(src, Selection(include, exclude, keys))) == expected
+
+
+def test_run_takes_a_single_file(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(jpeg())
+    (tmp_path / "in" / "other.jpg").write_bytes(jpeg())
+    proc = cli("run", str(tmp_path / "in" / "a.jpg"), "--out", str(tmp_path / "out"),
+               "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    keys = [r["key"] for r in read_counts_csv((out / "_counts.csv").read_bytes())]
-    assert keys == expected
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "_counts.csv", "_posebatch.json", "_summary.json", "a.jpg.json"]
+
+
+@pytest.mark.parametrize("name", [b"plain.jpg", b"caf\xc3\xa9.jpg", b"bad\xff\x80.jpg",
+                                  b"star*x80.jpg", b"**", b"back\\slash", b"*xff*"])
+def test_names_round_trip_through_keys(name):
+    from posebatch.names import key_from_name, name_from_key
+
+    key = key_from_name(os.fsdecode(name))
+    key.encode("utf-8")  # always encodable
+    assert os.fsencode(name_from_key(key)) == name
 
 
 # -- bounds and exit codes -----------------------------------------------------------------------
