@@ -309,11 +309,22 @@ def test_s3_denied_object_is_one_error_and_the_job_goes_on(s3_server, bucket, tm
     assert "access denied" in rows["secret.jpg"]["error_msg"]
 
 
-def test_s3_wrong_secret_exits_3(s3_server, bucket, tmp_path):
-    proc = cli("run", f"s3://{bucket}/in/", "--out", str(tmp_path / "o"),
-               env={**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret-value"})
+@pytest.mark.parametrize(("mistake", "words"), [
+    ("wrong secret", "SignatureDoesNotMatch"),
+    ("no permission to list", "AccessDenied"),
+])
+def test_s3_credential_mistakes_exit_3_not_4(s3_server, bucket, tmp_path, mistake, words):
+    env = s3_server.env()
+    if mistake == "wrong secret":
+        env["AWS_SECRET_ACCESS_KEY"] = "wrong-secret-value"
+    else:
+        s3_server.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+            "Version": "2012-10-17", "Statement": [{
+                "Effect": "Deny", "Principal": "*", "Action": ["s3:ListBucket"],
+                "Resource": [f"arn:aws:s3:::{bucket}"]}]}))
+    proc = cli("run", f"s3://{bucket}/in/", "--out", str(tmp_path / "o"), env=env)
     assert proc.returncode == 3, proc.stderr
-    assert "SignatureDoesNotMatch" in proc.stderr and "wrong-secret-value" not in proc.stderr
+    assert words in proc.stderr and "wrong-secret-value" not in proc.stderr
 
 
 def test_non_utf8_names_become_escaped_s3_keys(s3_server, bucket, tmp_path):
