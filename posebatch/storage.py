@@ -1,8 +1,9 @@
 """One small storage interface, two real backends: a local folder and an S3 bucket/prefix.
 
 Why so small: the producer lists images, workers read them and write JSON next to them, and the
-aggregator reads results back. Six operations cover that, and keeping both backends behind the
-same six means every test of the pipeline runs unchanged against a tmp dir or a real S3 server.
+aggregator reads results back. Seven operations cover that (``peek`` sniffs extensionless
+files), and keeping both backends behind the same seven means every test of the pipeline runs
+unchanged against a tmp dir or a real S3 server.
 Keys are always relative to the root, "/"-separated, and listed in S3's order (by UTF-8 bytes of
 the whole key) so a listing can be resumed with ``start_after`` on either backend. Resume from the
 last key the listing *returned*, not from a key computed by sorting: SeaweedFS 4.x lists folder by

@@ -398,3 +398,34 @@ def test_recount_changes_only_the_counts(tmp_path):
     assert json.loads((out / "_summary.json").read_text())["valid_persons_total"] == (
         first["valid_persons_total"])
     assert (out / "people.jpg.json").read_bytes() == results["people.jpg.json"]
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="as a user, the odd-files table has the chmod 000 case")
+def test_permission_denied_is_one_files_problem_also_when_tests_run_as_root():
+    """Root reads chmod 000 files, so the check runs in a child that drops to ``nobody``."""
+    import shutil
+    import tempfile
+
+    from posebatch.errors import ObjectUnreadable
+    from posebatch.storage import LocalStorage
+
+    folder = tempfile.mkdtemp(prefix="posebatch-perm-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o755)
+        _chmod000(Path(folder) / "noperm.jpg")
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit status
+            status = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                LocalStorage(folder).read("noperm.jpg", max_bytes=1 << 20)
+            except ObjectUnreadable as err:
+                status = 0 if "permission denied" in str(err) else 2
+            except BaseException:  # noqa: BLE001 - any other outcome fails the test
+                status = 3
+            os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
