@@ -13,6 +13,9 @@ BAD_FORMAT = 216201
 BAD_SIZE = 216202
 BAD_BASE64 = 216203
 INTERNAL_ERROR = 282000
+UNREADABLE_PREFIX = "no image data: "
+"""Starts the message of a 216200 result whose file could not be read (as opposed to an empty
+file): the next run retries those, since permissions or an archive may have been fixed."""
 
 
 class PosebatchError(Exception):

@@ -130,7 +130,8 @@ def test_the_summary_and_csv_are_utf8_and_count_each_file_once(odd_run):
 
 
 def test_a_rerun_retries_only_216200_and_keeps_the_rest(odd_run):
-    """Unreadable files (216200) may have been fixed; the others keep their results."""
+    """Unreadable files (216200 "no image data:") may have been fixed since; the others keep
+    their results."""
     root: Path = odd_run["root"]
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*.json") if p.name[0] != "_"}
     proc = cli("run", str(root), "--out", str(root), "--no-progress", timeout=60)

@@ -16,6 +16,7 @@ from posebatch.errors import (
     BAD_SIZE,
     EMPTY_IMAGE,
     INTERNAL_ERROR,
+    UNREADABLE_PREFIX,
     ImageError,
     ObjectTooLarge,
     ObjectUnreadable,
@@ -92,10 +93,10 @@ def _loader(src: Storage, key: str, max_bytes: int) -> Callable[[], bytes]:
             raise ImageError(BAD_SIZE, f"image is {err.size} bytes; the limit is {err.limit} "
                              "bytes") from err
         except ObjectUnreadable as err:
-            raise ImageError(EMPTY_IMAGE, f"no image data: {err}") from err
+            raise ImageError(EMPTY_IMAGE, f"{UNREADABLE_PREFIX}{err}") from err
         except StorageNotFound as err:
-            raise ImageError(EMPTY_IMAGE, f"no image data: {err} (removed after the listing?)"
-                             ) from err
+            raise ImageError(EMPTY_IMAGE, f"{UNREADABLE_PREFIX}{err} (removed after the "
+                             "listing?)") from err
 
     return load
 
@@ -126,8 +127,9 @@ def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
             return _FOREIGN
         if not is_api_result(result):
             return _FOREIGN
-        if redo or result.get("error_code") == EMPTY_IMAGE:
-            return None  # 216200 (no image data) is retried: permissions or an archive fixed
+        if redo or (result.get("error_code") == EMPTY_IMAGE
+                    and result["error_msg"].startswith(UNREADABLE_PREFIX)):
+            return None  # unreadable before: permissions or an archive may be fixed since
         return result
 
     window: deque[tuple[str, Future[dict[str, Any] | None]]] = deque()
