@@ -11,8 +11,13 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from posebatch.settings import JobSettings, RuntimeSettings, from_env
+
+if TYPE_CHECKING:
+    from posebatch.selection import Selection
+    from posebatch.storage import Storage
 
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
               "valid_box_score", "max_image_bytes")
@@ -87,7 +92,8 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
                    help="skip keys matching this gitignore-style pattern (repeatable)")
 
 
-def selection(ns: argparse.Namespace, src, single_key: str | None = None):
+def selection(ns: argparse.Namespace, src: Storage,
+              single_key: str | None = None) -> Selection:
     """The Selection of the flags; ``single_key``: INPUT named one file."""
     from posebatch.selection import Selection, keys_from_lines
 
