@@ -8,8 +8,16 @@ keeps their names, help and defaults identical, and every flag falls back to its
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from posebatch.settings import JobSettings, RuntimeSettings, from_env
+
+if TYPE_CHECKING:
+    from posebatch.selection import Selection
+    from posebatch.storage import Storage
 
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
               "valid_box_score", "max_image_bytes")
@@ -60,6 +68,57 @@ def add_broker_flags(p: argparse.ArgumentParser) -> None:
                         "else redis://127.0.0.1:6379/0)")
     p.add_argument("--state", dest="state_url",
                    help="Redis for job state (default $POSEBATCH_STATE_URL, else the broker)")
+
+
+def bounded(kind: type, low: float, high: float) -> Callable[[str], int | float]:
+    """An argparse type: a finite ``kind`` in [low, high], else a usage error (exit 2) that
+    says the range. Flags that are also settings are bounded in ``posebatch.settings``."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def add_selection_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("which images (see README, Input rules)")
+    g.add_argument("--keys-from", metavar="FILE",
+                   help="process the keys listed in FILE (one per line, relative to INPUT; "
+                        "- reads stdin) instead of listing INPUT")
+    g.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="only keys matching this gitignore-style pattern (repeatable)")
+    g.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip keys matching this gitignore-style pattern (repeatable)")
+
+
+def selection(ns: argparse.Namespace, src: Storage,
+              single_key: str | None = None) -> Selection:
+    """The Selection of the flags; ``single_key``: INPUT named one file."""
+    from posebatch.selection import Selection, keys_from_lines
+
+    keys: tuple[str, ...] | None = None
+    if single_key is not None:
+        keys = (single_key,)
+    elif ns.keys_from:
+        if ns.keys_from == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            from posebatch.errors import ConfigError
+
+            try:
+                with open(ns.keys_from, "rb") as f:
+                    data = f.read()
+            except OSError as err:
+                raise ConfigError(f"--keys-from {ns.keys_from}: {err.strerror or err}") from err
+        keys = keys_from_lines(data, src)
+    return Selection(tuple(ns.include), tuple(ns.exclude), keys)
 
 
 def job_settings(ns: argparse.Namespace) -> JobSettings:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from posebatch.cli import exitcodes
+from posebatch.cli.flags import bounded
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "<model>.int8.onnx beside the model; select it with --int8.")
     q.add_argument("--model", help="ONNX model file (default: the built default model)")
     q.add_argument("--calib", help="folder of calibration images (default: the dev set)")
-    q.add_argument("--imgsz", type=int, default=640, help="input side (default 640)")
+    q.add_argument("--imgsz", type=bounded(int, 32, 2048), default=640,
+                   help="input side (default 640)")
     p.set_defaults(handler=cmd_model)
 
 
