@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from posebatch.errors import BAD_SIZE, EMPTY_IMAGE, INTERNAL_ERROR
-from tests.cluster import CLI, read_counts_csv
+from posebatch.testing.cluster import CLI, read_counts_csv
 from tests.images import jpeg
 
 BAD_NAME = os.fsdecode(b"bad\xffname.jpg")  # not UTF-8: listed by Python with a surrogate
