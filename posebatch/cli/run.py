@@ -30,12 +30,12 @@ def cmd_run(ns: argparse.Namespace) -> int:
     """Walk INPUT recursively and write OUT/<relative path>.json per image, then OUT/_summary.json
     and OUT/_counts.csv. Images whose result exists are skipped unless --force. Exit 0 even when
     some images fail (see the summary); non-zero only when the job cannot run."""
-    from posebatch.modelstore import resolve_model
     from posebatch.storage import open_storage
+    from workers.loading import select_model
     from workers.local_run import run_job
 
     job, runtime = job_settings(ns), runtime_settings(ns)
-    model = resolve_model(runtime.model, runtime.cache_dir, runtime.int8)
+    model = select_model(runtime).ref
     src, dst = open_storage(ns.input), open_storage(ns.out)
     outcome = run_job(src, dst, model, job, runtime, force=ns.force,
                       progress=False if ns.no_progress else None)
