@@ -55,7 +55,8 @@ def default_model_path(cache_dir: Path) -> Path:
 
 
 def fp16_path(fp32: Path) -> Path:
-    return fp32.with_name(fp32.stem + ".fp16.onnx")
+    """``<name>.fp16.onnx`` beside the model; a model that is already that copy is its own."""
+    return fp32 if fp32.name.endswith(".fp16.onnx") else fp32.with_name(fp32.stem + ".fp16.onnx")
 
 
 def resolve_model(model: str | None, cache_dir: Path, int8: bool = False,

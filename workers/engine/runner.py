@@ -82,6 +82,10 @@ class PoseModel:
         if trt_present is None:  # only probe for TensorRT where onnxruntime could use it
             trt_present = TRT in available and tensorrt_libraries_present()
         self.kind = choose_kind(providers, available, trt_present)
+        if self.kind != "cpu" and hasattr(ort, "preload_dlls"):
+            # CUDA/cuDNN from the nvidia-* wheels (e.g. PyTorch's) are not on the loader path;
+            # onnxruntime-gpu finds them there only when asked (since 1.21).
+            ort.preload_dlls()
         self._cache_dir = cache_dir or default_cache_dir()
         self._chain_args: dict[str, Any] = {"trt_present": trt_present, "precision": precision,
                                             "cache_dir": self._cache_dir}
