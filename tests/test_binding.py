@@ -66,3 +66,17 @@ def test_bound_shapes_are_capped(model_path):
         bound.run_raw(batch(h, (1, 3, h, 64)))
     assert len(bound._bound) == PoseModel.MAX_BOUND_SHAPES
     assert bound._fixed is None
+
+
+def test_a_fixed_shape_session_failing_early_is_dropped(model_path, plain, monkeypatch):
+    bound = PoseModel(model_path, "cpu", 1, io_binding=True, fixed_shape_session=True)
+    bound.run_raw(batch(1))
+    assert bound._fixed is not None
+
+    def capture_fails(_batch):
+        raise RuntimeError("graph capture failed")
+
+    monkeypatch.setattr(bound._fixed, "run", capture_fails)
+    got = bound.run_raw(batch(2))  # the fixed session fails on its second call
+    np.testing.assert_allclose(got[0], plain.run_raw(batch(2))[0], rtol=1e-5, atol=1e-3)
+    assert bound._fixed is None and list(bound._bound) == [SHAPE]

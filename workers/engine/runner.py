@@ -60,6 +60,9 @@ class PoseModel:
 
     MAX_BOUND_SHAPES = 4
     """Input shapes whose bound buffers are kept (rect mode has a few; LRU beyond that)."""
+    GRAPH_TRIAL_CALLS = 3
+    """A fixed-shape session failing within its first calls (CUDA graph capture happens there)
+    is dropped, and its shape runs on the main session."""
 
     def __init__(self, path: str, providers: str = "auto", intra_threads: int = 0, *,
                  precision: str = "fp32", cache_dir: Path | None = None,
@@ -174,8 +177,17 @@ class PoseModel:
         if not self.io_binding:
             return self.session.run(None, {self.info.input_name: batch})
         shape = tuple(batch.shape)
-        runner = self._fixed_runner(shape) or self._bound_runner(shape)
-        return runner.run(batch)
+        fixed = self._fixed_runner(shape)
+        if fixed is not None:
+            try:
+                return fixed.run(batch)
+            except Exception as err:  # onnxruntime's untyped errors
+                if fixed.calls > self.GRAPH_TRIAL_CALLS:
+                    raise  # it worked before: a real error, not a capture that cannot work
+                log.warning("fixed-shape session failed on call %d (%s); running %s without "
+                            "it", fixed.calls, err, shape)
+                self._fixed = None
+        return self._bound_runner(shape).run(batch)
 
     def _bound_runner(self, shape: tuple[int, ...]) -> BoundRunner:
         """This shape's buffers on the main (dynamic-shape) session, kept for the next call."""
