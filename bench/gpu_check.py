@@ -250,7 +250,11 @@ def main() -> int:
     ns = parse_args()
     started = datetime.now(UTC)
     gpu = Gpu()
-    from workers.engine.providers import tensorrt_libraries_present
+    import onnxruntime as ort
+
+    from workers.engine.providers import preload_cuda_libraries, tensorrt_libraries_present
+
+    preload_cuda_libraries(ort, ort.get_available_providers())
 
     r: dict[str, Any] = {"date": started.strftime("%Y-%m-%d %H:%M UTC"),
                          "machine": machine_info(), "gpu": gpu.info(),

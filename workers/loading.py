@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 from posebatch.modelstore import ModelRef, fp16_path, resolve_model
 from posebatch.settings import RuntimeSettings
-from workers.engine.providers import TRT, choose_kind, choose_precision, tensorrt_libraries_present
+from workers.engine.providers import (
+    TRT,
+    choose_kind,
+    choose_precision,
+    preload_cuda_libraries,
+    tensorrt_libraries_present,
+)
 from workers.engine.runner import PoseModel
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,7 @@ def select_model(rt: RuntimeSettings) -> Selection:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    preload_cuda_libraries(ort, available)
     trt_present = TRT in available and tensorrt_libraries_present()
     kind = choose_kind(rt.providers, available, trt_present)
     if rt.int8:

@@ -23,11 +23,19 @@ TRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = (TRT, CUDA)
-TRT_LIBRARY = "libnvinfer.so.10"
-"""TensorRT 10, the major version onnxruntime-gpu >= 1.19 is built against."""
+TRT_LIBRARIES = ("libnvinfer.so.10", "libnvonnxparser.so.10")
+"""What onnxruntime-gpu's TensorRT provider links (1.31: TensorRT 10, with CUDA 13)."""
 
 ProviderList = list[Any]
 """What ``ort.InferenceSession(providers=...)`` takes: names or (name, options) pairs."""
+
+
+def preload_cuda_libraries(ort: Any, available: list[str]) -> None:
+    """CUDA and cuDNN installed as nvidia-* wheels (PyTorch's, say) are not on the loader path;
+    onnxruntime-gpu (>= 1.21) loads them from there when asked. Before the TensorRT probe too,
+    since TensorRT's libraries need CUDA's."""
+    if CUDA in available and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
 
 
 def tensorrt_libraries_present() -> bool:
@@ -35,16 +43,20 @@ def tensorrt_libraries_present() -> bool:
 
     onnxruntime-gpu lists TensorrtExecutionProvider whether or not TensorRT is installed; a
     session that asks for it without the library logs an error and falls back. So look for the
-    library itself: on the loader path, or inside the ``tensorrt-cu12``/``tensorrt-cu13``
-    wheels' ``tensorrt_libs`` folder (which onnxruntime also searches).
+    libraries themselves: on the loader path, or inside the TensorRT wheels'
+    ``tensorrt_libs`` folder.
     """
-    candidates = [TRT_LIBRARY]
+    folders = [""]
     spec = importlib.util.find_spec("tensorrt_libs")
     if spec is not None and spec.submodule_search_locations:
-        candidates += [str(Path(p) / TRT_LIBRARY) for p in spec.submodule_search_locations]
-    for name in candidates:
+        folders += list(spec.submodule_search_locations)
+    return all(_loads(lib, folders) for lib in TRT_LIBRARIES)
+
+
+def _loads(name: str, folders: list[str]) -> bool:
+    for folder in folders:
         try:
-            ctypes.CDLL(name)
+            ctypes.CDLL(str(Path(folder) / name) if folder else name)
             return True
         except OSError:
             continue
@@ -66,8 +78,8 @@ def choose_kind(wanted: str, available: list[str], trt_present: bool) -> str:
         if not has_trt:
             why = ("this onnxruntime has no TensorrtExecutionProvider (install onnxruntime-gpu)"
                    if TRT not in available else
-                   f"TensorRT's {TRT_LIBRARY} does not load (pip install tensorrt-cu12, or put "
-                   "TensorRT 10 on LD_LIBRARY_PATH)")
+                   f"TensorRT's {' / '.join(TRT_LIBRARIES)} do not load (pip install the "
+                   "tensorrt 10 wheels for your CUDA, or put TensorRT 10 on LD_LIBRARY_PATH)")
             raise ModelError(f"providers=tensorrt but {why}; or use --providers cuda|auto")
         return "tensorrt"
     if wanted == "cuda":

@@ -32,6 +32,7 @@ from workers.engine.providers import (
     TRT,
     choose_kind,
     choose_providers,
+    preload_cuda_libraries,
     tensorrt_libraries_present,
 )
 
@@ -82,13 +83,10 @@ class PoseModel:
         self._path = path
         self._intra_threads = intra_threads
         available = ort.get_available_providers()
+        preload_cuda_libraries(ort, available)
         if trt_present is None:  # only probe for TensorRT where onnxruntime could use it
             trt_present = TRT in available and tensorrt_libraries_present()
         self.kind = choose_kind(providers, available, trt_present)
-        if self.kind != "cpu" and hasattr(ort, "preload_dlls"):
-            # CUDA/cuDNN from the nvidia-* wheels (e.g. PyTorch's) are not on the loader path;
-            # onnxruntime-gpu finds them there only when asked (since 1.21).
-            ort.preload_dlls()
         self._cache_dir = cache_dir or default_cache_dir()
         self._chain_args: dict[str, Any] = {"trt_present": trt_present, "precision": precision,
                                             "cache_dir": self._cache_dir}
