@@ -160,9 +160,10 @@ def choose_precision(wanted: str, kind: str, fp16_possible: bool) -> str:
     """``fp32`` or ``fp16``: which model file this ONNX Runtime session runs.
 
     ``auto``: fp16 on a GPU provider when the fp16 copy exists or can be made (it halves memory
-    traffic and uses tensor cores), fp32 otherwise: ONNX Runtime's CPU provider has few fp16
-    kernels, so an fp16 graph on CPU is slower, not faster. ``bf16`` is a CPU format for the
-    OpenVINO runner; this runner refuses it rather than silently running fp32.
+    traffic and uses tensor cores), fp32 otherwise: on CPUs fp16 is not measured as a speed
+    option (ONNX Runtime's CPU provider lacks many fp16 kernels and casts around them).
+    ``bf16`` is a CPU format for the OpenVINO runner; this runner refuses it rather than
+    silently running fp32.
     """
     if wanted not in PRECISIONS:
         raise ModelError(f"precision {wanted!r}: expected one of {', '.join(PRECISIONS)}")
@@ -172,6 +173,7 @@ def choose_precision(wanted: str, kind: str, fp16_possible: bool) -> str:
     if wanted == "auto":
         return "fp16" if kind != "cpu" and fp16_possible else "fp32"
     if wanted == "fp16" and kind == "cpu":
-        log.warning("precision fp16 on the CPU provider: ONNX Runtime has few fp16 CPU kernels "
-                    "and inserts casts, so this is slower than fp32 (useful for checking only)")
+        log.warning("precision fp16 on the CPU provider: meant for checking the fp16 model; its "
+                    "speed on CPUs is not measured (ONNX Runtime casts where it lacks fp16 "
+                    "kernels)")
     return wanted
