@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="reprocess images that already have a result")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overlays", action="store_true",
+                   help="also write OUT/<relative path>.overlay.jpg: the image with boxes, scores "
+                        "and skeletons drawn (images skipped as already done get none)")
     add_job_flags(p)
     add_runtime_flags(p)
     p.set_defaults(handler=cmd_run)
@@ -38,7 +41,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     model = select_model(runtime).ref
     src, dst = open_storage(ns.input), open_storage(ns.out)
     outcome = run_job(src, dst, model, job, runtime, force=ns.force,
-                      progress=False if ns.no_progress else None)
+                      progress=False if ns.no_progress else None, overlays=ns.overlays)
     s = outcome.summary
     rate = s["images_seen"] / outcome.seconds if outcome.seconds else 0.0
     failed = ", ".join(f"{c}: {n}" for c, n in s["failed_by_code"].items())
