@@ -100,7 +100,11 @@ class RuntimeSettings:
     int8: bool = False
     """Use the INT8 copy made by ``posebatch model quantize`` next to the model."""
     providers: str = "auto"
-    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
+    """``auto`` (TensorRT when its libraries load, else CUDA when available, else CPU), ``cpu``,
+    ``cuda`` or ``tensorrt``."""
+    precision: str = "auto"
+    """``fp32``, ``fp16`` (the copy made by ``posebatch model fp16``, converted on first use),
+    ``bf16`` (OpenVINO runner only) or ``auto`` (fp16 on a GPU provider, else fp32)."""
     batch_size: int = 0
     """Images per model call; 0 = auto: 4 on CPU (measured: same img/s as 8 with 250 MB less
     memory, see README), 32 on CUDA."""
@@ -114,8 +118,14 @@ class RuntimeSettings:
     cache_dir: Path = field(default_factory=default_cache_dir)
 
     def __post_init__(self) -> None:
-        if self.providers not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"providers: expected auto, cpu or cuda, got {self.providers!r}")
+        if self.providers not in ("auto", "cpu", "cuda", "tensorrt"):
+            raise ConfigError("providers: expected auto, cpu, cuda or tensorrt, got "
+                              f"{self.providers!r}")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ConfigError(f"precision: expected auto, fp32, fp16 or bf16, got "
+                              f"{self.precision!r}")
+        if self.int8 and self.precision not in ("auto", "fp32"):
+            raise ConfigError(f"--int8 and precision {self.precision} exclude each other")
         if not 0 <= self.batch_size <= 256:
             raise ConfigError(f"batch_size: expected 1 to 256 (or 0 for auto), got "
                               f"{self.batch_size}")

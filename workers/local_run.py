@@ -23,7 +23,7 @@ from posebatch.settings import JobSettings, RuntimeSettings
 from posebatch.storage import Storage
 from workers.batch import process_keys
 from workers.engine.pipeline import PoseEngine
-from workers.engine.runner import PoseModel
+from workers.loading import open_model
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
     wanted = manifest(job, model.sha256, model.name)
     if not force:
         check_output(dst, wanted)  # refuse before the model loads; claim at the first write
-    engine = PoseEngine(PoseModel(str(model.path), runtime.providers, runtime.intra_threads),
-                        job, runtime.batch_size, runtime.io_threads)
+    engine = PoseEngine(open_model(runtime, model), job, runtime.batch_size, runtime.io_threads)
     created = _now()
     total = (sum(1 for _ in iter_images(src, selection))
              if src.url.startswith("/") or (selection and selection.keys is not None)

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
               "valid_box_score", "max_image_bytes")
-RUNTIME_FIELDS = ("model", "int8", "providers", "batch_size", "intra_threads", "io_threads",
-                  "broker_url", "state_url")
+RUNTIME_FIELDS = ("model", "int8", "providers", "precision", "batch_size", "intra_threads",
+                  "io_threads", "broker_url", "state_url")
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -48,8 +48,12 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="ONNX model file (default: the model built by `model build`)")
     g.add_argument("--int8", action="store_true", default=None,
                    help="use the INT8 model made by `posebatch model quantize`")
-    g.add_argument("--providers", choices=["auto", "cpu", "cuda"],
-                   help="ONNX Runtime provider (default auto: CUDA when available)")
+    g.add_argument("--providers", choices=["auto", "cpu", "cuda", "tensorrt"],
+                   help="ONNX Runtime provider (default auto: TensorRT when its libraries "
+                        "load, else CUDA when available, else CPU)")
+    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="model precision (default auto: fp16 on a GPU, fp32 on the CPU); "
+                        "fp16 uses <model>.fp16.onnx, made on first use")
     g.add_argument("--batch-size", type=int,
                    help="images per model call (default 0 = auto: 4 on CPU, 32 on CUDA)")
     g.add_argument("--intra-threads", type=int, help="ONNX Runtime threads (0 = per core)")

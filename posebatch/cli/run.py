@@ -39,9 +39,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     skipped unless --force. Exit 0 even when some images fail (see the summary); non-zero only
     when the job cannot run."""
     from posebatch.errors import ConfigError
-    from posebatch.modelstore import resolve_model
     from posebatch.selection import open_input
     from posebatch.storage import LocalStorage, open_storage
+    from workers.loading import select_model
     from workers.local_run import run_job
 
     job, runtime = job_settings(ns), runtime_settings(ns)
@@ -51,7 +51,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
             dst.root):
         raise ConfigError(f"--out {dst.url} is a file, not a folder: name a folder for results")
     chosen = selection(ns, src, single)
-    model = resolve_model(runtime.model, runtime.cache_dir, runtime.int8)
+    model = select_model(runtime).ref
     outcome = run_job(src, dst, model, job, runtime, force=ns.force,
                       progress=False if ns.no_progress else None, selection=chosen,
                       overlays=ns.overlays)

@@ -55,12 +55,13 @@ def _celery_argv(ns: argparse.Namespace, concurrency: int, pool: str) -> list[st
 
 def cmd_worker(ns: argparse.Namespace) -> int:
     _export_runtime(ns)
-    from posebatch.modelstore import resolve_model
     from workers.celery_app import app
+    from workers.loading import select_model
 
     rt = from_env(RuntimeSettings)
-    # Fail now, with a clear message, not later in each child process.
-    resolve_model(rt.model, rt.cache_dir, rt.int8)
+    # Fail now, with a clear message, not later in each child process; and make the fp16 copy
+    # here, once, before the children start.
+    select_model(rt)
     app.worker_main(_celery_argv(ns, ns.concurrency, "prefork"))
     return exitcodes.OK
 
