@@ -40,10 +40,11 @@ def measure_model(model_path: str, shapes: Counter, batch: int, intra: int, prov
                   precision: str = "auto") -> dict[str, Any]:
     """The runner on ready random tensors, batch by batch, per input shape, >= min_seconds
     each; images/s over the corpus' shape mix = N / sum(count_shape / rate_shape)."""
-    from workers.engine.backends import open_runner
+    from posebatch.settings import RuntimeSettings
+    from workers.loading import open_model
 
-    model = open_runner(model_path, backend=backend, precision=precision, providers=providers,
-                        threads=intra)
+    model = open_model(RuntimeSettings(model=model_path, providers=providers, intra_threads=intra,
+                                       backend=backend, precision=precision))
     rng = np.random.default_rng(0)
     rates, cpu_ms = {}, {}
     for (h, w), _count in sorted(shapes.items()):
@@ -123,10 +124,11 @@ RUN_LINE = re.compile(r"(\d+) images, (\d+) ok, (\d+) failed.*?; ([\d.]+) s \(([
 
 
 def runtime_flags(ns: argparse.Namespace) -> list[str]:
+    optional = [(f"--{name}", getattr(ns, name, None))
+                for name in ("precision", "model", "backend")]
     return ["--batch-size", str(ns.batch_size), "--intra-threads", str(ns.intra_threads),
             "--io-threads", str(ns.io_threads), "--providers", ns.providers,
-            "--backend", getattr(ns, "backend", "auto"),
-            "--precision", getattr(ns, "precision", "auto")]
+            *(x for flag, value in optional if value for x in (flag, str(value)))]
 
 
 def job_flags(ns: argparse.Namespace) -> list[str]:

@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--backend", default="auto", choices=["auto", "ort", "openvino"],
                     help="backend of (b) and (c); (a) measures every installed backend")
-    ap.add_argument("--precision", default="auto", choices=["auto", "f32", "bf16"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--rect", action="store_true", help="pass --rect to posebatch")
     ap.add_argument("--det-conf", type=float, default=0.05,
@@ -172,11 +172,11 @@ def model_backends() -> dict[str, tuple[str, str]]:
     """Every backend and precision installed here, for the model-alone rows."""
     from workers.engine.backends import openvino_available
 
-    out = {"ort-f32": ("ort", "f32")}
+    out = {"ort-fp32": ("ort", "fp32")}
     if openvino_available():
         from workers.engine.runner_openvino import cpu_has_bf16
 
-        out["openvino-f32"] = ("openvino", "f32")
+        out["openvino-fp32"] = ("openvino", "fp32")
         if cpu_has_bf16():
             out["openvino-bf16"] = ("openvino", "bf16")
     return out

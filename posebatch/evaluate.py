@@ -31,6 +31,7 @@ SIGMAS = {
     "right_ankle": 0.089,
 }
 THRESHOLDS = (0.05, 0.10)
+COCO_MAX_DETS = 20
 
 
 def load_predictions(gt: dict[str, Any], pred_dir: Path) -> list[dict[str, Any]]:
@@ -53,7 +54,9 @@ def load_predictions(gt: dict[str, Any], pred_dir: Path) -> list[dict[str, Any]]
     return dets
 
 
-def evaluate(gt_path: str, pred_dir: str) -> dict[str, Any]:
+def evaluate(gt_path: str, pred_dir: str, max_dets: int = COCO_MAX_DETS) -> dict[str, Any]:
+    """``max_dets``: detections per image that count (COCO's keypoint default, 20, truncates
+    crowded images; 100, the jobs' ``max_persons``, scores every person a run can report)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -76,14 +79,35 @@ def evaluate(gt_path: str, pred_dir: str) -> dict[str, Any]:
     else:
         ev = COCOeval(coco_gt, coco_dt, "keypoints")
         ev.params.kpt_oks_sigmas = np.array([SIGMAS[n] for n in API21_NAMES])
+        if max_dets != COCO_MAX_DETS:
+            ev.params.maxDets = [max_dets]
         with contextlib.redirect_stdout(io.StringIO()):
             ev.evaluate()
             ev.accumulate()
-            ev.summarize()
-        report.update(AP=float(ev.stats[0]), AP50=float(ev.stats[1]), AP75=float(ev.stats[2]),
-                      AR=float(ev.stats[5]))
+            if max_dets == COCO_MAX_DETS:
+                ev.summarize()
+        if max_dets == COCO_MAX_DETS:
+            report.update(AP=float(ev.stats[0]), AP50=float(ev.stats[1]),
+                          AP75=float(ev.stats[2]), AR=float(ev.stats[5]))
+        else:  # summarize() hard-codes 20: the same means, taken from the arrays
+            report.update(_stats(ev))
+        report["max_dets"] = max_dets
     report["per_keypoint"] = per_keypoint_accuracy(gt, dets)
     return report
+
+
+def _stats(ev: Any) -> dict[str, float]:
+    """AP, AP50, AP75 and AR over all areas at the one maxDets setting, as summarize() does."""
+    prec = ev.eval["precision"][:, :, :, 0, -1]  # [iou thr, recall, class, area=all, maxDets]
+    rec = ev.eval["recall"][:, :, 0, -1]
+    thr = ev.params.iouThrs
+
+    def mean(a: np.ndarray) -> float:
+        a = a[a > -1]
+        return float(a.mean()) if a.size else -1.0
+
+    return {"AP": mean(prec), "AP50": mean(prec[np.isclose(thr, 0.5)]),
+            "AP75": mean(prec[np.isclose(thr, 0.75)]), "AR": mean(rec)}
 
 
 def _oks(gt_kp: np.ndarray, dt_kp: np.ndarray, area: float, sigmas: np.ndarray) -> float:

@@ -16,10 +16,16 @@ from posebatch.modelstore import resolve_model
 from posebatch.settings import JobSettings, RuntimeSettings, from_env
 from tests.devdata import require_dev_data
 from workers.engine import backends
-from workers.engine.backends import open_runner
 from workers.engine.pipeline import PoseEngine
+from workers.loading import open_model, select_model
 
 pytest.importorskip("openvino")
+
+
+def open_runner(model_path: str, backend: str, precision: str = "auto", providers: str = "cpu",
+                **kw):
+    return open_model(RuntimeSettings(model=model_path, backend=backend, precision=precision,
+                                      providers=providers, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +45,18 @@ def dev_results(model_path) -> dict[str, dict[str, dict]]:
     gt = json.loads((dev / "annotations.json").read_text())
     images = {im["file_name"]: (dev / "images" / im["file_name"]).read_bytes()
               for im in gt["images"]}
-    return {f"{b}-{p}": predict(open_runner(model_path, backend=b, precision=p,
-                                            providers="cpu"), images)
-            for b, p in [("ort", "f32"), ("openvino", "f32"), ("openvino", "bf16")]}
+    return {f"{b}-{p}": predict(open_runner(model_path, b, p), images)
+            for b, p in [("ort", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]}
 
 
-@pytest.mark.parametrize("other,px,frac,score", [("openvino-f32", 0.5, 0.0, 0.01),
+@pytest.mark.parametrize("other,px,frac,score", [("openvino-fp32", 0.5, 0.0, 0.01),
                                                  ("openvino-bf16", 1.0, 0.025, 0.05)])
 def test_outputs_match_ort_fp32_on_dev_images(dev_results, other, px, frac, score):
     """Each confident person of ORT FP32 is found by the other backend with its confident
     keypoints within ``px`` pixels or ``frac`` of the person's size, whichever is larger, and its
     score within ``score``. f32: 0.5 px. bf16 keeps 8 mantissa bits: measured up to 1.35 % of the
     person's size (13 px on a 1155 px person), so 2.5 %, half of the tightest PCK threshold."""
-    ref, got = dev_results["ort-f32"], dev_results[other]
+    ref, got = dev_results["ort-fp32"], dev_results[other]
     compared = 0
     for key, r in ref.items():
         for person in (p for p in r.get("person_info", []) if p["location"]["score"] > 0.5):
@@ -83,7 +88,7 @@ def test_dev_set_ap_and_pck_hold(dev_results, tmp_path: Path):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(res))
         reports[name] = evaluate(str(dev / "annotations.json"), str(out))
-    ref = reports["ort-f32"]
+    ref = reports["ort-fp32"]
     for name, rep in reports.items():
         # bf16 measured 0.307 vs 0.301 here: one-sided, since a gain is not a regression.
         assert rep["AP"] >= ref["AP"] - 0.005, (name, rep["AP"], ref["AP"])
@@ -97,20 +102,15 @@ def mean_pck(report: dict, field: str) -> float:
 
 
 def test_explicit_choices_and_refusals(model_path):
-    assert open_runner(model_path, backend="ort", providers="cpu").info.provider == \
-        "CPUExecutionProvider"
-    ov = open_runner(model_path, backend="openvino", precision="f32")
-    assert ov.info.provider == "OpenVINO CPU f32" and ov.info.layout == "yolo-raw"
-    with pytest.raises(ModelError, match="no bf16"):
-        open_runner(model_path, backend="ort", precision="bf16", providers="cpu")
-    with pytest.raises(ModelError, match="f32 or bf16"):
-        open_runner(model_path, backend="openvino", precision="fp16")
-    with pytest.raises(ModelError, match="backend"):
-        open_runner(model_path, backend="tpu")
+    assert open_runner(model_path, "ort").info.provider == "CPUExecutionProvider"
+    ov = open_runner(model_path, "openvino", "fp32")
+    assert ov.info.provider == "OpenVINO CPU fp32" and ov.info.layout == "yolo-raw"
+    with pytest.raises(ModelError, match="bf16"):
+        open_runner(model_path, "ort", "bf16")
+    with pytest.raises(ModelError, match="fp16"):
+        open_runner(model_path, "openvino", "fp16")
     with pytest.raises(ConfigError, match="backend"):
         RuntimeSettings(backend="tensorrt")
-    with pytest.raises(ConfigError, match="precision"):
-        RuntimeSettings(precision="int4")
 
 
 def test_auto_measures_once_per_model_and_host(model_path, tmp_path, monkeypatch):
@@ -122,22 +122,27 @@ def test_auto_measures_once_per_model_and_host(model_path, tmp_path, monkeypatch
         return real(*args, seconds=0.05, **kwargs)
 
     monkeypatch.setattr(backends, "measure_backends", counting)
-    first = open_runner(model_path, backend="auto", providers="cpu", model_sha256="abc",
-                        cache_dir=tmp_path)
+    backends._measured_choice.cache_clear()
+    rt = RuntimeSettings(model=model_path, providers="cpu", cache_dir=tmp_path)
+    first = select_model(rt).backend
     cached = json.loads((tmp_path / backends.CHOICE_FILE).read_text())
     (entry,) = cached.values()
     assert set(entry["img_per_s"]) == {"ort", "openvino"}
-    assert entry["backend"] == max(entry["img_per_s"], key=entry["img_per_s"].get)
-    second = open_runner(model_path, backend="auto", providers="cpu", model_sha256="abc",
-                         cache_dir=tmp_path)
-    assert len(calls) == 1 and type(first) is type(second)
-    # Another model is measured again.
-    open_runner(model_path, backend="auto", providers="cpu", model_sha256="def",
-                cache_dir=tmp_path)
+    assert entry["backend"] == first == max(entry["img_per_s"], key=entry["img_per_s"].get)
+    backends._measured_choice.cache_clear()  # a new process: reads the file, measures nothing
+    assert select_model(rt).backend == first and len(calls) == 1
+    # Other settings that change the answer (here the thread count) are measured again.
+    select_model(RuntimeSettings(model=model_path, providers="cpu", cache_dir=tmp_path,
+                                 intra_threads=1))
     assert len(calls) == 2
+    # The choice opens that backend.
+    runner = open_model(rt)
+    assert runner.info.provider.startswith("OpenVINO" if first == "openvino" else "CPU")
 
 
 def test_auto_without_openvino_is_ort(model_path, monkeypatch):
     monkeypatch.setattr(backends, "openvino_available", lambda: False)
-    runner = open_runner(model_path, backend="auto", providers="cpu")
-    assert runner.info.provider == "CPUExecutionProvider"
+    sel = select_model(RuntimeSettings(model=model_path, providers="cpu"))
+    assert sel.backend == "ort"
+    assert open_model(RuntimeSettings(model=model_path, providers="cpu")).info.provider == \
+        "CPUExecutionProvider"

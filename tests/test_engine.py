@@ -15,21 +15,22 @@ from PIL import Image
 from posebatch.modelstore import resolve_model
 from posebatch.settings import JobSettings, RuntimeSettings, from_env
 from tests.devdata import require_dev_data
-from workers.engine.backends import Runner, open_runner
+from workers.engine.backends import Runner
 from workers.engine.pipeline import PoseEngine
+from workers.loading import open_model
 
 PHOTO = "humanart/2D_virtual_human_digital_art_000000001648.jpg"
 
 
-BACKENDS = [("ort", "f32"), ("openvino", "f32"), ("openvino", "bf16")]
+BACKENDS = [("ort", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 
 
 @pytest.fixture(scope="module", params=BACKENDS, ids=["-".join(b) for b in BACKENDS])
 def model(request) -> Runner:
     backend, precision = request.param
     rt = from_env(RuntimeSettings)
-    return open_runner(str(resolve_model(rt.model, rt.cache_dir).path), backend=backend,
-                       precision=precision, providers="cpu")
+    return open_model(RuntimeSettings(model=str(resolve_model(rt.model, rt.cache_dir).path),
+                                      backend=backend, precision=precision, providers="cpu"))
 
 
 def run(model: Runner, images: dict[str, bytes], batch_size: int = 4) -> dict[str, dict]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 
 from posebatch.jobstate import JobStore
-from posebatch.modelstore import ModelRef, resolve_model
+from posebatch.modelstore import ModelRef
 from posebatch.settings import RuntimeSettings, from_env
-from workers.engine.backends import Runner, open_runner_for
+from workers.engine.backends import Runner
+from workers.loading import open_model, select_model
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ def load_model() -> tuple[Runner, ModelRef]:
     global _model, _model_ref
     if _model is None:
         rt = runtime()
-        _model_ref = resolve_model(rt.model, rt.cache_dir)
-        _model = open_runner_for(_model_ref, rt)
+        sel = select_model(rt)
+        _model_ref = sel.ref
+        _model = open_model(rt, sel.ref, sel.trt_present, sel.backend)
         log.warning("worker model %s (%s) on %s", _model_ref.name, _model_ref.sha256[:12],
                     _model.info.provider)
     assert _model_ref is not None

@@ -14,21 +14,19 @@ import logging
 import os
 import platform
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from posebatch.errors import ModelError
-from posebatch.modelstore import ModelRef
-from posebatch.settings import RuntimeSettings
 from workers.engine.layouts import Detections
 from workers.engine.runner import ModelInfo, PoseModel
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "ort", "openvino")
-PRECISIONS = ("auto", "f32", "bf16", "fp16")
 CHOICE_FILE = "backend-choice.json"
 MEASURE_SECONDS = 0.6
 """Per backend and round; two interleaved rounds, best kept (other processes share the cores)."""
@@ -57,57 +55,40 @@ def openvino_available() -> bool:
     return True
 
 
-def open_runner(path: str, *, backend: str = "auto", precision: str = "auto",
-                providers: str = "auto", threads: int = 0, model_sha256: str = "",
-                cache_dir: Path | None = None) -> Runner:
-    """The runner for ``path``. ``auto``: ONNX Runtime on a GPU; on a CPU the faster of the two
-    backends installed here, measured once per model and host (cached in ``cache_dir``)."""
-    if backend not in BACKENDS:
-        raise ModelError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    if precision not in PRECISIONS:
-        raise ModelError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if backend == "auto":
-        backend = _auto_backend(path, precision, providers, threads, model_sha256, cache_dir)
-    if backend == "openvino":
-        if providers == "cuda":
-            raise ModelError("--providers cuda runs on ONNX Runtime; use --backend ort or auto")
-        from workers.engine.runner_openvino import OpenVinoModel
+def choose_backend(wanted: str, precision: str, kind: str, int8: bool, path: str,
+                   model_sha256: str, threads: int, cache_dir: Path | None) -> str:
+    """``ort`` or ``openvino`` for a model about to run on provider ``kind`` (cpu/cuda/tensorrt).
 
-        return OpenVinoModel(path, precision, threads)
-    if precision == "bf16":
-        raise ModelError("the ort backend has no bf16 (use --backend openvino, or --precision f32)")
-    if precision == "fp16" or (precision == "auto" and ort_on_cuda(providers)):
-        from workers.engine.fp16 import ensure_fp16
-
-        path = str(ensure_fp16(path))
-    trt_cache = str(Path(cache_dir) / "tensorrt") if cache_dir else None
-    return PoseModel(path, providers, threads, trt_cache=trt_cache)
-
-
-def ort_on_cuda(providers: str) -> bool:
-    """Whether ONNX Runtime will run on CUDA for this ``--providers`` value."""
-    if providers == "cpu":
-        return False
-    if providers == "cuda":
-        return True
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
-def open_runner_for(model: ModelRef, runtime: RuntimeSettings) -> Runner:
-    """The runner for a resolved model and a process's runtime settings."""
-    return open_runner(str(model.path), backend=runtime.backend, precision=runtime.precision,
-                       providers=runtime.providers, threads=runtime.intra_threads,
-                       model_sha256=model.sha256, cache_dir=runtime.cache_dir)
-
-
-def _auto_backend(path: str, precision: str, providers: str, threads: int, model_sha256: str,
-                  cache_dir: Path | None) -> str:
-    if precision == "fp16" or not openvino_available() or ort_on_cuda(providers):
+    ``auto``: ONNX Runtime on a GPU, for the INT8 (QDQ) and fp16 files, or when OpenVINO is not
+    installed; OpenVINO when bf16 was asked for; otherwise the faster of the two on this CPU,
+    measured once per model and host and cached in ``cache_dir``.
+    """
+    if wanted not in BACKENDS:
+        raise ModelError(f"backend: expected one of {', '.join(BACKENDS)}, got {wanted!r}")
+    if wanted == "openvino":
+        if kind != "cpu":
+            raise ModelError(f"backend openvino runs on the CPU; providers resolve to {kind} "
+                             "here (use --providers cpu, or --backend ort)")
+        if int8 or precision == "fp16":
+            raise ModelError("backend openvino runs the FP32 model in fp32 or bf16; --int8 and "
+                             "--precision fp16 are ONNX Runtime files (use --backend ort)")
+        if not openvino_available():
+            raise ModelError("backend openvino needs the openvino package: "
+                             "pip install 'posebatch[openvino]', or use --backend ort")
+        return "openvino"
+    if wanted == "ort":
+        return "ort"
+    if kind != "cpu" or int8 or precision == "fp16" or not openvino_available():
         return "ort"
     if precision == "bf16":
         return "openvino"
+    return _measured_choice(path, precision, threads, model_sha256, cache_dir)
+
+
+@lru_cache(maxsize=8)
+def _measured_choice(path: str, precision: str, threads: int, model_sha256: str,
+                     cache_dir: Path | None) -> str:
+    """Cached on disk per host, and in memory so one process never measures twice."""
     key = f"{model_sha256 or os.path.abspath(path)}|{precision}|{threads}|{host_fingerprint()}"
     cache = Path(cache_dir) / CHOICE_FILE if cache_dir else None
     known = _read_choices(cache)

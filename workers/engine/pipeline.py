@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from posebatch.errors import INTERNAL_ERROR, ImageError, RetryableError
+from posebatch.errors import INTERNAL_ERROR, ConfigError, ImageError, RetryableError
 from posebatch.schema import PoseResult, error_result
 from posebatch.settings import JobSettings
 from workers.engine.backends import Runner
@@ -69,7 +69,7 @@ def prepare(key: str, load: Loader, job: JobSettings,
         return Prepared(key, tensor=to_input_tensor(canvas), image=image, box=box)
     except ImageError as err:
         return Prepared(key, error=error_result(err.code, err.message))
-    except RetryableError:
+    except (RetryableError, ConfigError):  # the storage's problem, not this image's
         raise
     except Exception as err:  # a decoder bug on one file must not take the batch down
         log.exception("unexpected error preparing %s", key)
@@ -102,8 +102,22 @@ class PoseEngine:
         self.batch_size = model.info.fixed_batch or batch_size or auto
         self.io_threads = io_threads
 
+    def infer_group(self, group: list[Prepared]) -> list[tuple[str, dict[str, Any]]]:
+        """One model call on prepared images of one input shape, at most ``batch_size`` of them.
+
+        For callers that gather their own batches (``posebatch serve``): the same inference and
+        result code as ``run``, so both give the same persons for the same image.
+        """
+        return [(key, result) for key, result, _image in self._infer(group)]
+
     def run(self, items: Iterable[tuple[str, Loader]]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, api_result)`` for every item, in no particular order."""
+        return ((key, result) for key, result, _image in self.run_images(items))
+
+    def run_images(self, items: Iterable[tuple[str, Loader]]
+                   ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
+        """Like ``run``, plus the decoded image (None for an error result): its upright size goes
+        to the count table, its pixels to an optional overlay."""
         ahead = self.batch_size * 2 + self.io_threads
         pending: dict[tuple[int, int], list[Prepared]] = {}
         with ThreadPoolExecutor(self.io_threads, thread_name_prefix="decode") as pool:
@@ -123,7 +137,7 @@ class PoseEngine:
                     break
                 item = futures.popleft().result()
                 if item.error is not None:
-                    yield item.key, item.error
+                    yield item.key, item.error, None
                     continue
                 assert item.tensor is not None
                 group = pending.setdefault(item.tensor.shape[1:], [])
@@ -133,7 +147,8 @@ class PoseEngine:
             for group in pending.values():
                 yield from self._infer(group)
 
-    def _infer(self, group: list[Prepared]) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _infer(self, group: list[Prepared]
+               ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
         batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
         full = self.model.info.fixed_batch or (
             self.batch_size if self.model.wants_fixed_batches else 0)
@@ -142,4 +157,4 @@ class PoseEngine:
             batch = np.concatenate([batch, fill])
         dets = self.model.infer(batch, self.job.det_conf, self.job.nms_iou, self.job.max_persons)
         for det, item in zip(dets, group, strict=False):
-            yield item.key, to_result(det, item).to_api()
+            yield item.key, to_result(det, item).to_api(), item.image

@@ -26,7 +26,7 @@ from workers.engine.runner import ModelInfo, decode_outputs, inspect_io
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = ("fp32", "bf16")
 
 
 def cpu_has_bf16() -> bool:
@@ -38,11 +38,11 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """``auto`` -> bf16 where the CPU has it, else f32; an explicit value is kept."""
+    """``auto`` -> bf16 where the CPU has it, else fp32; an explicit value is kept."""
     if precision == "auto":
-        return "bf16" if cpu_has_bf16() else "f32"
+        return "bf16" if cpu_has_bf16() else "fp32"
     if precision not in PRECISIONS:
-        raise ModelError(f"the openvino backend runs precision f32 or bf16, not {precision!r}")
+        raise ModelError(f"the openvino backend runs precision fp32 or bf16, not {precision!r}")
     return precision
 
 
@@ -70,7 +70,7 @@ class OpenVinoModel:
             raise ModelError(f"cannot load ONNX model {path} with OpenVINO: {err}") from err
         self.precision = resolve_precision(precision)
         self._config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": self.precision,
+            "INFERENCE_PRECISION_HINT": "f32" if self.precision == "fp32" else "bf16",
             # THROUGHPUT: several streams, each running one request on a share of the cores.
             "PERFORMANCE_HINT": "THROUGHPUT",
         }
