@@ -59,11 +59,9 @@ def fp16_path(fp32: Path) -> Path:
     return fp32 if fp32.name.endswith(".fp16.onnx") else fp32.with_name(fp32.stem + ".fp16.onnx")
 
 
-def resolve_model(model: str | None, cache_dir: Path, int8: bool = False,
-                  precision: str = "fp32") -> ModelRef:
-    """The model a run uses: ``model`` when given, else the default built one; with ``int8``
-    its quantized copy (``<name>.int8.onnx`` beside it), with ``precision="fp16"`` its float16
-    copy (``<name>.fp16.onnx``)."""
+def resolve_model(model: str | None, cache_dir: Path, precision: str = "fp32") -> ModelRef:
+    """The model a run uses: ``model`` when given, else the default built one; with
+    ``precision="fp16"`` its float16 copy (``<name>.fp16.onnx``)."""
     if precision == "fp16":
         fp32 = resolve_model(model, cache_dir)
         half = fp16_path(fp32.path)
@@ -71,13 +69,6 @@ def resolve_model(model: str | None, cache_dir: Path, int8: bool = False,
             raise ModelError(f"no fp16 model at {half}; run `posebatch model fp16"
                              f"{' --model ' + model if model else ''}` first")
         return ModelRef(half, fingerprint(half), fp32.name + "-fp16", "fp16")
-    if int8:
-        fp32 = resolve_model(model, cache_dir)
-        q = fp32.path.with_name(fp32.path.stem + ".int8.onnx")
-        if not q.is_file():
-            raise ModelError(f"no INT8 model at {q}; run `posebatch model quantize"
-                             f"{' --model ' + model if model else ''}` first")
-        return ModelRef(q, fingerprint(q), fp32.name + "-int8")
     if model:
         p = Path(model)
         if not p.is_file():

@@ -97,8 +97,6 @@ class RuntimeSettings:
 
     model: str | None = None
     """Path of the ONNX model; None means the default model built by ``posebatch model build``."""
-    int8: bool = False
-    """Use the INT8 copy made by ``posebatch model quantize`` next to the model."""
     providers: str = "auto"
     """``auto`` (TensorRT when its libraries load, else CUDA when available, else CPU), ``cpu``,
     ``cuda`` or ``tensorrt``."""
@@ -130,8 +128,6 @@ class RuntimeSettings:
                               f"{self.precision!r}")
         if self.backend not in ("auto", "ort", "openvino"):
             raise ConfigError(f"backend: expected auto, ort or openvino, got {self.backend!r}")
-        if self.int8 and self.precision not in ("auto", "fp32"):
-            raise ConfigError(f"--int8 and precision {self.precision} exclude each other")
         if not 0 <= self.batch_size <= 256:
             raise ConfigError(f"batch_size: expected 1 to 256 (or 0 for auto), got "
                               f"{self.batch_size}")

@@ -92,6 +92,4 @@ def test_settings_check_providers_and_precision():
     assert RuntimeSettings(providers="tensorrt", precision="fp16").precision == "fp16"
     with pytest.raises(ConfigError, match="precision"):
         RuntimeSettings(precision="fp8")
-    with pytest.raises(ConfigError, match="exclude"):
-        RuntimeSettings(int8=True, precision="fp16")
 

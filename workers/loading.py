@@ -43,16 +43,14 @@ def select_model(rt: RuntimeSettings) -> Selection:
     preload_cuda_libraries(ort, available)
     trt_present = TRT in available and tensorrt_libraries_present()
     kind = choose_kind(rt.providers, available, trt_present)
-    if rt.backend != "ort" and not rt.int8 and rt.precision != "fp16":
+    if rt.backend != "ort" and rt.precision != "fp16":
         fp32 = resolve_model(rt.model, rt.cache_dir)
-        backend = choose_backend(rt.backend, rt.precision, kind, rt.int8, str(fp32.path),
-                                 fp32.sha256, rt.intra_threads, rt.cache_dir)
+        backend = choose_backend(rt.backend, rt.precision, kind, str(fp32.path), fp32.sha256,
+                                 rt.intra_threads, rt.cache_dir)
         if backend == "openvino":  # runs the FP32 file itself, in fp32 or bf16
             return Selection(fp32, kind, trt_present, backend)
     elif rt.backend == "openvino":
-        choose_backend(rt.backend, rt.precision, kind, rt.int8, "", "", 0, None)  # raises
-    if rt.int8:
-        return Selection(resolve_model(rt.model, rt.cache_dir, int8=True), kind, trt_present)
+        choose_backend(rt.backend, rt.precision, kind, "", "", 0, None)  # raises
     from workers.tools.fp16 import convert_fp16, fp16_convertible
 
     fp32 = resolve_model(rt.model, rt.cache_dir)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
               "valid_box_score", "max_image_bytes")
-RUNTIME_FIELDS = ("model", "int8", "providers", "precision", "backend", "batch_size",
+RUNTIME_FIELDS = ("model", "providers", "precision", "backend", "batch_size",
                   "intra_threads", "io_threads", "broker_url", "state_url")
 
 
@@ -46,8 +46,6 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime (also POSEBATCH_<NAME> environment variables)")
     g.add_argument("--model", help="ONNX model file (default: the model built by `model build`)")
-    g.add_argument("--int8", action="store_true", default=None,
-                   help="use the INT8 model made by `posebatch model quantize`")
     g.add_argument("--providers", choices=["auto", "cpu", "cuda", "tensorrt"],
                    help="ONNX Runtime provider (default auto: TensorRT when its libraries "
                         "load, else CUDA when available, else CPU)")

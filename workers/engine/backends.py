@@ -55,11 +55,11 @@ def openvino_available() -> bool:
     return True
 
 
-def choose_backend(wanted: str, precision: str, kind: str, int8: bool, path: str,
+def choose_backend(wanted: str, precision: str, kind: str, path: str,
                    model_sha256: str, threads: int, cache_dir: Path | None) -> str:
     """``ort`` or ``openvino`` for a model about to run on provider ``kind`` (cpu/cuda/tensorrt).
 
-    ``auto``: ONNX Runtime on a GPU, for the INT8 (QDQ) and fp16 files, or when OpenVINO is not
+    ``auto``: ONNX Runtime on a GPU, for the fp16 file, or when OpenVINO is not
     installed; OpenVINO when bf16 was asked for; otherwise the faster of the two on this CPU,
     measured once per model and host and cached in ``cache_dir``.
     """
@@ -69,16 +69,16 @@ def choose_backend(wanted: str, precision: str, kind: str, int8: bool, path: str
         if kind != "cpu":
             raise ModelError(f"backend openvino runs on the CPU; providers resolve to {kind} "
                              "here (use --providers cpu, or --backend ort)")
-        if int8 or precision == "fp16":
-            raise ModelError("backend openvino runs the FP32 model in fp32 or bf16; --int8 and "
-                             "--precision fp16 are ONNX Runtime files (use --backend ort)")
+        if precision == "fp16":
+            raise ModelError("backend openvino runs the FP32 model in fp32 or bf16; "
+                             "--precision fp16 is an ONNX Runtime file (use --backend ort)")
         if not openvino_available():
             raise ModelError("backend openvino needs the openvino package: "
                              "pip install 'posebatch[openvino]', or use --backend ort")
         return "openvino"
     if wanted == "ort":
         return "ort"
-    if kind != "cpu" or int8 or precision == "fp16" or not openvino_available():
+    if kind != "cpu" or precision == "fp16" or not openvino_available():
         return "ort"
     if precision == "bf16":
         return "openvino"
