@@ -16,6 +16,9 @@ from typing import Any
 from posebatch.errors import ConfigError
 
 ENV_PREFIX = "POSEBATCH_"
+QUALITIES = ("fast", "flip", "scale", "best")
+"""``fast``: one pass. ``best``: horizontal-flip TTA plus a second, larger scale (README
+"Quality"); ``flip`` and ``scale`` are each of the two alone, to measure them separately."""
 DEFAULT_BATCH_IMAGES = 32
 """Images per cluster task: a lost worker loses little, the task overhead is amortised (CPU).
 GPU workers want 256 or more (README)."""
@@ -50,6 +53,8 @@ class JobSettings:
     rect: bool = False
     """Letterbox to the smallest stride-aligned rectangle (e.g. 480x640 for 4:3) instead of a
     square: fewer pixels, same scale. Only for models with dynamic height/width."""
+    quality: str = "fast"
+    """One of QUALITIES: ``best`` costs about 5x the model time of ``fast`` for more accuracy."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -62,6 +67,7 @@ class JobSettings:
             (0.0 <= self.valid_box_score <= 1.0, "valid_box_score must be in [0, 1]"),
             (self.max_image_bytes > 0, "max_image_bytes must be > 0"),
             (1 <= self.min_side <= self.max_side, "need 1 <= min_side <= max_side"),
+            (self.quality in QUALITIES, f"quality must be one of {', '.join(QUALITIES)}"),
         ]
         for ok, message in checks:
             if not ok:

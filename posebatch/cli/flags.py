@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-from posebatch.settings import JobSettings, RuntimeSettings, from_env
+from posebatch.settings import QUALITIES, JobSettings, RuntimeSettings, from_env
 
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
-              "valid_box_score", "max_image_bytes")
+              "valid_box_score", "max_image_bytes", "quality")
 RUNTIME_FIELDS = ("model", "int8", "providers", "batch_size", "intra_threads", "io_threads",
                   "broker_url", "state_url")
 
@@ -22,6 +22,9 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--imgsz", type=int, help="model input side in pixels (default 640)")
     g.add_argument("--rect", action="store_true", default=None,
                    help="letterbox to a stride-aligned rectangle instead of a square")
+    g.add_argument("--quality", choices=QUALITIES,
+                   help="fast (default): one pass; best: + mirrored pass + a 1.5x larger pass "
+                   "for small people, about 5x slower (flip, scale: either alone)")
     g.add_argument("--det-conf", type=float,
                    help="persons below this box score are not reported (default 0.05)")
     g.add_argument("--nms-iou", type=float, help="NMS IoU threshold (default 0.6)")
