@@ -93,6 +93,8 @@ class RuntimeSettings:
 
     model: str | None = None
     """Path of the ONNX model; None means the default model built by ``posebatch model build``."""
+    detector: str | None = None
+    """Person detector ONNX for a top-down (SimCC) ``model``; None: the default model's boxes."""
     int8: bool = False
     """Use the INT8 copy made by ``posebatch model quantize`` next to the model."""
     providers: str = "auto"

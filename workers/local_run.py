@@ -17,13 +17,13 @@ from typing import Any
 from posebatch.aggregate import write_aggregates
 from posebatch.keys import is_image_key
 from posebatch.manifest import claim_output, manifest
-from posebatch.modelstore import ModelRef
+from posebatch.modelstore import ModelRef, resolve_model
 from posebatch.records import Record
 from posebatch.settings import JobSettings, RuntimeSettings
 from posebatch.storage import Storage
 from workers.batch import process_keys
 from workers.engine.pipeline import PoseEngine
-from workers.engine.runner import PoseModel
+from workers.engine.topdown import open_model
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
 
     wanted = manifest(job, model.sha256, model.name)
     claim_output(dst, wanted, force)
-    engine = PoseEngine(PoseModel(str(model.path), runtime.providers, runtime.intra_threads),
-                        job, runtime.batch_size, runtime.io_threads)
+    pose = open_model(str(model.path), runtime.providers, runtime.intra_threads,
+                      runtime.detector, lambda: str(resolve_model(None, runtime.cache_dir).path))
+    engine = PoseEngine(pose, job, runtime.batch_size, runtime.io_threads)
     created = _now()
     total = sum(1 for _ in iter_images(src)) if src.url.startswith("/") else None
     show = sys.stderr.isatty() if progress is None else progress

@@ -12,10 +12,11 @@ from posebatch.jobstate import JobStore
 from posebatch.modelstore import ModelRef, resolve_model
 from posebatch.settings import RuntimeSettings, from_env
 from workers.engine.runner import PoseModel
+from workers.engine.topdown import TopDownModel, open_model
 
 log = logging.getLogger(__name__)
 
-_model: PoseModel | None = None
+_model: PoseModel | TopDownModel | None = None
 _model_ref: ModelRef | None = None
 _store: JobStore | None = None
 _claimed: set[str] = set()  # jobs whose output manifest this process has checked and written
@@ -25,13 +26,14 @@ def runtime() -> RuntimeSettings:
     return from_env(RuntimeSettings)
 
 
-def load_model() -> tuple[PoseModel, ModelRef]:
+def load_model() -> tuple[PoseModel | TopDownModel, ModelRef]:
     """This process's model (loaded on first use) and which file it is."""
     global _model, _model_ref
     if _model is None:
         rt = runtime()
         _model_ref = resolve_model(rt.model, rt.cache_dir, rt.int8)
-        _model = PoseModel(str(_model_ref.path), rt.providers, rt.intra_threads)
+        _model = open_model(str(_model_ref.path), rt.providers, rt.intra_threads, rt.detector,
+                            lambda: str(resolve_model(None, rt.cache_dir).path))
         log.warning("worker model %s (%s) on %s", _model_ref.name, _model_ref.sha256[:12],
                     _model.info.provider)
     assert _model_ref is not None

@@ -13,8 +13,8 @@ from posebatch.settings import QUALITIES, JobSettings, RuntimeSettings, from_env
 
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
               "valid_box_score", "max_image_bytes", "quality")
-RUNTIME_FIELDS = ("model", "int8", "providers", "batch_size", "intra_threads", "io_threads",
-                  "broker_url", "state_url")
+RUNTIME_FIELDS = ("model", "detector", "int8", "providers", "batch_size", "intra_threads",
+                  "io_threads", "broker_url", "state_url")
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -41,6 +41,8 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime (also POSEBATCH_<NAME> environment variables)")
     g.add_argument("--model", help="ONNX model file (default: the model built by `model build`)")
+    g.add_argument("--detector", help="person detector ONNX for a top-down (SimCC) --model "
+                   "(default: the default model's boxes); docs/models.md")
     g.add_argument("--int8", action="store_true", default=None,
                    help="use the INT8 model made by `posebatch model quantize`")
     g.add_argument("--providers", choices=["auto", "cpu", "cuda"],

@@ -30,6 +30,7 @@ from workers.engine.letterbox import (
     to_source_xy,
 )
 from workers.engine.runner import PoseModel
+from workers.engine.topdown import TopDownModel
 from workers.engine.tta import decode_side, infer_best, passes
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def to_result(det: Detections, item: Prepared) -> PoseResult:
 class PoseEngine:
     """Batches prepared images by input shape and runs them through one PoseModel."""
 
-    def __init__(self, model: PoseModel, job: JobSettings, batch_size: int = 0,
+    def __init__(self, model: PoseModel | TopDownModel, job: JobSettings, batch_size: int = 0,
                  io_threads: int = 4) -> None:
         self.model = model
         self.job = job
@@ -137,16 +138,18 @@ class PoseEngine:
 
     def _infer(self, group: list[Prepared]) -> Iterator[tuple[str, dict[str, Any]]]:
         batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
+        images = [p.image.rgb for p in group if p.image is not None]
+        boxes = [p.box for p in group if p.box is not None]
         flip, scale = passes(self.job.quality)
         if flip or scale:
-            images = [p.image.rgb for p in group if p.image is not None]
-            boxes = [p.box for p in group if p.box is not None]
             # A graph with a fixed input size cannot run a second scale.
             dets = infer_best(self._run, batch, images, boxes, self.job.imgsz, self.job.rect,
                               self.job.max_persons, flip=flip,
                               scale=scale and self.model.info.fixed_hw is None)
         else:
             dets = self._run(batch)
+        if isinstance(self.model, TopDownModel):
+            dets = self.model.refine(dets, images, boxes)
         for det, item in zip(dets, group, strict=False):
             yield item.key, to_result(det, item).to_api()
 
