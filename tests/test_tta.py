@@ -147,3 +147,11 @@ def test_best_beats_fast_on_the_dev_set(tmp_path):
     assert best["recall"] >= fast["recall"]
     assert best["AP17"] > fast["AP17"] and best["AP"] > fast["AP"]
     assert best["PCK21_05"] > fast["PCK21_05"]
+
+
+def test_people_with_alike_keypoints_but_apart_are_not_merged():
+    """A detector without keypoints (all at 0, 0) makes every pair look alike by OKS alone."""
+    a = (np.array([0, 0, 100, 100], np.float32), np.float32(0.9), np.zeros((17, 3), np.float32))
+    b = (np.array([300, 0, 400, 100], np.float32), np.float32(0.8), np.zeros((17, 3), np.float32))
+    assert len(tta.oks_nms(dets(a, b))) == 2
+    assert tta.fuse_flip(dets(a), dets(b)).scores[0] == pytest.approx(0.9)   # not fused

@@ -41,6 +41,9 @@ COCO_SIGMAS = np.array([0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 
 FLIP_MATCH_OKS = 0.5   # a flipped person is the same person at this OKS (COCO's loosest AP level)
 SCALE_NMS_OKS = 0.5    # across scales, persons this similar are one person
 SECOND_SCALE = 1.5     # second pass at 1.5 x imgsz (960 for 640), rounded to the stride
+# ... and only when their boxes overlap this much: keypoints alone can make two people look
+# alike (all unseen points piled up in one place, or a detector that gives no keypoints).
+MIN_BOX_IOU = 0.3
 
 Infer = Callable[[np.ndarray], list[Detections]]
 """Runs a batch (B, 3, H, W) float32 in [0, 1] and decodes one Detections per image."""
@@ -82,6 +85,21 @@ def oks_matrix(kpa: np.ndarray, kpb: np.ndarray, boxes_a: np.ndarray) -> np.ndar
     return np.exp(-e).mean(-1)
 
 
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of boxes ``a (n, 4)`` and ``b (m, 4)`` (xyxy): ``(n, m)``."""
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(hi - lo, 0, None).prod(-1)
+    area = lambda z: np.clip(z[:, 2:] - z[:, :2], 0, None).prod(-1)  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def similarity(a: Detections, b: Detections) -> np.ndarray:
+    """OKS between the persons of ``a`` and ``b``, zero where their boxes barely overlap."""
+    oks = oks_matrix(a.kpts, b.kpts, a.boxes_xyxy)
+    return np.where(box_iou(a.boxes_xyxy, b.boxes_xyxy) >= MIN_BOX_IOU, oks, 0.0)
+
+
 def greedy_match(sim: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     """Pairs (i, j) taken in order of decreasing similarity, each index at most once."""
     ii, jj = np.nonzero(sim >= threshold)
@@ -102,7 +120,7 @@ def fuse_flip(plain: Detections, flipped: Detections, threshold: float = FLIP_MA
     """The plain pass's persons, each refined by its flipped twin when there is one (module
     docstring). ``flipped`` must already be in the plain pass's frame (:func:`flip_back`)."""
     boxes, scores, kpts = plain.boxes_xyxy.copy(), plain.scores.copy(), plain.kpts.copy()
-    sim = oks_matrix(plain.kpts, flipped.kpts, plain.boxes_xyxy)
+    sim = similarity(plain, flipped)
     for i, j in greedy_match(sim, threshold):
         wa, wb = plain.kpts[i, :, 2:3], flipped.kpts[j, :, 2:3]
         w = np.clip(wa + wb, 1e-6, None)
@@ -120,13 +138,16 @@ def oks_nms(det: Detections, threshold: float = SCALE_NMS_OKS, max_det: int = 10
     order = np.argsort(-det.scores, kind="stable")
     keep: list[int] = []
     for i in order.tolist():
-        similar = oks_matrix(det.kpts[[i]], det.kpts[keep], det.boxes_xyxy[[i]])
-        if keep and similar.max() >= threshold:
+        if keep and similarity(_take(det, [i]), _take(det, keep)).max() >= threshold:
             continue
         keep.append(i)
         if len(keep) >= max_det:
             break
     idx = np.asarray(keep, dtype=np.int64)
+    return Detections(det.boxes_xyxy[idx], det.scores[idx], det.kpts[idx])
+
+
+def _take(det: Detections, idx: list[int]) -> Detections:
     return Detections(det.boxes_xyxy[idx], det.scores[idx], det.kpts[idx])
 
 
