@@ -85,14 +85,36 @@ def yolo_e2e(path: Path, boxes_xyxy, scores, kpts, slots: int = 10, width: int =
     return _save(graph, path)
 
 
-def rtmo(path: Path, boxes_xyxy, scores, kpts) -> Path:
+def rtmo(path: Path, boxes_xyxy, scores, kpts, score_from_input: bool = False) -> Path:
+    """Constant persons; with ``score_from_input`` one person whose score is the largest value
+    of the input's FIRST channel / 1000: RTMO reads BGR 0..255, so a pure blue image scores
+    0.255 only when the engine feeds it what RTMO expects."""
     n = len(scores)
-    dets = np.concatenate([np.asarray(boxes_xyxy), np.asarray(scores)[:, None]], 1)[None]
-    nodes = (_constant_per_image("d", dets, "dets", "input")
-             + _constant_per_image("k", np.asarray(kpts)[None], "keypoints", "input"))
+    k = np.asarray(kpts)[None]
+    nodes = _constant_per_image("k", k, "keypoints", "input")
+    if score_from_input:
+        box = np.asarray(boxes_xyxy, dtype=np.float32)[:1][None]             # (1, 1, 4)
+        nodes += _constant_per_image("b", box, "boxes", "input")
+        consts = {"starts": [0], "ends": [1], "axes": [1], "shape": [0, 1, 1]}
+        for name, value in consts.items():
+            nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+                np.array(value, np.int64), name + "_v")))
+        nodes += [
+            helper.make_node("Slice", ["input", "starts", "ends", "axes"], ["first"]),
+            helper.make_node("ReduceMax", ["first"], ["peak"], axes=[1, 2, 3], keepdims=1),
+            helper.make_node("Reshape", ["peak", "shape"], ["peak3"]),
+            helper.make_node("Constant", [], ["milli"], value=numpy_helper.from_array(
+                np.array(0.001, np.float32), "milli_v")),
+            helper.make_node("Mul", ["peak3", "milli"], ["score"]),
+            helper.make_node("Concat", ["boxes", "score"], ["dets"], axis=2),
+        ]
+        n = 1
+    else:
+        dets = np.concatenate([np.asarray(boxes_xyxy), np.asarray(scores)[:, None]], 1)[None]
+        nodes += _constant_per_image("d", dets, "dets", "input")
     graph = helper.make_graph(nodes, "rtmo", [_image_input(name="input")], [
         helper.make_tensor_value_info("dets", TensorProto.FLOAT, ["B", n, 5]),
-        helper.make_tensor_value_info("keypoints", TensorProto.FLOAT, ["B", n, 17, 3])])
+        helper.make_tensor_value_info("keypoints", TensorProto.FLOAT, ["B", k.shape[1], 17, 3])])
     return _save(graph, path)
 
 

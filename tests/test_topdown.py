@@ -81,6 +81,18 @@ def test_one_stage_layouts_decode_and_map_back_exactly(tmp_path, layout):
         assert loc["score"] == pytest.approx(0.75)
 
 
+def test_rtmo_gets_bgr_0_to_255(tmp_path):
+    path = G.rtmo(tmp_path / "rtmo.onnx", BOX_XYXY, SCORE, KPTS, score_from_input=True)
+    blue = np.zeros((H, W, 3), np.uint8)
+    blue[..., 2] = 255
+    red = np.zeros((H, W, 3), np.uint8)
+    red[..., 0] = 255
+    results = run_engine(open_model(str(path), "cpu", 1), {"blue": png(blue), "red": png(red)})
+    assert results["blue"]["person_info"][0]["location"]["score"] == pytest.approx(0.255)
+    # red has no blue: the brightest blue is the letterbox's gray padding, 114
+    assert results["red"]["person_info"][0]["location"]["score"] == pytest.approx(0.114)
+
+
 # ------------------------------------------------------------------------------------- SimCC
 def test_decode_simcc_is_argmax_over_ratio_with_the_lower_maximum_as_score():
     x = np.zeros((2, 17, 384), np.float32)

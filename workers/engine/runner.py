@@ -142,6 +142,10 @@ class PoseModel:
 
     def infer(self, batch: np.ndarray, conf: float, iou: float, max_det: int) -> list[Detections]:
         """Run ``batch (B, 3, H, W) float32 in [0, 1]`` and decode one Detections per image."""
+        if self.info.layout == LAYOUT_RTMO:
+            # RTMO is trained on BGR 0..255 without normalisation (MMPose's data preprocessor
+            # with mean 0, std 1): same letterbox, other channel order and range.
+            batch = np.ascontiguousarray(batch[:, ::-1] * 255.0)
         outs = self.run_raw(batch)
         if self.info.layout == LAYOUT_RTMO:
             by_name = dict(zip([o.name for o in self.session.get_outputs()], outs, strict=False))
