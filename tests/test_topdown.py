@@ -151,6 +151,32 @@ def test_crops_of_a_batch_go_in_one_call_not_one_per_box():
     assert calls == [2, 1]
 
 
+def test_flip_averages_each_crop_with_its_mirror_image_sides_swapped():
+    """A fake model that answers the same points for any crop: keypoint k at (k, 2k) with
+    score 0.5 + k / 40. The mirrored crop's answer, mirrored back, puts keypoint k at
+    (W - 1 - FLIP[k], 2 FLIP[k]) with FLIP[k]'s score: the result is their weighted mean."""
+    from workers.engine.tta import FLIP_INDEX
+
+    k = np.arange(17)
+    fixed = np.stack([k, 2 * k, 0.5 + k / 40], axis=1).astype(np.float32)
+
+    def run(crops):
+        return np.repeat(fixed[None], len(crops), axis=0)
+
+    rgb = np.zeros((100, 100, 3), np.uint8)
+    box = np.array([[10.0, 10.0, 58.0, 74.0]])
+    hw = (64, 48)
+    got = topdown.estimate(run, [rgb], [box], hw, flip=True)[0][0]
+    mirrored = fixed[FLIP_INDEX].copy()
+    mirrored[:, 0] = hw[1] - 1 - mirrored[:, 0]
+    w1, w2 = fixed[:, 2:3], mirrored[:, 2:3]
+    crop_xy = (fixed[:, :2] * w1 + mirrored[:, :2] * w2) / (w1 + w2)
+    centres, sizes = topdown.crop_regions(box, hw)
+    want = topdown.back_project(np.concatenate([crop_xy, (w1 + w2) / 2], 1)[None], centres,
+                                sizes, hw)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def dots_image() -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Two people's boxes, one bright pixel in each (image pixels, x then y)."""
     rgb = np.zeros((H, W, 3), np.uint8)
@@ -174,6 +200,10 @@ def test_top_down_finds_each_dot_exactly_through_detector_crop_and_back_projecti
     model = open_model(str(pose), "cpu", 1, detector=str(det))
     assert isinstance(model, TopDownModel)
     result = run_engine(model, {"img": png(rgb)})["img"]
+    # flip averaging of the crops: the mirrored crop finds each dot where it is, too
+    flipped = run_engine(model, {"img": png(rgb)}, JobSettings(quality="flip"))["img"]
+    for person in range(2):
+        np.testing.assert_allclose(coco_points(flipped, person), coco_points(result, person))
     assert result["person_num"] == 2
     for person, (x, y) in enumerate(dots):
         kp = coco_points(result, person)

@@ -149,7 +149,7 @@ class PoseEngine:
         else:
             dets = self._run(batch)
         if isinstance(self.model, TopDownModel):
-            dets = self.model.refine(dets, images, boxes)
+            dets = self.model.refine(dets, images, boxes, flip=flip)
         for det, item in zip(dets, group, strict=False):
             yield item.key, to_result(det, item).to_api()
 

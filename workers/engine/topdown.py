@@ -21,6 +21,7 @@ from workers.engine.layouts import Detections
 from workers.engine.letterbox import Letterbox, to_source_xy
 from workers.engine.runner import PoseModel, choose_providers
 from workers.engine.simcc import NotSimcc, SimccModel, normalise
+from workers.engine.tta import FLIP_INDEX
 
 PADDING = 1.25          # MMPose's top-down bbox padding for RTMPose
 MAX_CROPS_PER_CALL = 64  # crops per model call; all crops of a batch go in ceil(n / 64) calls
@@ -70,26 +71,44 @@ def back_project(kp_crop: np.ndarray, centres: np.ndarray, sizes: np.ndarray,
 
 
 def estimate(run: SimccRun, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray],
-             input_hw: tuple[int, int], max_per_call: int = MAX_CROPS_PER_CALL
-             ) -> list[np.ndarray]:
+             input_hw: tuple[int, int], max_per_call: int = MAX_CROPS_PER_CALL,
+             flip: bool = False) -> list[np.ndarray]:
     """Keypoints ``(n_i, 17, 3)`` in image pixels for the ``n_i`` boxes ``(n_i, 4)`` (image
     pixels) of each image.
 
     The crops of all images are stacked and sent in calls of at most ``max_per_call``: never
-    one call per box."""
+    one call per box. With ``flip`` each crop's mirror image goes along too; its keypoints are
+    mirrored back (``u -> W - 1 - u`` in pixel-index coordinates), left and right swapped, and
+    averaged with the crop's own, weighted by score (score: the mean of the two)."""
     regions = [crop_regions(b, input_hw) for b in boxes]
     crops = [warp(rgb, c, s, input_hw) for rgb, (cs, ss) in zip(images, regions, strict=True)
              for c, s in zip(cs, ss, strict=True)]
     if not crops:
         return [np.zeros((0, 17, 3), np.float32) for _ in boxes]
     stack = np.stack(crops)
+    if flip:
+        stack = np.concatenate([stack, stack[:, :, ::-1]])
     kp = np.concatenate([run(normalise(stack[i:i + max_per_call]))
                          for i in range(0, len(stack), max_per_call)])
+    if flip:
+        n = len(crops)
+        mirrored = kp[n:, FLIP_INDEX].copy()
+        mirrored[..., 0] = input_hw[1] - 1 - mirrored[..., 0]
+        kp = _average(kp[:n], mirrored)
     out, start = [], 0
     for cs, ss in regions:
         n = len(cs)
         out.append(back_project(kp[start:start + n], cs, ss, input_hw))
         start += n
+    return out
+
+
+def _average(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two estimates ``(n, 17, 3)`` of the same points: score-weighted mean position."""
+    wa, wb = a[..., 2:3], b[..., 2:3]
+    out = a.copy()
+    out[..., :2] = (a[..., :2] * wa + b[..., :2] * wb) / np.clip(wa + wb, 1e-6, None)
+    out[..., 2] = 0.5 * (a[..., 2] + b[..., 2])
     return out
 
 
@@ -114,12 +133,12 @@ class TopDownModel:
         return self.detector.infer(batch, conf, iou, max_det)
 
     def refine(self, dets: Sequence[Detections], images: Sequence[np.ndarray],
-               boxes: Sequence[Letterbox]) -> list[Detections]:
+               boxes: Sequence[Letterbox], flip: bool = False) -> list[Detections]:
         """Persons in the detector's model pixels (letterbox ``boxes`` of ``images``) -> the same
-        persons with SimCC keypoints, still in the detector's model pixels."""
+        persons with SimCC keypoints (flip-averaged with ``flip``), still in model pixels."""
         src_boxes = [to_source_xy(d.boxes_xyxy.reshape(-1, 2, 2), lb).reshape(-1, 4)
                      for d, lb in zip(dets, boxes, strict=True)]
-        kps = estimate(self.simcc.run, images, src_boxes, self.simcc.layout.input_hw)
+        kps = estimate(self.simcc.run, images, src_boxes, self.simcc.layout.input_hw, flip=flip)
         out = []
         for d, k, lb in zip(dets, kps, boxes, strict=True):
             k = k.copy()
