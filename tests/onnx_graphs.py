@@ -71,6 +71,19 @@ def yolo_raw(path: Path, boxes_cxcywh, scores, kpts, anchors: int = 64) -> Path:
     return _save(graph, path)
 
 
+def yolo_det(path: Path, boxes_cxcywh, class_scores, anchors: int = 32) -> Path:
+    """Ultralytics detection head ``(B, 4 + classes, anchors)``: ``class_scores (n, classes)``."""
+    scores = np.asarray(class_scores, dtype=np.float32)
+    n, classes = scores.shape
+    value = np.zeros((1, 4 + classes, anchors), dtype=np.float32)
+    value[0, :4, :n] = np.asarray(boxes_cxcywh).T
+    value[0, 4:, :n] = scores.T
+    nodes = _constant_per_image("o", value, "output0", "images")
+    graph = helper.make_graph(nodes, "yolo_det", [_image_input()], [
+        helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["B", 4 + classes, anchors])])
+    return _save(graph, path)
+
+
 def yolo_e2e(path: Path, boxes_xyxy, scores, kpts, slots: int = 10, width: int = 57) -> Path:
     """End-to-end head (K slots of x1, y1, x2, y2, score, class, 51 keypoint values); another
     ``width`` makes a graph of no supported layout."""

@@ -250,3 +250,24 @@ def test_graph_helpers_build_what_they_say(tmp_path):
     assert Path(path).stat().st_size < 20_000
     x = np.full((1, 17, 96), 0.0)
     assert decode_simcc(x, np.zeros((1, 17, 128)), 2.0).shape == (1, 17, 3)
+
+
+def test_a_yolo_detection_model_serves_as_detector_only(tmp_path):
+    rgb, dots = dots_image()
+    boxes = np.array([[200 - 76.8, 100 - 102.4, 200 + 76.8, 100 + 102.4],
+                      [450 - 153.6, 300 - 204.8, 450 + 153.6, 300 + 204.8],
+                      [300.0, 300.0, 400.0, 400.0]])                  # a car, not a person
+    boxes[:, [1, 3]] += PAD_Y
+    cxcywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1)
+    scores = np.zeros((3, 80))
+    scores[0, 0], scores[1, 0] = 0.9, 0.7
+    scores[2, 0], scores[2, 2] = 0.3, 0.95
+    det = G.yolo_det(tmp_path / "yolo11n.onnx", cxcywh, scores)
+    with pytest.raises(ModelError, match="use it as --detector"):
+        open_model(str(det), "cpu", 1)
+    model = open_model(str(G.simcc(tmp_path / "p.onnx")), "cpu", 1, detector=str(det))
+    result = run_engine(model, {"img": png(rgb)})["img"]
+    assert result["person_num"] == 2
+    for person, dot in enumerate(dots):
+        np.testing.assert_allclose(coco_points(result, person)[:, :2], np.tile(dot, (17, 1)))
+    assert [p["location"]["score"] for p in result["person_info"]] == [0.9, 0.7]

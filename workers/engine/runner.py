@@ -17,6 +17,7 @@ from posebatch.errors import ModelError
 from workers.engine.layouts import (
     Detections,
     decode_rtmo,
+    decode_yolo_det,
     decode_yolo_e2e,
     decode_yolo_raw,
 )
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 LAYOUT_YOLO_RAW = "yolo-raw"
 LAYOUT_YOLO_E2E = "yolo-e2e"
 LAYOUT_RTMO = "rtmo"
+LAYOUT_YOLO_DET = "yolo-det"  # person boxes only: a top-down model's --detector
+YOLO_DET_ROWS = (5, 84)       # one class (person) or COCO's 80 (person = class 0)
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,12 @@ class PoseModel:
                 layout = LAYOUT_YOLO_RAW
             elif dims[2] == 57:
                 layout = LAYOUT_YOLO_E2E
+            elif dims[1] in YOLO_DET_ROWS:
+                layout = LAYOUT_YOLO_DET
             else:
                 raise ModelError(f"{path}: output {dims} is neither [B, 56, N] (YOLO-pose) nor "
-                                 "[B, K, 57] (end-to-end YOLO-pose)")
+                                 "[B, K, 57] (end-to-end YOLO-pose) nor [B, 84 or 5, N] (YOLO "
+                                 "person detector)")
         else:
             raise ModelError(
                 f"{path}: unsupported outputs {[(o.name, o.shape) for o in outs]}; supported: "
@@ -153,4 +159,6 @@ class PoseModel:
                     for d, k in zip(by_name["dets"], by_name["keypoints"], strict=False)]
         if self.info.layout == LAYOUT_YOLO_E2E:
             return [decode_yolo_e2e(o, conf, max_det) for o in outs[0]]
+        if self.info.layout == LAYOUT_YOLO_DET:
+            return [decode_yolo_det(o, conf, iou, max_det) for o in outs[0]]
         return [decode_yolo_raw(o, conf, iou, max_det) for o in outs[0]]

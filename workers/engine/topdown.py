@@ -19,7 +19,7 @@ from PIL import Image
 from posebatch.errors import ModelError
 from workers.engine.layouts import Detections
 from workers.engine.letterbox import Letterbox, to_source_xy
-from workers.engine.runner import PoseModel, choose_providers
+from workers.engine.runner import LAYOUT_YOLO_DET, PoseModel, choose_providers
 from workers.engine.simcc import NotSimcc, SimccModel, normalise
 from workers.engine.tta import FLIP_INDEX
 
@@ -168,6 +168,9 @@ def open_model(path: str, providers: str = "auto", intra_threads: int = 0,
                              "--detector DET.onnx") from None
         det_path = detector if detector is not None else default_detector()  # type: ignore[misc]
         return TopDownModel(PoseModel(det_path, providers, intra_threads), simcc)
+    if model.info.layout == LAYOUT_YOLO_DET:
+        raise ModelError(f"{path} is a person detector without keypoints: use it as --detector "
+                         "with a top-down (SimCC) --model")
     if detector is not None:
         raise ModelError(f"--detector is for top-down (SimCC) models; {path} is a one-stage "
                          f"{model.info.layout} model that finds people itself")
