@@ -155,3 +155,13 @@ def test_people_with_alike_keypoints_but_apart_are_not_merged():
     b = (np.array([300, 0, 400, 100], np.float32), np.float32(0.8), np.zeros((17, 3), np.float32))
     assert len(tta.oks_nms(dets(a, b))) == 2
     assert tta.fuse_flip(dets(a), dets(b)).scores[0] == pytest.approx(0.9)   # not fused
+
+
+def test_quality_flag_rejects_unknown_values_with_the_choices():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "posebatch.cli", "run", "in", "--out", "out",
+                           "--quality", "max"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "fast" in proc.stderr and "best" in proc.stderr
