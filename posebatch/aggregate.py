@@ -12,14 +12,18 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
+from posebatch.errors import StorageNotFound
 from posebatch.records import Record
 
 SUMMARY_NAME = "_summary.json"
 COUNTS_NAME = "_counts.csv"
 MAX_REASONS = 50
-CSV_COLUMNS = ("key", "status", "error_code", "person_num", "valid_persons", "error_msg")
+CSV_COLUMNS = ("key", "status", "error_code", "person_num", "valid_persons", "error_msg",
+               "width", "height")
+"""width, height: the upright image's size, empty when unknown (failed images); exports read it."""
 
 
 def summarize(records: Iterable[Record], meta: dict[str, Any]) -> dict[str, Any]:
@@ -66,8 +70,12 @@ def counts_csv(records: Iterable[Record]) -> bytes:
     writer.writerow(CSV_COLUMNS)
     for r in sorted(records, key=lambda rec: rec.key):
         writer.writerow([r.key, "ok" if r.ok else "error", r.error_code or "", r.person_num,
-                         r.valid_persons, r.error_msg])
+                         r.valid_persons, r.error_msg, _blank(r.width), _blank(r.height)])
     return ("\ufeff" + buf.getvalue()).encode("utf-8")
+
+
+def _blank(value: int | None) -> int | str:
+    return "" if value is None else value
 
 
 def summary_json(summary: dict[str, Any]) -> bytes:
@@ -79,9 +87,32 @@ def write_aggregates(dst: Any, records: list[Record], meta: dict[str, Any],
     """Write ``_counts.csv`` then ``_summary.json`` (the summary last: its presence means both
     are complete) to storage ``dst``; return the summary."""
     summary = summarize(records, meta)
+    records = keep_known_sizes(dst, records, prefix)
     dst.write(prefix + COUNTS_NAME, counts_csv(records), "text/csv")
     dst.write(prefix + SUMMARY_NAME, summary_json(summary), "application/json")
     return summary
+
+
+def keep_known_sizes(dst: Any, records: list[Record], prefix: str = "") -> list[Record]:
+    """Fill the sizes that records of skipped images lack from the count table being replaced.
+
+    An image skipped because its result exists was not decoded in this run; its size was
+    recorded by the run that processed it, in the previous ``_counts.csv``.
+    """
+    missing = {r.key for r in records if r.ok and r.width is None}
+    if not missing:
+        return records
+    try:
+        old = dst.read(prefix + COUNTS_NAME).decode("utf-8-sig")
+    except (StorageNotFound, UnicodeDecodeError):
+        return records
+    sizes: dict[str, tuple[int, int]] = {}
+    for row in csv.DictReader(io.StringIO(old, newline="")):
+        if row.get("key") in missing and (row.get("width") or "").isdigit() and (
+                row.get("height") or "").isdigit():
+            sizes[row["key"]] = (int(row["width"]), int(row["height"]))
+    return [replace(r, width=sizes[r.key][0], height=sizes[r.key][1])
+            if r.width is None and r.key in sizes else r for r in records]
 
 
 # Fields of the summary that describe one run rather than the results; comparisons ignore them.

@@ -42,6 +42,7 @@ COCO17 = [i for i, n in enumerate(API21_NAMES)
           if n not in ("top_head", "neck", "left_mouth_corner", "right_mouth_corner")]
 THRESHOLDS = (0.05, 0.10)
 RECALL_OKS = 0.5
+COCO_MAX_DETS = 20
 
 
 def load_predictions(gt: dict[str, Any], pred_dir: Path) -> list[dict[str, Any]]:
@@ -64,9 +65,11 @@ def load_predictions(gt: dict[str, Any], pred_dir: Path) -> list[dict[str, Any]]
     return dets
 
 
-def coco_ap(gt: dict[str, Any], dets: list[dict[str, Any]], points: list[int]) -> list[float]:
+def coco_ap(gt: dict[str, Any], dets: list[dict[str, Any]], points: list[int],
+            max_dets: int = COCO_MAX_DETS) -> list[float]:
     """pycocotools' keypoint [AP, AP50, AP75, AR] on the keypoints ``points`` (API21 indices)
-    only; people with none of them annotated are ignored, as COCOeval does."""
+    only; people with none of them annotated are ignored, as COCOeval does. ``max_dets``:
+    detections per image that count (see :func:`evaluate`)."""
     if not dets:
         return [0.0, 0.0, 0.0, 0.0]
     from pycocotools.coco import COCO
@@ -86,13 +89,38 @@ def coco_ap(gt: dict[str, Any], dets: list[dict[str, Any]], points: list[int]) -
         coco_gt.createIndex()
         ev = COCOeval(coco_gt, coco_gt.loadRes(sub_dets), "keypoints")
         ev.params.kpt_oks_sigmas = np.array([SIGMAS[API21_NAMES[i]] for i in points])
+        if max_dets != COCO_MAX_DETS:
+            ev.params.maxDets = [max_dets]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    return [max(float(ev.stats[i]), 0.0) for i in (0, 1, 2, 5)]
+        if max_dets == COCO_MAX_DETS:
+            ev.summarize()
+    if max_dets == COCO_MAX_DETS:
+        stats = [float(ev.stats[i]) for i in (0, 1, 2, 5)]
+    else:  # summarize() hard-codes 20: the same means, taken from the arrays
+        stats = list(_stats(ev).values())
+    return [max(v, 0.0) for v in stats]
 
 
-def evaluate(gt_path: str, pred_dir: str, per_keypoint_ap: bool = True) -> dict[str, Any]:
+def _stats(ev: Any) -> dict[str, float]:
+    """AP, AP50, AP75 and AR over all areas at the one maxDets setting, as summarize() does."""
+    prec = ev.eval["precision"][:, :, :, 0, -1]  # [iou thr, recall, class, area=all, maxDets]
+    rec = ev.eval["recall"][:, :, 0, -1]
+    thr = ev.params.iouThrs
+
+    def mean(a: np.ndarray) -> float:
+        a = a[a > -1]
+        return float(a.mean()) if a.size else -1.0
+
+    return {"AP": mean(prec), "AP50": mean(prec[np.isclose(thr, 0.5)]),
+            "AP75": mean(prec[np.isclose(thr, 0.75)]), "AR": mean(rec)}
+
+
+def evaluate(gt_path: str, pred_dir: str, max_dets: int = COCO_MAX_DETS,
+             per_keypoint_ap: bool = True) -> dict[str, Any]:
+    """``max_dets``: detections per image that count in AP (COCO's keypoint default, 20,
+    truncates crowded images; 100, the jobs' ``max_persons``, scores every person a run can
+    report). Recall and PCK always use every detection."""
     gt = json.loads(Path(gt_path).read_text())
     names = gt["categories"][0]["keypoints"]
     if list(names) != list(API21_NAMES):
@@ -102,15 +130,17 @@ def evaluate(gt_path: str, pred_dir: str, per_keypoint_ap: bool = True) -> dict[
                               "persons": sum(1 for a in gt["annotations"]
                                              if a.get("num_keypoints", 0) > 0),
                               "detections": len(dets), "sigmas": SIGMAS}
-    ap, ap50, ap75, ar = coco_ap(gt, dets, list(range(21)))
-    report.update(AP=ap, AP50=ap50, AP75=ap75, AR=ar, AP17=coco_ap(gt, dets, COCO17)[0])
+    ap, ap50, ap75, ar = coco_ap(gt, dets, list(range(21)), max_dets)
+    report.update(AP=ap, AP50=ap50, AP75=ap75, AR=ar, max_dets=max_dets,
+                  AP17=coco_ap(gt, dets, COCO17, max_dets)[0])
     matched = per_keypoint_accuracy(gt, dets)
     report.update(recall=matched["recall"], PCK21_05=matched["pck"][0],
                   PCK21_10=matched["pck"][1])
     report["per_keypoint"] = matched["per_keypoint"]
     for j, name in enumerate(API21_NAMES):
         entry = report["per_keypoint"][name]
-        entry["AP"] = coco_ap(gt, dets, [j])[0] if per_keypoint_ap and entry["n"] else None
+        entry["AP"] = (coco_ap(gt, dets, [j], max_dets)[0] if per_keypoint_ap and entry["n"]
+                       else None)
     return report
 
 

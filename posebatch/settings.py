@@ -157,3 +157,37 @@ def _coerce(name: str, raw: str, typ: Any) -> Any:
     except ValueError as err:
         raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected {typ}, got {raw!r}") from err
     return raw
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """``posebatch serve``: where it listens, who may call it, how it batches and sheds load."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: str = field(default="", repr=False)
+    """``KEY:SECRET[:QPS],...``; never shown in a repr or an error message."""
+    api_keys_file: str | None = None
+    """A file with the same entries, one per line (``#`` comments); e.g. a mounted k8s Secret."""
+    qps: float = 0.0
+    """Requests per second per key (the API's error 18 past it), per replica; 0 = unlimited.
+    A key's own ``:QPS`` wins."""
+    max_wait_ms: float = 5.0
+    """How long a lone request waits for others to share its model call."""
+    max_queue: int = 64
+    """Requests in flight at once (reading, decoding, queued, in the model); past it a request
+    is refused at once (error 2, retry later) instead of queueing without bound."""
+    max_base64_bytes: int = 4 * 1024 * 1024
+    """The API's rule: the ``image`` field is at most 4 MB after base64."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, "port must be in [0, 65535]"),
+            (self.qps >= 0, "qps must be >= 0 (0 = unlimited)"),
+            (0 <= self.max_wait_ms <= 10_000, "max_wait_ms must be in [0, 10000]"),
+            (self.max_queue >= 1, "max_queue must be >= 1"),
+            (self.max_base64_bytes >= 4, "max_base64_bytes must be >= 4"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message}; got {self}")

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from posebatch.errors import BAD_FORMAT, BAD_SIZE, EMPTY_IMAGE
-from tests.cluster import (
+from posebatch.testing.cluster import (
     WorkerProcess,
     comparable_summary,
     compare_with_reference,

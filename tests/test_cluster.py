@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import (
+from posebatch.testing.cluster import (
     WorkerProcess,
     comparable_summary,
     download_results,
@@ -165,7 +165,7 @@ def test_scheduled_submit_task_creates_a_job(stack, tmp_path):
     workers complete the job."""
     from celery import Celery
 
-    from tests.cluster import ControlProcess
+    from posebatch.testing.cluster import ControlProcess
 
     control = ControlProcess(tmp_path, stack["env"])
     control.start()
@@ -180,7 +180,7 @@ def _scheduled_job_completes(stack, app) -> None:
     app.send_task("posebatch.submit_job", queue="posebatch-control",
                   kwargs={"input_url": f"s3://{bucket}/in/odd names/",
                           "output_url": f"s3://{bucket}/sched-out/", "batch_images": 4})
-    from tests.cluster import wait_until
+    from posebatch.testing.cluster import wait_until
 
     def summary_written() -> bool:
         try:

@@ -10,8 +10,14 @@ import uuid
 import numpy as np
 import pytest
 
+from posebatch.testing.cluster import (
+    WorkerProcess,
+    download_results,
+    run_cli,
+    upload_tree,
+    without_log_id,
+)
 from tests import onnx_graphs as G
-from tests.cluster import WorkerProcess, download_results, run_cli, upload_tree, without_log_id
 from tests.test_topdown import PAD_Y, dots_image, png
 
 pytestmark = pytest.mark.cluster

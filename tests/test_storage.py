@@ -15,7 +15,7 @@ from posebatch.storage import (
     open_storage,
     safe_key,
 )
-from tests.servers import S3Server, free_ports
+from posebatch.testing.servers import S3Server, free_ports
 
 KEYS = [  # sorted as S3 sorts: by UTF-8 bytes, so "A" < "_" < "a" and "a/" < "a0"
     "A.JPG",

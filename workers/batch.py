@@ -12,12 +12,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from PIL import Image
+
 from posebatch.errors import INTERNAL_ERROR, StorageNotFound, UnsafeKeyError
-from posebatch.keys import result_key
-from posebatch.records import Record, record_from_result
+from posebatch.keys import overlay_key, result_key
+from posebatch.overlay import draw_overlay, to_jpeg
+from posebatch.records import Record, is_valid_person, record_from_result
 from posebatch.schema import encode_result, error_result
 from posebatch.settings import JobSettings
 from posebatch.storage import Storage, safe_key
+from workers.engine.decode import DecodedImage
 from workers.engine.pipeline import PoseEngine
 
 LOOKUP_WINDOW = 64  # existence checks in flight; bounded so a huge listing streams
@@ -31,19 +35,22 @@ def process_keys(
     *,
     skip_existing: bool = True,
     on_record: Callable[[Record], None] | None = None,
+    overlays: bool = False,
 ) -> list[Record]:
     """Run ``keys`` of ``src`` through ``engine``, write ``dst/<key>.json``, return records.
 
     With ``skip_existing`` an image whose result already exists is not processed again; its
     record is rebuilt from the stored result, so the aggregates still count it exactly once.
     Retryable storage errors propagate (the caller retries the whole batch: writes are idempotent).
+    Each record carries the image's upright size (a skipped image's: see ``_filter_existing``).
+    With ``overlays``, each processed image also gets ``dst/<key>.overlay.jpg``.
     """
     job: JobSettings = engine.job
     records: list[Record] = []
     emit = on_record or (lambda _r: None)
 
-    def done(key: str, result: dict[str, Any]) -> Record:
-        rec = record_from_result(key, result, job)
+    def done(key: str, result: dict[str, Any], size: tuple[int, int] | None = None) -> Record:
+        rec = record_from_result(key, result, job, size)
         records.append(rec)
         emit(rec)
         return rec
@@ -55,13 +62,24 @@ def process_keys(
         safe = _refuse_unsafe(keys, done)
         todo = _filter_existing(safe, dst, job, done, writers) if skip_existing else safe
         loaders = ((k, _loader(src, k)) for k in todo)
-        for key, result in engine.run(loaders):
+        for key, result, image in engine.run_images(loaders):
             writes.append(writers.submit(dst.write, result_key(key), encode_result(result),
                                          "application/json"))
-            done(key, result)
+            if overlays and image is not None:
+                writes.append(writers.submit(_write_overlay, dst, key, result, image, job))
+            done(key, result, (image.width, image.height) if image is not None else None)
         for fut in writes:
             fut.result()  # surface write errors (retryable) before the batch counts as done
     return records
+
+
+def _write_overlay(dst: Storage, key: str, result: dict[str, Any], image: DecodedImage,
+                   job: JobSettings) -> None:
+    sx, sy = image.scale_xy  # draw on the decoded pixels (maybe a JPEG draft), not a resize
+    over = draw_overlay(Image.fromarray(image.rgb), result, job.valid_kpt_score,
+                        [is_valid_person(p, job) for p in result.get("person_info", [])],
+                        scale=(1.0 / sx, 1.0 / sy))
+    dst.write(overlay_key(key), to_jpeg(over), "image/jpeg")
 
 
 def _loader(src: Storage, key: str) -> Callable[[], bytes]:
@@ -80,7 +98,11 @@ def _refuse_unsafe(keys: Iterable[str], done) -> Iterator[str]:
 
 def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
                      pool: ThreadPoolExecutor) -> Iterator[str]:
-    """Yield the keys that have no result yet; record the others from their stored result."""
+    """Yield the keys that have no result yet; record the others from their stored result.
+
+    Their records carry no size (reading every skipped image again would make a re-run of a
+    drop folder download it all); the aggregates take it from the previous count table.
+    """
 
     def existing(key: str) -> dict[str, Any] | None:
         try:

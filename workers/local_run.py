@@ -38,7 +38,8 @@ def iter_images(src: Storage) -> Iterator[str]:
 
 def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
             runtime: RuntimeSettings, *, force: bool = False,
-            progress: bool | None = None, job_id: str = "local") -> RunOutcome:
+            progress: bool | None = None, job_id: str = "local",
+            overlays: bool = False) -> RunOutcome:
     from tqdm import tqdm
 
     wanted = manifest(job, model.sha256, model.name)
@@ -53,7 +54,7 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
     with tqdm(total=total, unit="img", disable=not show, dynamic_ncols=True) as bar:
         records: list[Record] = process_keys(
             engine, src, dst, iter_images(src), skip_existing=not force,
-            on_record=lambda _r: bar.update(1),
+            on_record=lambda _r: bar.update(1), overlays=overlays,
         )
     meta = {"job_id": job_id, "input": src.url, "output": dst.url, "created": created,
             "finished": _now(), "model": {"name": model.name, "sha256": model.sha256},

@@ -53,6 +53,12 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--io-threads", type=int, help="download/decode threads (default 4)")
 
 
+def add_input_output(p: argparse.ArgumentParser, what: str = "with images") -> None:
+    """INPUT and --out, the same for run, submit and watch."""
+    p.add_argument("input", help=f"folder or s3://bucket/prefix {what}")
+    p.add_argument("--out", required=True, help="folder or s3://bucket/prefix for results")
+
+
 def add_broker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", dest="broker_url",
                    help="broker URL, redis:// or rediss:// (default $POSEBATCH_BROKER_URL, "

@@ -105,8 +105,22 @@ class PoseEngine:
         self.batch_size = model.info.fixed_batch or batch_size or auto
         self.io_threads = io_threads
 
+    def infer_group(self, group: list[Prepared]) -> list[tuple[str, dict[str, Any]]]:
+        """One model call on prepared images of one input shape, at most ``batch_size`` of them.
+
+        For callers that gather their own batches (``posebatch serve``): the same inference and
+        result code as ``run``, so both give the same persons for the same image.
+        """
+        return [(key, result) for key, result, _image in self._infer(group)]
+
     def run(self, items: Iterable[tuple[str, Loader]]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, api_result)`` for every item, in no particular order."""
+        return ((key, result) for key, result, _image in self.run_images(items))
+
+    def run_images(self, items: Iterable[tuple[str, Loader]]
+                   ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
+        """Like ``run``, plus the decoded image (None for an error result): its upright size goes
+        to the count table, its pixels to an optional overlay."""
         ahead = self.batch_size * 2 + self.io_threads
         pending: dict[tuple[int, int], list[Prepared]] = {}
         with ThreadPoolExecutor(self.io_threads, thread_name_prefix="decode") as pool:
@@ -126,7 +140,7 @@ class PoseEngine:
                     break
                 item = futures.popleft().result()
                 if item.error is not None:
-                    yield item.key, item.error
+                    yield item.key, item.error, None
                     continue
                 assert item.tensor is not None
                 group = pending.setdefault(item.tensor.shape[1:], [])
@@ -136,7 +150,8 @@ class PoseEngine:
             for group in pending.values():
                 yield from self._infer(group)
 
-    def _infer(self, group: list[Prepared]) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _infer(self, group: list[Prepared]
+               ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
         batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
         images = [p.image.rgb for p in group if p.image is not None]
         boxes = [p.box for p in group if p.box is not None]
@@ -151,7 +166,7 @@ class PoseEngine:
         if isinstance(self.model, TopDownModel):
             dets = self.model.refine(dets, images, boxes, flip=flip)
         for det, item in zip(dets, group, strict=False):
-            yield item.key, to_result(det, item).to_api()
+            yield item.key, to_result(det, item).to_api(), item.image
 
     def _run(self, batch: np.ndarray) -> list[Detections]:
         """Model calls of at most ``batch_size`` images (padded where the model or the device
