@@ -50,7 +50,9 @@ def measure_cluster(images: Path, files: list[Path], ns: argparse.Namespace,
         env = {**s3.env(), "POSEBATCH_BROKER_URL": redis_srv.url,
                "POSEBATCH_BATCH_SIZE": str(ns.batch_size),
                "POSEBATCH_INTRA_THREADS": str(ns.intra_threads),
-               "POSEBATCH_IO_THREADS": str(ns.io_threads), "POSEBATCH_PROVIDERS": ns.providers}
+               "POSEBATCH_IO_THREADS": str(ns.io_threads), "POSEBATCH_PROVIDERS": ns.providers,
+               **{f"POSEBATCH_{k.upper()}": str(getattr(ns, k)) for k in ("precision", "model")
+                  if getattr(ns, k, None)}}
         base_env = {**clean_env(), **env}
         worker = WorkerProcess(work / "worker", env)
         worker.child_env = lambda: dict(base_env)  # type: ignore[method-assign]

@@ -121,8 +121,10 @@ RUN_LINE = re.compile(r"(\d+) images, (\d+) ok, (\d+) failed.*?; ([\d.]+) s \(([
 
 
 def runtime_flags(ns: argparse.Namespace) -> list[str]:
+    optional = [(f"--{name}", getattr(ns, name, None)) for name in ("precision", "model")]
     return ["--batch-size", str(ns.batch_size), "--intra-threads", str(ns.intra_threads),
-            "--io-threads", str(ns.io_threads), "--providers", ns.providers]
+            "--io-threads", str(ns.io_threads), "--providers", ns.providers,
+            *(x for flag, value in optional if value for x in (flag, str(value)))]
 
 
 def job_flags(ns: argparse.Namespace) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 import redis
 
 from posebatch.aggregate import write_aggregates
-from posebatch.errors import StateAuthError, StateUnavailable
+from posebatch.errors import INTERNAL_ERROR, StateAuthError, StateUnavailable
 from posebatch.records import Record
 
 PREFIX = "posebatch"
@@ -105,7 +105,9 @@ class JobProgress:
     def rate(self) -> float:
         if not self.started_at or not self.done:
             return 0.0
-        return self.done / max(time.time() - self.started_at, 1e-3)
+        # A finished job's rate is frozen at its last record, not diluted by the time since.
+        end = self.updated_at if self.state == "done" and self.updated_at else time.time()
+        return self.done / max(end - self.started_at, 1e-3)
 
 
 class JobStore:
@@ -261,4 +263,16 @@ class JobStore:
                         "created": created, "finished": now_iso(), "model": model,
                         "settings": meta.get("settings")}
         prefix = meta.get("summary_prefix", "").replace("{job_id}", job_id)
-        return write_aggregates(dst, records, summary_meta, prefix)
+        summary = write_aggregates(dst, records, summary_meta, prefix)
+        # A --force job that changed model or settings marked the output unfinished; clear the
+        # mark only when no image may still hold an old result (a batch that failed for good
+        # leaves its images' old results and records 282000 "batch ...": then it stays marked).
+        if meta.get("force") and model and not any(
+                r.error_code == INTERNAL_ERROR and r.error_msg.startswith("batch ")
+                for r in records):
+            from posebatch.manifest import complete_output
+
+            complete_output(dst, {"model_sha256": model.get("sha256"),
+                                  "model_name": model.get("name"),
+                                  "settings": meta.get("settings")})
+        return summary

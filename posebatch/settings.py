@@ -31,6 +31,11 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
+MAX_IMGSZ = 2048
+MAX_IMAGE_BYTES = 128 * 1024 * 1024
+MAX_SIDE = 16384
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """What decides a job's output; travels with every task so all workers apply the same."""
@@ -57,21 +62,26 @@ class JobSettings:
     """One of QUALITIES: ``best`` is more accurate and about 4.4x slower than ``fast`` on CPU."""
 
     def __post_init__(self) -> None:
+        # Upper bounds keep a typo from exhausting memory: --imgsz 100000 once held 23.6 GB.
+        # Measured peak RSS of `posebatch run` at batch 4 on CPU: 2.2 GB at imgsz 2048 (README).
         checks = [
-            (self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz must be a multiple of 32 >= 32"),
-            (0.0 <= self.det_conf <= 1.0, "det_conf must be in [0, 1]"),
-            (0.0 < self.nms_iou <= 1.0, "nms_iou must be in (0, 1]"),
-            (self.max_persons >= 1, "max_persons must be >= 1"),
-            (0.0 <= self.valid_kpt_score <= 1.0, "valid_kpt_score must be in [0, 1]"),
-            (0 <= self.valid_min_kpts <= 21, "valid_min_kpts must be in [0, 21]"),
-            (0.0 <= self.valid_box_score <= 1.0, "valid_box_score must be in [0, 1]"),
-            (self.max_image_bytes > 0, "max_image_bytes must be > 0"),
-            (1 <= self.min_side <= self.max_side, "need 1 <= min_side <= max_side"),
-            (self.quality in QUALITIES, f"quality must be one of {', '.join(QUALITIES)}"),
+            ("imgsz", 32 <= self.imgsz <= MAX_IMGSZ and self.imgsz % 32 == 0,
+             f"a multiple of 32 from 32 to {MAX_IMGSZ}"),
+            ("det_conf", 0.0 <= self.det_conf <= 1.0, "in [0, 1]"),
+            ("nms_iou", 0.0 < self.nms_iou <= 1.0, "in (0, 1]"),
+            ("max_persons", 1 <= self.max_persons <= 1000, "from 1 to 1000"),
+            ("valid_kpt_score", 0.0 <= self.valid_kpt_score <= 1.0, "in [0, 1]"),
+            ("valid_min_kpts", 0 <= self.valid_min_kpts <= 21, "from 0 to 21"),
+            ("valid_box_score", 0.0 <= self.valid_box_score <= 1.0, "in [0, 1]"),
+            ("max_image_bytes", 1 <= self.max_image_bytes <= MAX_IMAGE_BYTES,
+             f"from 1 to {MAX_IMAGE_BYTES} (128 MiB: more than any image within max_side)"),
+            ("min_side", 1 <= self.min_side <= self.max_side, "from 1 to max_side"),
+            ("max_side", self.max_side <= MAX_SIDE, f"at most {MAX_SIDE}"),
+            ("quality", self.quality in QUALITIES, f"one of {', '.join(QUALITIES)}"),
         ]
-        for ok, message in checks:
+        for name, ok, expected in checks:
             if not ok:
-                raise ConfigError(f"{message}; got {self}")
+                raise ConfigError(f"{name} must be {expected}; got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,7 +108,11 @@ class RuntimeSettings:
     int8: bool = False
     """Use the INT8 copy made by ``posebatch model quantize`` next to the model."""
     providers: str = "auto"
-    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
+    """``auto`` (TensorRT when its libraries load, else CUDA when available, else CPU), ``cpu``,
+    ``cuda`` or ``tensorrt``."""
+    precision: str = "auto"
+    """``fp32``, ``fp16`` (the copy made by ``posebatch model fp16``, converted on first use),
+    ``bf16`` (OpenVINO runner only) or ``auto`` (fp16 on a GPU provider, else fp32)."""
     batch_size: int = 0
     """Images per model call; 0 = auto: 4 on CPU (measured: same img/s as 8 with 250 MB less
     memory, see README), 32 on CUDA."""
@@ -112,12 +126,22 @@ class RuntimeSettings:
     cache_dir: Path = field(default_factory=default_cache_dir)
 
     def __post_init__(self) -> None:
-        if self.providers not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"providers: expected auto, cpu or cuda, got {self.providers!r}")
-        if self.batch_size < 0:
-            raise ConfigError(f"batch_size: expected >= 1 (or 0 for auto), got {self.batch_size}")
-        if self.io_threads < 1:
-            raise ConfigError(f"io_threads: expected >= 1, got {self.io_threads}")
+        if self.providers not in ("auto", "cpu", "cuda", "tensorrt"):
+            raise ConfigError("providers: expected auto, cpu, cuda or tensorrt, got "
+                              f"{self.providers!r}")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ConfigError(f"precision: expected auto, fp32, fp16 or bf16, got "
+                              f"{self.precision!r}")
+        if self.int8 and self.precision not in ("auto", "fp32"):
+            raise ConfigError(f"--int8 and precision {self.precision} exclude each other")
+        if not 0 <= self.batch_size <= 256:
+            raise ConfigError(f"batch_size: expected 1 to 256 (or 0 for auto), got "
+                              f"{self.batch_size}")
+        if not 0 <= self.intra_threads <= 256:
+            raise ConfigError(f"intra_threads: expected 0 (one per core) to 256, got "
+                              f"{self.intra_threads}")
+        if not 1 <= self.io_threads <= 64:
+            raise ConfigError(f"io_threads: expected 1 to 64, got {self.io_threads}")
 
 
 def from_env(cls: type, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None):

@@ -12,9 +12,9 @@ from itertools import islice
 
 from posebatch.errors import ConfigError
 from posebatch.jobstate import JobStore, new_job_id
-from posebatch.keys import is_image_key
 from posebatch.manifest import check_output, manifest
 from posebatch.queue import PROCESS_BATCH, QUEUE, broker_errors, make_app
+from posebatch.selection import Selection, select_keys
 from posebatch.settings import DEFAULT_BATCH_IMAGES, JobSettings
 from posebatch.storage import open_storage
 
@@ -28,8 +28,10 @@ def chunked(keys: Iterable[str], size: int) -> Iterator[list[str]]:
 def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str,
            state_url: str | None = None, batch_images: int = DEFAULT_BATCH_IMAGES,
            force: bool = False, job_id: str | None = None, keys: Iterable[str] | None = None,
-           summary_prefix: str = "", on_batch: Callable[[int], None] | None = None) -> str:
-    """Enqueue one job; return its id. ``keys`` (relative to INPUT) replaces the listing."""
+           summary_prefix: str = "", on_batch: Callable[[int], None] | None = None,
+           selection: Selection | None = None) -> str:
+    """Enqueue one job; return its id. ``keys`` (relative to INPUT) replaces the listing;
+    ``selection`` (key list, include/exclude) picks from INPUT as ``posebatch run`` does."""
     if batch_images < 1:
         raise ConfigError(f"--batch-images: expected >= 1, got {batch_images}")
     src, dst = open_storage(input_url), open_storage(output_url)
@@ -41,7 +43,7 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
                           "settings": job.to_dict(), "force": force,
                           "summary_prefix": summary_prefix})
     app = make_app(broker_url)
-    listing = keys if keys is not None else (k for k in src.iter_keys() if is_image_key(k))
+    listing = keys if keys is not None else select_keys(src, selection)
     total = batches = 0
     with broker_errors(), app.producer_or_acquire() as producer:
         for batch in chunked(listing, batch_images):

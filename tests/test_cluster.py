@@ -139,6 +139,17 @@ def test_resubmission_processes_nothing_and_force_reprocesses_with_exact_counts(
         before["_summary.json"])
 
 
+def test_a_finished_force_job_with_new_settings_leaves_a_complete_output(stack, first_job):
+    """The manifest is marked unfinished while a --force job replaces results (issue 11), and
+    complete once the job is done: a later submit with those settings is accepted."""
+    wait(stack, submit(stack, out="forced/"))
+    wait(stack, submit(stack, "--force", "--det-conf", "0.3", out="forced/"))
+    manifest = json.loads(stack["client"].get_object(
+        Bucket=stack["bucket"], Key="forced/_posebatch.json")["Body"].read())
+    assert manifest["complete"] is True and manifest["settings"]["det_conf"] == 0.3
+    assert wait(stack, submit(stack, "--det-conf", "0.3", out="forced/")) in (0, 1)
+
+
 def test_watcher_restarted_between_uploads_submits_each_image_once(stack, tmp_path):
     client, bucket, env = stack["client"], stack["bucket"], stack["env"]
     drop, out = f"s3://{bucket}/drop/", f"s3://{bucket}/drop-out/"

@@ -13,14 +13,23 @@ from PIL import Image
 
 from posebatch.errors import ModelError
 from posebatch.schema import API21_NAMES
-from posebatch.settings import JobSettings
+from posebatch.settings import JobSettings, RuntimeSettings
 from tests import onnx_graphs as G
 from workers.engine import topdown
 from workers.engine.keypoints import COCO17_NAMES
 from workers.engine.pipeline import PoseEngine
-from workers.engine.runner import LAYOUT_RTMO, LAYOUT_YOLO_E2E, LAYOUT_YOLO_RAW
+from workers.engine.runner import LAYOUT_RTMO, LAYOUT_YOLO_E2E, LAYOUT_YOLO_RAW, PoseModel
 from workers.engine.simcc import decode_simcc, detect_simcc
-from workers.engine.topdown import TopDownModel, open_model
+from workers.engine.topdown import TopDownModel
+from workers.loading import open_model as open_for_runtime
+
+
+def open_model(path: str, providers: str = "cpu", intra_threads: int = 1,
+               detector: str | None = None):
+    """The model as ``run``, ``worker`` and ``serve`` open it (workers.loading)."""
+    return open_for_runtime(RuntimeSettings(model=path, detector=detector, providers=providers,
+                                            intra_threads=intra_threads))
+
 
 W, H = 640, 480          # letterboxed into 640x640 at scale 1 with 80 px of padding on top
 PAD_Y = 80.0
@@ -234,8 +243,11 @@ def test_model_choice_errors_say_what_to_do(tmp_path):
     with pytest.raises(ModelError, match="--detector is for top-down"):
         open_model(str(one_stage), "cpu", 1, detector=str(one_stage))
     pose = G.simcc(tmp_path / "p.onnx")
-    with pytest.raises(ModelError, match="pass --detector"):
-        open_model(str(pose), "cpu", 1)
+    # without --detector, the default model (posebatch model build) gives the boxes
+    default = open_model(str(pose))
+    assert isinstance(default, TopDownModel) and default.detector.info.layout == LAYOUT_YOLO_RAW
+    with pytest.raises(ModelError, match="pass --detector"):   # ... and with no default either
+        topdown.open_model(str(pose), lambda p: PoseModel(p, "cpu", 1), "cpu", 1)
     few = G.simcc(tmp_path / "few.onnx", keypoints=5)
     with pytest.raises(ModelError, match="first 17 must be COCO"):
         open_model(str(few), "cpu", 1, detector=str(one_stage))

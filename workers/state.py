@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 
 from posebatch.jobstate import JobStore
-from posebatch.modelstore import ModelRef, resolve_model
+from posebatch.modelstore import ModelRef
 from posebatch.settings import RuntimeSettings, from_env
 from workers.engine.runner import PoseModel
-from workers.engine.topdown import TopDownModel, open_model
+from workers.engine.topdown import TopDownModel
+from workers.loading import open_model, select_model
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,9 @@ def load_model() -> tuple[PoseModel | TopDownModel, ModelRef]:
     global _model, _model_ref
     if _model is None:
         rt = runtime()
-        _model_ref = resolve_model(rt.model, rt.cache_dir, rt.int8)
-        _model = open_model(str(_model_ref.path), rt.providers, rt.intra_threads, rt.detector,
-                            lambda: str(resolve_model(None, rt.cache_dir).path))
+        sel = select_model(rt)
+        _model_ref = sel.ref
+        _model = open_model(rt, sel.ref, sel.trt_present)
         log.warning("worker model %s (%s) on %s", _model_ref.name, _model_ref.sha256[:12],
                     _model.info.provider)
     assert _model_ref is not None

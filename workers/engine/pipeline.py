@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from posebatch.errors import INTERNAL_ERROR, ImageError, RetryableError
+from posebatch.errors import INTERNAL_ERROR, ConfigError, ImageError, RetryableError
 from posebatch.schema import PoseResult, error_result
 from posebatch.settings import JobSettings
 from workers.engine.decode import DecodedImage, Limits, decode_image
@@ -72,7 +72,7 @@ def prepare(key: str, load: Loader, job: JobSettings,
         return Prepared(key, tensor=to_input_tensor(canvas), image=image, box=box)
     except ImageError as err:
         return Prepared(key, error=error_result(err.code, err.message))
-    except RetryableError:
+    except (RetryableError, ConfigError):  # the storage's problem, not this image's
         raise
     except Exception as err:  # a decoder bug on one file must not take the batch down
         log.exception("unexpected error preparing %s", key)

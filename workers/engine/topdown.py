@@ -147,18 +147,21 @@ class TopDownModel:
         return out
 
 
-def open_model(path: str, providers: str = "auto", intra_threads: int = 0,
-               detector: str | None = None, default_detector: Callable[[], str] | None = None
-               ) -> PoseModel | TopDownModel:
-    """The engine's model for ``path``: a one-stage pose model, or for a SimCC graph a
-    :class:`TopDownModel` whose boxes come from ``detector`` (else ``default_detector()``)."""
+def open_model(path: str, make_pose: Callable[[str], PoseModel], providers: str = "auto",
+               intra_threads: int = 0, detector: str | None = None,
+               default_detector: Callable[[], str] | None = None) -> PoseModel | TopDownModel:
+    """The engine's model for ``path``: ``make_pose(path)`` for a one-stage pose model, or for a
+    SimCC graph a :class:`TopDownModel` whose boxes come from ``make_pose(detector)`` (else
+    from ``make_pose(default_detector())``). The SimCC session runs on CUDA when ``providers``
+    allows a GPU and this onnxruntime has CUDA, else on the CPU."""
     try:
-        model = PoseModel(path, providers, intra_threads)
+        model = make_pose(path)
     except ModelError as err:
         import onnxruntime as ort
 
+        wanted = "cuda" if providers == "tensorrt" else providers
         try:
-            simcc = SimccModel(path, choose_providers(providers, ort.get_available_providers()),
+            simcc = SimccModel(path, choose_providers(wanted, ort.get_available_providers()),
                                intra_threads)
         except NotSimcc:
             raise ModelError(f"{err}; or a top-down SimCC graph (outputs simcc_x, simcc_y; "
@@ -167,7 +170,7 @@ def open_model(path: str, providers: str = "auto", intra_threads: int = 0,
             raise ModelError(f"{path} is a top-down (SimCC) model: it needs person boxes; pass "
                              "--detector DET.onnx") from None
         det_path = detector if detector is not None else default_detector()  # type: ignore[misc]
-        return TopDownModel(PoseModel(det_path, providers, intra_threads), simcc)
+        return TopDownModel(make_pose(det_path), simcc)
     if model.info.layout == LAYOUT_YOLO_DET:
         raise ModelError(f"{path} is a person detector without keypoints: use it as --detector "
                          "with a top-down (SimCC) --model")

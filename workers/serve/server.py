@@ -12,10 +12,10 @@ import sys
 
 import numpy as np
 
-from posebatch.modelstore import ModelRef, resolve_model
+from posebatch.modelstore import ModelRef
 from posebatch.settings import JobSettings, RuntimeSettings, ServeSettings
 from workers.engine.pipeline import PoseEngine
-from workers.engine.topdown import open_model
+from workers.loading import open_model
 from workers.serve.app import ServeConfig, create_app
 from workers.serve.auth import Authority, load_keys
 from workers.serve.batcher import Batcher
@@ -43,9 +43,7 @@ def load_authority(settings: ServeSettings, no_auth: bool) -> Authority | None:
 
 def build_batcher(model: ModelRef, job: JobSettings, runtime: RuntimeSettings,
                   settings: ServeSettings, metrics_factory=Metrics) -> tuple[Batcher, Metrics]:
-    pose = open_model(str(model.path), runtime.providers, runtime.intra_threads,
-                      runtime.detector, lambda: str(resolve_model(None, runtime.cache_dir).path))
-    engine = PoseEngine(pose, job, runtime.batch_size, runtime.io_threads)
+    engine = PoseEngine(open_model(runtime, model), job, runtime.batch_size, runtime.io_threads)
     _warm_up(engine)
     metrics = metrics_factory(engine.batch_size, settings.max_queue)
     batcher = Batcher(engine, max_batch=engine.batch_size, max_wait_ms=settings.max_wait_ms,
