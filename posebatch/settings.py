@@ -59,7 +59,7 @@ class JobSettings:
     """Letterbox to the smallest stride-aligned rectangle (e.g. 480x640 for 4:3) instead of a
     square: fewer pixels, same scale. Only for models with dynamic height/width."""
     quality: str = "fast"
-    """One of QUALITIES: ``best`` is more accurate and about 4.4x slower than ``fast`` on CPU."""
+    """One of QUALITIES: ``best`` is more accurate and about 4x slower than ``fast`` on CPU."""
 
     def __post_init__(self) -> None:
         # Upper bounds keep a typo from exhausting memory: --imgsz 100000 once held 23.6 GB.

@@ -32,7 +32,7 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                    help="letterbox to a stride-aligned rectangle instead of a square")
     g.add_argument("--quality", choices=QUALITIES,
                    help="fast (default): one pass; best: + mirrored pass + a 1.5x larger pass "
-                   "for small people, about 4.4x slower on CPU (flip, scale: either alone)")
+                   "for small people, about 4x slower on CPU (flip, scale: either alone)")
     g.add_argument("--det-conf", type=float,
                    help="persons below this box score are not reported (default 0.05)")
     g.add_argument("--nms-iou", type=float, help="NMS IoU threshold (default 0.6)")
