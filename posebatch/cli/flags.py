@@ -36,14 +36,21 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--det-conf", type=float,
                    help="persons below this box score are not reported (default 0.05)")
     g.add_argument("--nms-iou", type=float, help="NMS IoU threshold (default 0.6)")
-    g.add_argument("--valid-kpt-score", type=float,
-                   help="validity rule: keypoint score threshold (default 0.2)")
-    g.add_argument("--valid-min-kpts", type=int,
-                   help="validity rule: MORE than this many keypoints above it (default 3)")
-    g.add_argument("--valid-box-score", type=float,
-                   help="validity rule: box score must exceed this (default 0.03; 0.05+ stricter)")
+    add_validity_flags(g)
     g.add_argument("--max-image-bytes", type=int,
                    help="largest accepted encoded file in bytes (default 4194304 = 4 MiB)")
+
+
+def add_validity_flags(g: argparse._ActionsContainer, defaults: tuple[str, str, str] = (
+        "0.2", "3", "0.03; 0.05+ stricter")) -> None:
+    """The seed's valid-person rule; ``run`` and ``recount`` take the same three flags."""
+    kpt, count, box = defaults
+    g.add_argument("--valid-kpt-score", type=float,
+                   help=f"validity rule: keypoint score threshold (default {kpt})")
+    g.add_argument("--valid-min-kpts", type=int,
+                   help=f"validity rule: MORE than this many keypoints above it (default {count})")
+    g.add_argument("--valid-box-score", type=float,
+                   help=f"validity rule: box score must exceed this (default {box})")
 
 
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
