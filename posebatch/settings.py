@@ -16,6 +16,9 @@ from typing import Any
 from posebatch.errors import ConfigError
 
 ENV_PREFIX = "POSEBATCH_"
+QUALITIES = ("fast", "flip", "scale", "best")
+"""``fast``: one pass. ``best``: horizontal-flip TTA plus a second, larger scale (README
+"Quality"); ``flip`` and ``scale`` are each of the two alone, to measure them separately."""
 DEFAULT_BATCH_IMAGES = 32
 """Images per cluster task: a lost worker loses little, the task overhead is amortised (CPU).
 GPU workers want 256 or more (README)."""
@@ -55,6 +58,8 @@ class JobSettings:
     rect: bool = False
     """Letterbox to the smallest stride-aligned rectangle (e.g. 480x640 for 4:3) instead of a
     square: fewer pixels, same scale. Only for models with dynamic height/width."""
+    quality: str = "fast"
+    """One of QUALITIES: ``best`` is more accurate and about 4x slower than ``fast`` on CPU."""
 
     def __post_init__(self) -> None:
         # Upper bounds keep a typo from exhausting memory: --imgsz 100000 once held 23.6 GB.
@@ -72,6 +77,7 @@ class JobSettings:
              f"from 1 to {MAX_IMAGE_BYTES} (128 MiB: more than any image within max_side)"),
             ("min_side", 1 <= self.min_side <= self.max_side, "from 1 to max_side"),
             ("max_side", self.max_side <= MAX_SIDE, f"at most {MAX_SIDE}"),
+            ("quality", self.quality in QUALITIES, f"one of {', '.join(QUALITIES)}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -97,6 +103,8 @@ class RuntimeSettings:
 
     model: str | None = None
     """Path of the ONNX model; None means the default model built by ``posebatch model build``."""
+    detector: str | None = None
+    """Person detector ONNX for a top-down (SimCC) ``model``; None: the default model's boxes."""
     providers: str = "auto"
     """``auto`` (TensorRT when its libraries load, else CUDA when available, else CPU), ``cpu``,
     ``cuda`` or ``tensorrt``."""

@@ -21,6 +21,8 @@ from workers.engine.providers import (
     tensorrt_libraries_present,
 )
 from workers.engine.runner import PoseModel
+from workers.engine.topdown import TopDownModel
+from workers.engine.topdown import open_model as open_topdown_or_pose
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def select_model(rt: RuntimeSettings) -> Selection:
     preload_cuda_libraries(ort, available)
     trt_present = TRT in available and tensorrt_libraries_present()
     kind = choose_kind(rt.providers, available, trt_present)
-    if rt.backend != "ort" and rt.precision != "fp16":
+    if rt.backend != "ort" and rt.precision != "fp16" and rt.detector is None:
         fp32 = resolve_model(rt.model, rt.cache_dir)
         backend = choose_backend(rt.backend, rt.precision, kind, str(fp32.path), fp32.sha256,
                                  rt.intra_threads, rt.cache_dir)
@@ -68,17 +70,27 @@ def select_model(rt: RuntimeSettings) -> Selection:
 
 
 def open_model(rt: RuntimeSettings, ref: ModelRef | None = None,
-               trt_present: bool | None = None, backend: str | None = None) -> Runner:
-    """The runner for ``ref`` (default: ``select_model(rt)``) with the runtime's settings.
+               trt_present: bool | None = None,
+               backend: str | None = None) -> Runner | TopDownModel:
+    """The runner for ``ref`` (default: ``select_model(rt)``) with the runtime's settings; for a
+    top-down (SimCC) model, with its detector (``rt.detector``, else the default model).
     ``backend`` None: the one ``select_model`` chooses (its measurement is cached in-process)."""
     if ref is None or backend is None:
         sel = select_model(rt)
         ref = ref or sel.ref
         trt_present = sel.trt_present if trt_present is None else trt_present
         backend = sel.backend
+    main = str(ref.path)
     if backend == "openvino":
         from workers.engine.runner_openvino import OpenVinoModel
 
-        return OpenVinoModel(str(ref.path), rt.precision, rt.intra_threads)
-    return PoseModel(str(ref.path), rt.providers, rt.intra_threads, precision=ref.precision,
-                     cache_dir=rt.cache_dir, trt_present=trt_present)
+        return OpenVinoModel(main, rt.precision, rt.intra_threads)
+
+    def make_pose(path: str) -> PoseModel:
+        # The precision (an fp16 copy) belongs to the --model file; a detector runs as given.
+        return PoseModel(path, rt.providers, rt.intra_threads,
+                         precision=ref.precision if path == main else "fp32",
+                         cache_dir=rt.cache_dir, trt_present=trt_present)
+
+    return open_topdown_or_pose(main, make_pose, rt.providers, rt.intra_threads, rt.detector,
+                                lambda: str(resolve_model(None, rt.cache_dir).path))

@@ -12,11 +12,12 @@ from posebatch.jobstate import JobStore
 from posebatch.modelstore import ModelRef
 from posebatch.settings import RuntimeSettings, from_env
 from workers.engine.backends import Runner
+from workers.engine.topdown import TopDownModel
 from workers.loading import open_model, select_model
 
 log = logging.getLogger(__name__)
 
-_model: Runner | None = None
+_model: Runner | TopDownModel | None = None
 _model_ref: ModelRef | None = None
 _store: JobStore | None = None
 _claimed: set[str] = set()  # jobs whose output manifest this process has checked and written
@@ -26,7 +27,7 @@ def runtime() -> RuntimeSettings:
     return from_env(RuntimeSettings)
 
 
-def load_model() -> tuple[Runner, ModelRef]:
+def load_model() -> tuple[Runner | TopDownModel, ModelRef]:
     """This process's model (loaded on first use) and which file it is."""
     global _model, _model_ref
     if _model is None:

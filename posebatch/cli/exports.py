@@ -14,10 +14,7 @@ from posebatch.cli import exitcodes
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="write results as COCO, YOLO pose, CVAT or Label Studio files",
-        description="Read the finished job in OUTPUT (folder or s3://bucket/prefix) and write its "
-        "results to the local folder DEST in an annotation tool's or trainer's format. Streams: "
-        "memory does not grow with the number of images. Image sizes come from OUTPUT/_counts.csv;"
-        " images are never decoded.")
+        description=cmd_export.__doc__)
     p.add_argument("output", help="a finished job's output: folder or s3://bucket/prefix")
     p.add_argument("--format", required=True, choices=("coco", "yolo", "cvat", "labelstudio"),
                    help="coco: annotations.json; yolo: images/, labels/, data.yaml; cvat: "
@@ -57,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
+    """Read the finished job in OUTPUT (folder or s3://bucket/prefix) and write its results to the
+    local folder DEST in an annotation tool's or trainer's format. Streams: memory does not grow
+    with the number of images. Image sizes come from OUTPUT/_counts.csv; images are never
+    decoded."""
     from posebatch.exports.run import ExportOptions, export
 
     opts = ExportOptions(fmt=ns.format, dest=Path(ns.dest), all_persons=ns.all_persons,

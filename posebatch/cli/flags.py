@@ -13,15 +13,15 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from posebatch.settings import JobSettings, RuntimeSettings, from_env
+from posebatch.settings import QUALITIES, JobSettings, RuntimeSettings, from_env
 
 if TYPE_CHECKING:
     from posebatch.selection import Selection
     from posebatch.storage import Storage
 
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
-              "valid_box_score", "max_image_bytes")
-RUNTIME_FIELDS = ("model", "providers", "precision", "backend", "batch_size",
+              "valid_box_score", "max_image_bytes", "quality")
+RUNTIME_FIELDS = ("model", "detector", "providers", "precision", "backend", "batch_size",
                   "intra_threads", "io_threads", "broker_url", "state_url")
 
 
@@ -30,22 +30,34 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--imgsz", type=int, help="model input side in pixels (default 640)")
     g.add_argument("--rect", action="store_true", default=None,
                    help="letterbox to a stride-aligned rectangle instead of a square")
+    g.add_argument("--quality", choices=QUALITIES,
+                   help="fast (default): one pass; best: + mirrored pass + a 1.5x larger pass "
+                   "for small people, about 4x slower on CPU (flip, scale: either alone)")
     g.add_argument("--det-conf", type=float,
                    help="persons below this box score are not reported (default 0.05)")
     g.add_argument("--nms-iou", type=float, help="NMS IoU threshold (default 0.6)")
-    g.add_argument("--valid-kpt-score", type=float,
-                   help="validity rule: keypoint score threshold (default 0.2)")
-    g.add_argument("--valid-min-kpts", type=int,
-                   help="validity rule: MORE than this many keypoints above it (default 3)")
-    g.add_argument("--valid-box-score", type=float,
-                   help="validity rule: box score must exceed this (default 0.03; 0.05+ stricter)")
+    add_validity_flags(g)
     g.add_argument("--max-image-bytes", type=int,
                    help="largest accepted encoded file in bytes (default 4194304 = 4 MiB)")
+
+
+def add_validity_flags(g: argparse._ActionsContainer, defaults: tuple[str, str, str] = (
+        "0.2", "3", "0.03; 0.05+ stricter")) -> None:
+    """The seed's valid-person rule; ``run`` and ``recount`` take the same three flags."""
+    kpt, count, box = defaults
+    g.add_argument("--valid-kpt-score", type=float,
+                   help=f"validity rule: keypoint score threshold (default {kpt})")
+    g.add_argument("--valid-min-kpts", type=int,
+                   help=f"validity rule: MORE than this many keypoints above it (default {count})")
+    g.add_argument("--valid-box-score", type=float,
+                   help=f"validity rule: box score must exceed this (default {box})")
 
 
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime (also POSEBATCH_<NAME> environment variables)")
     g.add_argument("--model", help="ONNX model file (default: the model built by `model build`)")
+    g.add_argument("--detector", help="person detector ONNX for a top-down (SimCC) --model "
+                   "(default: the default model's boxes); docs/models.md")
     g.add_argument("--providers", choices=["auto", "cpu", "cuda", "tensorrt"],
                    help="ONNX Runtime provider (default auto: TensorRT when its libraries "
                         "load, else CUDA when available, else CPU)")

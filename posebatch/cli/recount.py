@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from posebatch.cli import exitcodes
+from posebatch.cli.flags import add_validity_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,13 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "the thresholds given here; thresholds not given keep the output's own "
                        "(from _posebatch.json).")
     p.add_argument("output", help="folder or s3://bucket/prefix that `run` or `submit` wrote")
-    p.add_argument("--valid-kpt-score", type=float,
-                   help="validity rule: keypoint score threshold (default: the output's)")
-    p.add_argument("--valid-min-kpts", type=int,
-                   help="validity rule: MORE than this many keypoints above it "
-                        "(default: the output's)")
-    p.add_argument("--valid-box-score", type=float,
-                   help="validity rule: box score must exceed this (default: the output's)")
+    add_validity_flags(p, ("the output's",) * 3)
     p.set_defaults(handler=cmd_recount)
 
 

@@ -15,10 +15,7 @@ SERVE_FIELDS = ("host", "port", "api_keys_file", "qps", "max_wait_ms", "max_queu
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve the cloud body-analysis API (its SDK works unchanged)",
-        description="POST /rest/2.0/image-classify/v1/body_analysis (form field image, base64) "
-        "answers the per-image JSON of `run`; /oauth/2.0/token gives access tokens for the "
-        "keys in POSEBATCH_API_KEYS or --api-keys-file; /healthz; /metrics (Prometheus). "
-        "Concurrent requests share model calls (dynamic batching).")
+        description=cmd_serve.__doc__)
     g = p.add_argument_group("server (also POSEBATCH_<NAME> environment variables)")
     g.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     g.add_argument("--port", type=int, help="port (default 8080)")
@@ -45,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    """POST /rest/2.0/image-classify/v1/body_analysis (form field image, base64) answers the per-
+    image JSON of `run`; /oauth/2.0/token gives access tokens for the keys in POSEBATCH_API_KEYS
+    or --api-keys-file; /healthz; /metrics (Prometheus). Concurrent requests share model calls
+    (dynamic batching)."""
     from workers.loading import select_model
     from workers.serve.server import load_authority, serve
 

@@ -94,7 +94,11 @@ def _measured_choice(path: str, precision: str, threads: int, model_sha256: str,
     known = _read_choices(cache)
     if key in known:
         return str(known[key]["backend"])
-    rates = measure_backends(path, precision, threads)
+    try:
+        rates = measure_backends(path, precision, threads)
+    except ModelError as err:  # a model only ONNX Runtime's runner takes (top-down, say)
+        log.info("backend auto: ort (%s)", err)
+        return "ort"
     best = max(rates, key=lambda b: rates[b])
     log.warning("backend auto: %s (%s img/s measured at start-up, cached in %s)", best,
                 ", ".join(f"{b} {r:.1f}" for b, r in rates.items()), cache or "memory only")

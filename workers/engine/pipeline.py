@@ -30,6 +30,8 @@ from workers.engine.letterbox import (
     to_input_tensor,
     to_source_xy,
 )
+from workers.engine.topdown import TopDownModel
+from workers.engine.tta import decode_side, infer_best, passes
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ def prepare(key: str, load: Loader, job: JobSettings,
     try:
         data = load()
         image = decode_image(
-            data, Limits(job.max_image_bytes, job.min_side, job.max_side), target=job.imgsz
+            data, Limits(job.max_image_bytes, job.min_side, job.max_side),
+            target=decode_side(job.quality, job.imgsz),
         )
         if fixed_hw is not None:
             out_hw = fixed_hw
@@ -94,7 +97,7 @@ def to_result(det: Detections, item: Prepared) -> PoseResult:
 class PoseEngine:
     """Batches prepared images by input shape and runs them through one model runner."""
 
-    def __init__(self, model: Runner, job: JobSettings, batch_size: int = 0,
+    def __init__(self, model: Runner | TopDownModel, job: JobSettings, batch_size: int = 0,
                  io_threads: int = 4) -> None:
         self.model = model
         self.job = job
@@ -150,11 +153,33 @@ class PoseEngine:
     def _infer(self, group: list[Prepared]
                ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
         batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
-        full = self.model.info.fixed_batch or (
-            self.batch_size if self.model.wants_fixed_batches else 0)
-        if full and len(group) < full:
-            fill = np.zeros((full - len(group), *batch.shape[1:]), dtype=batch.dtype)
-            batch = np.concatenate([batch, fill])
-        dets = self.model.infer(batch, self.job.det_conf, self.job.nms_iou, self.job.max_persons)
+        images = [p.image.rgb for p in group if p.image is not None]
+        boxes = [p.box for p in group if p.box is not None]
+        flip, scale = passes(self.job.quality)
+        if flip or scale:
+            # A graph with a fixed input size cannot run a second scale.
+            dets = infer_best(self._run, batch, images, boxes, self.job.imgsz, self.job.rect,
+                              self.job.max_persons, flip=flip,
+                              scale=scale and self.model.info.fixed_hw is None)
+        else:
+            dets = self._run(batch)
+        if isinstance(self.model, TopDownModel):
+            dets = self.model.refine(dets, images, boxes, flip=flip)
         for det, item in zip(dets, group, strict=False):
             yield item.key, to_result(det, item).to_api(), item.image
+
+    def _run(self, batch: np.ndarray) -> list[Detections]:
+        """Model calls of at most ``batch_size`` images (padded where the model or the device
+        wants full batches), one Detections per image of ``batch``."""
+        full = self.model.info.fixed_batch or (
+            self.batch_size if self.model.wants_fixed_batches else 0)
+        out: list[Detections] = []
+        for start in range(0, len(batch), self.batch_size):
+            chunk = batch[start:start + self.batch_size]
+            if full and len(chunk) < full:
+                fill = np.zeros((full - len(chunk), *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, fill])
+            dets = self.model.infer(chunk, self.job.det_conf, self.job.nms_iou,
+                                    self.job.max_persons)
+            out += dets[:min(len(chunk), len(batch) - start)]
+        return out

@@ -22,6 +22,7 @@ from workers.engine.binding import BoundRunner
 from workers.engine.layouts import (
     Detections,
     decode_rtmo,
+    decode_yolo_det,
     decode_yolo_e2e,
     decode_yolo_raw,
 )
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 LAYOUT_YOLO_RAW = "yolo-raw"
 LAYOUT_YOLO_E2E = "yolo-e2e"
 LAYOUT_RTMO = "rtmo"
+LAYOUT_YOLO_DET = "yolo-det"  # person boxes only: a top-down model's --detector
+YOLO_DET_ROWS = (5, 84)       # one class (person) or COCO's 80 (person = class 0)
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,10 @@ class PoseModel:
 
     def infer(self, batch: np.ndarray, conf: float, iou: float, max_det: int) -> list[Detections]:
         """Run ``batch (B, 3, H, W) float32 in [0, 1]`` and decode one Detections per image."""
+        if self.info.layout == LAYOUT_RTMO:
+            # RTMO is trained on BGR 0..255 without normalisation (MMPose's data preprocessor
+            # with mean 0, std 1): same letterbox, other channel order and range.
+            batch = np.ascontiguousarray(batch[:, ::-1] * 255.0)
         names = [o.name for o in self.session.get_outputs()]
         return decode_outputs(self.info.layout, names, self.run_raw(batch), conf, iou, max_det)
 
@@ -231,9 +238,12 @@ def inspect_io(path: str, inputs: list[tuple[str, Any]], outputs: list[tuple[str
             layout = LAYOUT_YOLO_RAW
         elif dims[2] == 57:
             layout = LAYOUT_YOLO_E2E
+        elif dims[1] in YOLO_DET_ROWS:
+            layout = LAYOUT_YOLO_DET
         else:
             raise ModelError(f"{path}: output {dims} is neither [B, 56, N] (YOLO-pose) nor "
-                             "[B, K, 57] (end-to-end YOLO-pose)")
+                             "[B, K, 57] (end-to-end YOLO-pose) nor [B, 84 or 5, N] (YOLO "
+                             "person detector)")
     else:
         raise ModelError(
             f"{path}: unsupported outputs {outputs}; supported: "
@@ -252,4 +262,6 @@ def decode_outputs(layout: str, names: list[str], outs: list[np.ndarray], conf: 
                 for d, k in zip(by_name["dets"], by_name["keypoints"], strict=False)]
     if layout == LAYOUT_YOLO_E2E:
         return [decode_yolo_e2e(o, conf, max_det) for o in outs[0]]
+    if layout == LAYOUT_YOLO_DET:
+        return [decode_yolo_det(o, conf, iou, max_det) for o in outs[0]]
     return [decode_yolo_raw(o, conf, iou, max_det) for o in outs[0]]

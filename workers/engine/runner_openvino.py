@@ -22,7 +22,7 @@ import numpy as np
 
 from posebatch.errors import ModelError
 from workers.engine.layouts import Detections
-from workers.engine.runner import ModelInfo, decode_outputs, inspect_io
+from workers.engine.runner import LAYOUT_RTMO, ModelInfo, decode_outputs, inspect_io
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class OpenVinoModel:
 
     def infer(self, batch: np.ndarray, conf: float, iou: float, max_det: int) -> list[Detections]:
         """Run ``batch (B, 3, H, W) float32 in [0, 1]`` and decode one Detections per image."""
+        if self.info.layout == LAYOUT_RTMO:  # BGR 0..255, as runner.PoseModel.infer explains
+            batch = np.ascontiguousarray(batch[:, ::-1] * 255.0)
         return decode_outputs(self.info.layout, self._out_names, self.run_raw(batch), conf, iou,
                               max_det)
 
