@@ -96,8 +96,9 @@ def _measured_choice(path: str, precision: str, threads: int, model_sha256: str,
         return str(known[key]["backend"])
     try:
         rates = measure_backends(path, precision, threads)
-    except ModelError as err:  # a model only ONNX Runtime's runner takes (top-down, say)
-        log.info("backend auto: ort (%s)", err)
+    except Exception as err:  # noqa: BLE001 - a model only ORT takes (top-down), or one that
+        # fails to run: keep ORT, cache nothing, and let the first real batch report the error.
+        log.warning("backend auto: ort (measuring failed: %s)", err)
         return "ort"
     best = max(rates, key=lambda b: rates[b])
     log.warning("backend auto: %s (%s img/s measured at start-up, cached in %s)", best,
