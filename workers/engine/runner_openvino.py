@@ -85,6 +85,9 @@ class OpenVinoModel:
         self._chunk = self.info.fixed_batch or 1
         self._compiled: dict[tuple[int, int], Any] = {}
         self._lock = threading.Lock()
+        # Compile the usual input size now, as ONNX Runtime plans its session at creation: a job
+        # then starts at full speed (compiling takes about a second on 2 cores).
+        self._queue_for(self.info.fixed_hw or (640, 640))
         log.info("model %s (%s) on %s", path, self.info.layout, self.info.provider)
 
     def _queue_for(self, hw: tuple[int, int]) -> Any:
