@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from posebatch.errors import StorageNotFound
+from posebatch.errors import PosebatchError, StorageNotFound
+from posebatch.imagesize import upright_size
 from posebatch.records import Record
 
 SUMMARY_NAME = "_summary.json"
@@ -83,36 +84,53 @@ def summary_json(summary: dict[str, Any]) -> bytes:
 
 
 def write_aggregates(dst: Any, records: list[Record], meta: dict[str, Any],
-                     prefix: str = "") -> dict[str, Any]:
+                     prefix: str = "", src: Any = None) -> dict[str, Any]:
     """Write ``_counts.csv`` then ``_summary.json`` (the summary last: its presence means both
-    are complete) to storage ``dst``; return the summary."""
+    are complete) to storage ``dst``; return the summary. ``src`` (the job's input) fills the
+    sizes no earlier count table knows."""
     summary = summarize(records, meta)
-    records = keep_known_sizes(dst, records, prefix)
+    records = keep_known_sizes(dst, records, prefix, src)
     dst.write(prefix + COUNTS_NAME, counts_csv(records), "text/csv")
     dst.write(prefix + SUMMARY_NAME, summary_json(summary), "application/json")
     return summary
 
 
-def keep_known_sizes(dst: Any, records: list[Record], prefix: str = "") -> list[Record]:
-    """Fill the sizes that records of skipped images lack from the count table being replaced.
+def keep_known_sizes(dst: Any, records: list[Record], prefix: str = "",
+                     src: Any = None) -> list[Record]:
+    """Fill the sizes that records of skipped images lack: from the count table being replaced,
+    else (with ``src``) from the image's header.
 
     An image skipped because its result exists was not decoded in this run; its size was
-    recorded by the run that processed it, in the previous ``_counts.csv``.
+    recorded by the run that processed it, in the previous ``_counts.csv``, unless that run never
+    wrote one: a worker that died after writing results but before recording them (its batch
+    is redelivered and skips them). Those few are read from the input; no pixel is decoded.
     """
     missing = {r.key for r in records if r.ok and r.width is None}
     if not missing:
         return records
+    sizes: dict[str, tuple[int, int]] = {}
     try:
         old = dst.read(prefix + COUNTS_NAME).decode("utf-8-sig")
     except (StorageNotFound, UnicodeDecodeError):
-        return records
-    sizes: dict[str, tuple[int, int]] = {}
+        old = ""
     for row in csv.DictReader(io.StringIO(old, newline="")):
         if row.get("key") in missing and (row.get("width") or "").isdigit() and (
                 row.get("height") or "").isdigit():
             sizes[row["key"]] = (int(row["width"]), int(row["height"]))
+    if src is not None:
+        for key in sorted(missing - sizes.keys()):
+            size = _header_size(src, key)
+            if size is not None:
+                sizes[key] = size
     return [replace(r, width=sizes[r.key][0], height=sizes[r.key][1])
             if r.width is None and r.key in sizes else r for r in records]
+
+
+def _header_size(src: Any, key: str) -> tuple[int, int] | None:
+    try:
+        return upright_size(src.read(key))
+    except (PosebatchError, OSError):  # gone or unreadable since: the size stays unknown
+        return None
 
 
 # Fields of the summary that describe one run rather than the results; comparisons ignore them.

@@ -263,7 +263,8 @@ class JobStore:
                         "created": created, "finished": now_iso(), "model": model,
                         "settings": meta.get("settings")}
         prefix = meta.get("summary_prefix", "").replace("{job_id}", job_id)
-        summary = write_aggregates(dst, records, summary_meta, prefix)
+        src = open_storage(meta["input"]) if meta.get("input") else None
+        summary = write_aggregates(dst, records, summary_meta, prefix, src)
         # A --force job that changed model or settings marked the output unfinished; clear the
         # mark only when no image may still hold an old result (a batch that failed for good
         # leaves its images' old results and records 282000 "batch ...": then it stays marked).

@@ -62,7 +62,7 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
     meta = {"job_id": job_id, "input": src.url, "output": dst.url, "created": created,
             "finished": _now(), "model": {"name": model.name, "sha256": model.sha256},
             "settings": job.to_dict()}
-    summary = write_aggregates(dst, records, meta)
+    summary = write_aggregates(dst, records, meta, src=src)
     return RunOutcome(summary, time.monotonic() - started)
 
 
