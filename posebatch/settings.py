@@ -112,6 +112,42 @@ class RuntimeSettings:
             raise ConfigError(f"io_threads: expected >= 1, got {self.io_threads}")
 
 
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """How the cluster keeps its promises: leases on batches, how long job state is kept.
+
+    Read from ``POSEBATCH_*`` variables by every process of the cluster (workers, control worker,
+    producer); they must agree, so set them once in the deployment's environment.
+    """
+
+    visibility_timeout: int = 60
+    """Seconds an unacknowledged batch stays invisible before Redis gives it to another worker.
+    A live worker renews it (``lease_renew``), so it bounds how long a lost machine's batch
+    waits, not how long a batch may run."""
+    lease_renew: float = 0.0
+    """Seconds between lease renewals by a worker's main process; 0 = a quarter of the
+    visibility timeout (15 s by default), so a missed renewal or two (a Redis blip) does not
+    hand a running batch out again."""
+    job_retention: int = 7 * 24 * 3600
+    """Seconds a finished job's state (records, counters) stays in Redis for ``status``; every
+    job key gets this expiry when the job is finalized. The results live in storage."""
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.visibility_timeout <= 24 * 3600:
+            raise ConfigError("visibility_timeout: expected 2 to 86400 seconds, got "
+                              f"{self.visibility_timeout}")
+        if self.lease_renew != 0 and not 0.1 <= self.lease_renew <= self.visibility_timeout / 2:
+            raise ConfigError(f"lease_renew: expected 0.1 s to half the visibility timeout "
+                              f"({self.visibility_timeout / 2:g} s), got {self.lease_renew}")
+        if self.job_retention < 60:
+            raise ConfigError(f"job_retention: expected >= 60 seconds, got {self.job_retention}")
+
+    @property
+    def renew_seconds(self) -> float:
+        return self.lease_renew or self.visibility_timeout / 4
+
+
 def from_env(cls: type, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None):
     """Build ``cls`` from defaults < ``POSEBATCH_<FIELD>`` variables < explicit overrides (flags).
 

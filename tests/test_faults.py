@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -139,11 +140,14 @@ class Cluster:
         self.out = f"out-{test_name.replace('_', '-')[5:25]}-{uuid.uuid4().hex[:6]}/"
         self.workers: list[WorkerProcess] = []
         self.client = s3.client()
+        self.visibility_timeout: int | None = VISIBILITY_TIMEOUT
+        """None: the defaults of ClusterSettings (what a deployment gets)."""
 
     @property
     def env(self) -> dict[str, str]:
+        timeout = "" if self.visibility_timeout is None else str(self.visibility_timeout)
         return {**self.s3.env(), "POSEBATCH_BROKER_URL": self.redis.url,
-                "POSEBATCH_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
+                "POSEBATCH_VISIBILITY_TIMEOUT": timeout,
                 "POSEBATCH_BATCH_SIZE": str(MODEL_BATCH)}
 
     def start_workers(self, n: int) -> list[WorkerProcess]:
@@ -226,6 +230,55 @@ def test_worker_killed_mid_batch_another_worker_finishes(cluster: Cluster):
     deliveries = cluster.store().r.hgetall(f"posebatch:job:{job_id}:deliveries")
     assert max(int(v) for v in deliveries.values()) >= 2  # the killed batch ran again
     cluster.check("worker SIGKILLed mid-batch")
+
+
+def test_machine_lost_mid_job_with_default_settings_the_job_finishes_within_two_minutes(
+        cluster: Cluster):
+    """Spot reclaim with the settings a deployment gets (60 s lease): the lost batch returns
+    by itself and another worker runs it; `wait` needs no help and no human resubmits."""
+    cluster.visibility_timeout = None
+    lost, _survivor = cluster.start_workers(2)
+    job_id = cluster.submit()
+    wait_until(lambda: cluster.mid_batch(job_id, min_done=1) and batches_in_flight(lost) > 0,
+               90, "the first worker half way through a batch")
+    lost.kill()  # the whole process group: nothing renews its batch any more
+    p = cluster.store().progress(job_id)
+    assert p is not None and p.state != "done"
+    proc = cluster.wait(job_id, timeout=120)  # exit 4 if not done two minutes after the loss
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    deliveries = cluster.store().r.hgetall(f"posebatch:job:{job_id}:deliveries")
+    assert max(int(v) for v in deliveries.values()) == 2  # the lost batch, run once more
+    cluster.check("machine lost mid-job, default 60 s lease")
+
+
+LEASE_TIMEOUT = 2  # visibility timeout of the long-batch test; renewed every 0.5 s
+
+
+def test_batch_running_three_times_the_visibility_timeout_on_a_live_worker_runs_once(
+        cluster: Cluster):
+    """The lease, not the timeout, decides: one batch much longer than the visibility timeout,
+    an idle second worker that would take it if it were handed out again: it runs once."""
+    cluster.visibility_timeout = LEASE_TIMEOUT
+    cluster.start_workers(2)
+    n = len(cluster.stack["keys"])
+    job_id = run_cli("submit", cluster.stack["input"], "--out",
+                     f"s3://{cluster.bucket}/{cluster.out}", "--batch-images", str(n),
+                     env=cluster.env).stdout.split()[-1]
+    proc = cluster.wait(job_id)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    took = [float(m) for w in cluster.workers
+            for m in re.findall(r"process_batch\[[^\]]+\] succeeded in ([0-9.]+)s",
+                                worker_log(w))]
+    assert len(took) == 1, took
+    if took[0] < 3 * LEASE_TIMEOUT:
+        pytest.fail(f"the batch took {took[0]:.1f} s, too short to test a lease of "
+                    f"{LEASE_TIMEOUT} s: make it longer")
+    deliveries = cluster.store().r.hgetall(f"posebatch:job:{job_id}:deliveries")
+    assert {k.decode(): int(v) for k, v in deliveries.items()} == {"00000000": 1}
+    received = sum(len(re.findall(r"process_batch\[[^\]]+\] received", worker_log(w)))
+                   for w in cluster.workers)
+    assert received == 1  # never handed to the idle worker, not even to wait in its prefetch
+    cluster.check("batch running 3x the visibility timeout on a live worker")
 
 
 def test_all_workers_killed_then_restarted_later(cluster: Cluster):
