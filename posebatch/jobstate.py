@@ -32,6 +32,10 @@ from posebatch.records import Record
 
 PREFIX = "posebatch"
 FINALIZE_LOCK_SECONDS = 600
+JOB_PARTS = ("", "records", "failed", "deliveries", "finalizing")
+"""Every Redis key of a job (``posebatch:job:<id>`` plus these suffixes): what expires and what
+``jobs prune`` deletes. A new per-job key must be added here (tests/test_jobstate_ttl.py checks
+that every key a finished job leaves behind has an expiry)."""
 
 
 _P = ParamSpec("_P")
@@ -121,6 +125,23 @@ class JobStore:
     def _k(self, job_id: str, *parts: str) -> str:
         return ":".join((PREFIX, "job", job_id, *parts))
 
+    def _job_keys(self, job_id: str) -> list[str]:
+        return [self._k(job_id, *([part] if part else [])) for part in JOB_PARTS]
+
+    def _retention(self) -> int:
+        from posebatch.settings import ClusterSettings, from_env
+
+        return from_env(ClusterSettings).job_retention
+
+    def _expire(self, job_id: str, seconds: int | None = None) -> None:
+        """Give every key of a finished job an expiry: Redis holds what running jobs need plus
+        ``job_retention`` of history, never an ever-growing archive (results are in storage)."""
+        ttl = self._retention() if seconds is None else seconds
+        pipe = self.r.pipeline(transaction=False)
+        for key in self._job_keys(job_id):
+            pipe.expire(key, ttl)
+        pipe.execute()
+
     # -- producer side -------------------------------------------------------------------
     @translated
     def create(self, job_id: str, meta: dict[str, Any]) -> None:
@@ -135,6 +156,40 @@ class JobStore:
     def mark_submitted(self, job_id: str, total: int, batches: int) -> None:
         self.r.hset(self._k(job_id), mapping={"submitted": 1, "total": total, "batches": batches,
                                               "state": "running" if total else "done"})
+        if not total:
+            self.r.hset(self._k(job_id), "finished", now_iso())
+            self._expire(job_id)
+
+    @translated
+    def discard(self, job_id: str) -> None:
+        """Forget a job that never got to the queue (its submit failed): no phantom job that
+        `status` would show as submitting forever."""
+        pipe = self.r.pipeline()
+        pipe.delete(*self._job_keys(job_id))
+        pipe.zrem(f"{PREFIX}:jobs", job_id)
+        pipe.execute()
+
+    @translated
+    def prune(self, older_than: float = 0.0) -> list[str]:
+        """Delete the state of jobs finished more than ``older_than`` seconds ago, and drop ids
+        whose state has expired from the job index; return the ids removed. Running jobs are
+        never touched."""
+        removed = []
+        cutoff = time.time() - older_than
+        for raw in self.r.zrange(f"{PREFIX}:jobs", 0, -1):
+            job_id = raw.decode()
+            state, finished = self.r.hmget(self._k(job_id), "state", "finished")
+            if state is None:
+                gone = True  # expired (or lost): only the index entry is left
+            elif state == b"done" and finished is not None:
+                ended = datetime.fromisoformat(finished.decode()).timestamp()
+                gone = ended <= cutoff
+            else:
+                gone = False
+            if gone:
+                self.discard(job_id)
+                removed.append(job_id)
+        return removed
 
     @translated
     def exists(self, job_id: str) -> bool:
@@ -153,7 +208,17 @@ class JobStore:
 
     @translated
     def recent(self, limit: int = 20) -> list[str]:
-        return [j.decode() for j in self.r.zrevrange(f"{PREFIX}:jobs", 0, limit - 1)]
+        """The newest jobs whose state is still here; ids whose state expired are dropped from
+        the index on the way (the index itself has no expiry)."""
+        ids = [j.decode() for j in self.r.zrevrange(f"{PREFIX}:jobs", 0, limit - 1)]
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(self._k(job_id))
+        alive = pipe.execute() if ids else []
+        gone = [j for j, a in zip(ids, alive, strict=True) if not a]
+        if gone:
+            self.r.zrem(f"{PREFIX}:jobs", *gone)
+        return [j for j, a in zip(ids, alive, strict=True) if a]
 
     # -- worker side ---------------------------------------------------------------------
     @translated
@@ -165,9 +230,12 @@ class JobStore:
         shows as forever "submitting" instead of saying the state was lost.
         """
         records = list(records)
-        if not self.has_job(job_id):
+        has_meta, state = self.r.hmget(self._k(job_id), "meta", "state")
+        if has_meta is None:
             return False
-        if not records:
+        if not records or state == b"done":
+            # A late duplicate of a batch (redelivered after the job was finalized) would only
+            # rewrite the same records, and a set it created anew would have no expiry.
             return True
         pipe = self.r.pipeline()
         pipe.hsetnx(self._k(job_id), "started_at", time.time())
@@ -243,6 +311,7 @@ class JobStore:
         try:
             self.write_aggregates(job_id)
             self.r.hset(self._k(job_id), mapping={"state": "done", "finished": now_iso()})
+            self._expire(job_id)
             return True
         finally:
             self.r.delete(lock)

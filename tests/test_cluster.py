@@ -114,6 +114,10 @@ def test_status_reports_the_finished_job(stack, first_job):
     assert f"job {first_job}: done" in proc.stdout
     n = len(stack["keys"])
     assert f"{n}/{n} images done, 2 failed" in proc.stdout
+    # Redis stays bounded: every key the finished job left behind expires.
+    r = stack["redis"].client()
+    keys = list(r.scan_iter(f"posebatch:job:{first_job}*"))
+    assert len(keys) >= 3 and all(r.ttl(k) > 0 for k in keys), {k: r.ttl(k) for k in keys}
 
 
 def test_resubmission_processes_nothing_and_force_reprocesses_with_exact_counts(stack,

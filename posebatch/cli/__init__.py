@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 
 from posebatch import __version__
-from posebatch.cli import cluster, evaluate, exitcodes, model, run, worker
+from posebatch.cli import cluster, evaluate, exitcodes, jobs, model, run, worker
 
-COMMAND_GROUPS = (run, model, evaluate, cluster, worker)
+COMMAND_GROUPS = (run, model, evaluate, cluster, worker, jobs)
 
 
 def make_argument_parser() -> argparse.ArgumentParser:
