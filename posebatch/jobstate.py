@@ -104,6 +104,8 @@ class JobProgress:
     """When the last image was recorded: a running job with no progress for long has stalled."""
     finished: str | None
     output: str
+    error: str | None = None
+    """Why a job was abandoned (its submission failed part way)."""
 
     @property
     def rate(self) -> float:
@@ -170,6 +172,14 @@ class JobStore:
         pipe.execute()
 
     @translated
+    def abandon(self, job_id: str, reason: str) -> None:
+        """A submission that failed after queuing some batches: `wait` and `status` say so and
+        why, instead of "submitting" forever; the state expires like a finished job's."""
+        self.r.hset(self._k(job_id), mapping={"state": "abandoned", "error": reason,
+                                              "finished": now_iso()})
+        self._expire(job_id)
+
+    @translated
     def prune(self, older_than: float = 0.0) -> list[str]:
         """Delete the state of jobs finished more than ``older_than`` seconds ago, and drop ids
         whose state has expired from the job index; return the ids removed. Running jobs are
@@ -181,7 +191,7 @@ class JobStore:
             state, finished = self.r.hmget(self._k(job_id), "state", "finished")
             if state is None:
                 gone = True  # expired (or lost): only the index entry is left
-            elif state == b"done" and finished is not None:
+            elif state in (b"done", b"abandoned") and finished is not None:
                 ended = datetime.fromisoformat(finished.decode()).timestamp()
                 gone = ended <= cutoff
             else:
@@ -219,6 +229,13 @@ class JobStore:
         if gone:
             self.r.zrem(f"{PREFIX}:jobs", *gone)
         return [j for j, a in zip(ids, alive, strict=True) if a]
+
+    @translated
+    def server_started(self) -> float | None:
+        """When this Redis server started (``INFO server``), to tell a lost state from a
+        mistyped id; None if the server does not say."""
+        uptime = self.r.info("server").get("uptime_in_seconds")
+        return None if uptime is None else time.time() - float(uptime)
 
     # -- worker side ---------------------------------------------------------------------
     @translated
@@ -290,7 +307,7 @@ class JobStore:
             submitted=h.get("submitted") == "1", created=h.get("created", ""),
             started_at=float(h["started_at"]) if "started_at" in h else None,
             updated_at=float(h["updated_at"]) if "updated_at" in h else None,
-            finished=h.get("finished"), output=meta.get("output", ""),
+            finished=h.get("finished"), output=meta.get("output", ""), error=h.get("error"),
         )
 
     @translated

@@ -7,8 +7,10 @@ batches while the listing is still running.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+from itertools import chain, islice
+from typing import Any
 
 from posebatch.errors import ConfigError
 from posebatch.jobstate import JobStore, new_job_id
@@ -16,7 +18,10 @@ from posebatch.keys import is_image_key
 from posebatch.manifest import check_output, manifest
 from posebatch.queue import PROCESS_BATCH, QUEUE, broker_errors, make_app
 from posebatch.settings import DEFAULT_BATCH_IMAGES, JobSettings
-from posebatch.storage import open_storage
+from posebatch.storage import Storage, open_storage
+
+JOBS_FOLDER = "_jobs/"
+JOB_RECORD = "_job.json"
 
 
 def chunked(keys: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -25,11 +30,31 @@ def chunked(keys: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def check_reachable(src: Storage, dst: Storage, job_id: str, listing: Iterator[str],
+                    meta: dict[str, Any]) -> Iterator[str]:
+    """Fail before anything is queued when INPUT cannot be listed or OUTPUT cannot be written.
+
+    Why: a job queued towards a missing bucket ran every batch into the same error, and `status`
+    said "running" meanwhile. The input check takes the listing's first page (the listing then
+    continues from it); the output check writes ``_jobs/<job id>/_job.json`` (the job's input,
+    output and settings: a record of who wrote into this output, and when).
+    """
+    first = next(listing, None)
+    dst.write(f"{JOBS_FOLDER}{job_id}/{JOB_RECORD}",
+              (json.dumps({"job_id": job_id, **meta}, indent=2) + "\n").encode(),
+              "application/json")
+    return listing if first is None else chain([first], listing)
+
+
 def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str,
            state_url: str | None = None, batch_images: int = DEFAULT_BATCH_IMAGES,
            force: bool = False, job_id: str | None = None, keys: Iterable[str] | None = None,
            summary_prefix: str = "", on_batch: Callable[[int], None] | None = None) -> str:
-    """Enqueue one job; return its id. ``keys`` (relative to INPUT) replaces the listing."""
+    """Enqueue one job; return its id. ``keys`` (relative to INPUT) replaces the listing.
+
+    A submission that fails leaves no phantom job: before anything is queued the job is
+    forgotten; after that it is marked ``abandoned`` (with the error), so `wait` ends.
+    """
     if batch_images < 1:
         raise ConfigError(f"--batch-images: expected >= 1, got {batch_images}")
     src, dst = open_storage(input_url), open_storage(output_url)
@@ -37,24 +62,37 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
         check_output(dst, manifest(job))
     store = JobStore.from_url(state_url or broker_url)
     job_id = job_id or new_job_id()
-    store.create(job_id, {"input": src.url, "output": dst.url,
-                          "settings": job.to_dict(), "force": force,
-                          "summary_prefix": summary_prefix})
+    meta = {"input": src.url, "output": dst.url, "settings": job.to_dict(), "force": force,
+            "summary_prefix": summary_prefix}
+    listing = check_reachable(
+        src, dst, job_id, iter(keys) if keys is not None else
+        (k for k in src.iter_keys() if is_image_key(k)), meta)
+    store.create(job_id, meta)
     app = make_app(broker_url)
-    listing = keys if keys is not None else (k for k in src.iter_keys() if is_image_key(k))
     total = batches = 0
-    with broker_errors(), app.producer_or_acquire() as producer:
-        for batch in chunked(listing, batch_images):
-            app.send_task(
-                PROCESS_BATCH, queue=QUEUE, producer=producer,
-                kwargs={"job_id": job_id, "batch_id": f"{batches:08d}", "input_url": src.url,
-                        "output_url": dst.url, "keys": batch, "settings": job.to_dict(),
-                        "force": force},
-            )
-            total += len(batch)
-            batches += 1
-            if on_batch:
-                on_batch(len(batch))
+    try:
+        with broker_errors(), app.producer_or_acquire() as producer:
+            for batch in chunked(listing, batch_images):
+                app.send_task(
+                    PROCESS_BATCH, queue=QUEUE, producer=producer,
+                    kwargs={"job_id": job_id, "batch_id": f"{batches:08d}",
+                            "input_url": src.url, "output_url": dst.url, "keys": batch,
+                            "settings": job.to_dict(), "force": force},
+                    kwargsrepr=f"{{'job_id': {job_id!r}, 'batch_id': '{batches:08d}', "
+                               f"'keys': [{len(batch)} keys]}}",
+                )
+                total += len(batch)
+                batches += 1
+                if on_batch:
+                    on_batch(len(batch))
+    except BaseException as err:
+        if batches == 0:
+            store.discard(job_id)
+        else:
+            store.abandon(job_id, f"submission stopped after {batches} batches ({total} images)"
+                          f": {err}; run the same submit again (images with results are "
+                          "skipped)")
+        raise
     store.mark_submitted(job_id, total, batches)
     if total == 0:
         store.write_aggregates(job_id)
