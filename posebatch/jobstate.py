@@ -106,6 +106,8 @@ class JobProgress:
     output: str
     error: str | None = None
     """Why a job was abandoned (its submission failed part way)."""
+    waiting: str | None = None
+    """Why a running job is not moving (a storage outage its batches are waiting out)."""
 
     @property
     def rate(self) -> float:
@@ -257,6 +259,7 @@ class JobStore:
         pipe = self.r.pipeline()
         pipe.hsetnx(self._k(job_id), "started_at", time.time())
         pipe.hset(self._k(job_id), "updated_at", time.time())
+        pipe.hdel(self._k(job_id), "waiting", "waiting_since")
         pipe.hset(self._k(job_id, "records"), mapping={r.key: r.to_json() for r in records})
         failed = [r.key for r in records if not r.ok]
         ok = [r.key for r in records if r.ok]
@@ -266,6 +269,12 @@ class JobStore:
             pipe.srem(self._k(job_id, "failed"), *ok)
         pipe.execute()
         return True
+
+    @translated
+    def note_waiting(self, job_id: str, why: str) -> None:
+        """Say in the job's status why it is not moving (a storage outage being waited out);
+        cleared by the next recorded batch."""
+        self.r.hset(self._k(job_id), mapping={"waiting": why, "waiting_since": time.time()})
 
     @translated
     def has_record(self, job_id: str, keys: list[str]) -> list[bool]:
@@ -308,6 +317,7 @@ class JobStore:
             started_at=float(h["started_at"]) if "started_at" in h else None,
             updated_at=float(h["updated_at"]) if "updated_at" in h else None,
             finished=h.get("finished"), output=meta.get("output", ""), error=h.get("error"),
+            waiting=h.get("waiting"),
         )
 
     @translated

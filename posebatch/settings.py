@@ -133,7 +133,14 @@ class ClusterSettings:
     """Seconds a finished job's state (records, counters) stays in Redis for ``status``; every
     job key gets this expiry when the job is finalized. The results live in storage."""
 
+    storage_patience: int = 600
+    """Seconds a cluster batch waits out a storage outage (connection refused, timeouts, 5xx),
+    retrying with backoff up to a minute apart, before its images are recorded as failed."""
+
     def __post_init__(self) -> None:
+        if not 0 <= self.storage_patience <= 24 * 3600:
+            raise ConfigError("storage_patience: expected 0 to 86400 seconds, got "
+                              f"{self.storage_patience}")
         if not 2 <= self.visibility_timeout <= 24 * 3600:
             raise ConfigError("visibility_timeout: expected 2 to 86400 seconds, got "
                               f"{self.visibility_timeout}")

@@ -28,7 +28,13 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from posebatch.errors import ConfigError, StorageError, StorageNotFound, UnsafeKeyError
+from posebatch.errors import (
+    ConfigError,
+    StorageError,
+    StorageNotFound,
+    StorageUnreachable,
+    UnsafeKeyError,
+)
 
 _TMP_PREFIX = ".posebatch-tmp-"  # partial writes in progress; never listed
 
@@ -238,9 +244,12 @@ class S3Storage:
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 return StorageNotFound(f"{where} does not exist")
             cause = f"{code or 'error'} (HTTP {status}): {info.get('Message', '')}"
+            outage = isinstance(status, int) and status >= 500
         else:
             cause = f"{type(err).__name__}: {err}"
-        return StorageError(self._scrub(f"S3 {op} {where} failed: {cause}"))
+            outage = True  # no answer at all: connection refused or reset, timeout
+        kind = StorageUnreachable if outage else StorageError
+        return kind(self._scrub(f"S3 {op} {where} failed: {cause}"))
 
     def _scrub(self, text: str) -> str:
         secrets = [os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")]

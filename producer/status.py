@@ -25,6 +25,8 @@ def describe(p: JobProgress) -> str:
         line += f"; summary in {p.output}"
     if p.state == "abandoned":
         line += f": {p.error}"
+    if p.state == "running" and p.waiting:
+        line += f"; waiting: {p.waiting}"
     idle = time.time() - (p.updated_at or p.started_at or time.time())
     if p.state == "running" and idle > STALL_SECONDS:
         line += (f"; no progress for {idle / 60:.0f} min: check that workers run "

@@ -20,6 +20,7 @@ class MemoryJobState:
         self.deliveries: Counter[tuple[str, str]] = Counter()
         self.total = total
         self.finalized = 0
+        self.waiting = ""
         self.down = 0
         """How many calls still fail with StateUnavailable (an outage), -1 for forever."""
 
@@ -47,6 +48,10 @@ class MemoryJobState:
             return False
         self.records[job_id].update((r.key, r) for r in records)
         return True
+
+    def note_waiting(self, job_id: str, why: str) -> None:
+        self._call()
+        self.waiting = why
 
     def maybe_finalize(self, job_id: str) -> bool:
         self._call()

@@ -389,6 +389,31 @@ def test_s3_unreachable_for_seconds_mid_job(cluster: Cluster):
     cluster.check("S3 server unreachable for seconds")
 
 
+OUTAGE_SECONDS = 25  # longer than the 1+2+4+8 s of retries that used to fail every image
+
+
+def test_s3_outage_of_half_a_minute_is_waited_out_and_fails_no_image(cluster: Cluster):
+    """Issue 11 row 8: the batches wait out the outage (bounded by POSEBATCH_STORAGE_PATIENCE,
+    600 s) with backoff, and `status` says why the job is not moving."""
+    cluster.start_workers(2)
+    job_id = cluster.submit()
+    wait_until(lambda: cluster.mid_batch(job_id), 60, "a worker half way through a batch")
+    cluster.s3.kill()
+    down_at = time.monotonic()
+
+    def says_waiting() -> bool:
+        out = run_cli("status", job_id, env=cluster.env).stdout
+        return "waiting: storage unreachable" in out
+
+    wait_until(says_waiting, 60, "status to say the job waits out a storage outage")
+    time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))  # the fault's length
+    cluster.s3.start()
+    proc = cluster.wait(job_id)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # 0: no image failed
+    assert "waiting" not in run_cli("status", job_id, env=cluster.env).stdout
+    cluster.check("S3 server down for half a minute mid-job")
+
+
 # -- the producer -----------------------------------------------------------------------------
 
 LISTING_IMAGES = 400  # a "large listing": 200 batches of 2, enqueued in a fraction of a second

@@ -17,7 +17,7 @@ from posebatch.errors import PermanentError
 from posebatch.manifest import claim_output, manifest
 from posebatch.queue import PROCESS_BATCH
 from posebatch.records import Record
-from posebatch.settings import JobSettings
+from posebatch.settings import ClusterSettings, JobSettings, from_env
 from posebatch.storage import Storage, open_storage
 from workers import policy, state
 from workers.batch import process_keys
@@ -31,13 +31,14 @@ class ModelMismatch(PermanentError):
     """Two workers of one job run different models: their results must not mix."""
 
 
-@app.task(name=PROCESS_BATCH, bind=True, acks_late=True, max_retries=policy.MAX_RETRIES)
+@app.task(name=PROCESS_BATCH, bind=True, acks_late=True, max_retries=None)
 def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: str,
                   keys: list[str], settings: dict[str, Any], force: bool = False) -> int:
     """Process one batch; the message is acknowledged only once every image has a record.
 
-    ``max_retries`` must equal the policy's: with Celery's default (3) the last retry raised the
-    storage error instead of recording the images as failed, and the job never completed.
+    ``max_retries=None``: the policy alone bounds retries (a count for storage errors, a time
+    for storage outages). With Celery's default (3) the last retry raised the storage error
+    instead of recording the images as failed, and the job never completed.
     """
     attempt = policy.Attempt(job_id, batch_id, keys, self.request.retries)
 
@@ -45,7 +46,8 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
         return _run(job_id, input_url, output_url, keys, JobSettings.from_dict(settings), force)
 
     try:
-        return policy.run_batch(state.job_store(), attempt, work)
+        return policy.run_batch(state.job_store(), attempt, work,
+                                storage_patience=from_env(ClusterSettings).storage_patience)
     except policy.Requeue as err:
         # Not acknowledged: back to the queue (or, if the broker is down too, redelivered after
         # the visibility timeout). Recording nothing now loses nothing: records are idempotent.
