@@ -32,7 +32,7 @@ from posebatch.records import Record
 
 PREFIX = "posebatch"
 FINALIZE_LOCK_SECONDS = 600
-JOB_PARTS = ("", "records", "failed", "deliveries", "finalizing")
+JOB_PARTS = ("", "records", "failed", "deliveries", "finalizing", "batches")
 """Every Redis key of a job (``posebatch:job:<id>`` plus these suffixes): what expires and what
 ``jobs prune`` deletes. A new per-job key must be added here (tests/test_jobstate_ttl.py checks
 that every key a finished job leaves behind has an expiry)."""
@@ -165,6 +165,28 @@ class JobStore:
             self._expire(job_id)
 
     @translated
+    def add_batches(self, job_id: str, batches: dict[str, list[str]]) -> None:
+        """Keep the keys of queued batches until each is recorded (``batches`` hash, batch id ->
+        JSON list of keys). Why here and not only in the message: the message then carries no
+        key list (a few hundred bytes whatever the batch size), and a batch whose message was
+        lost (kombu's gap: popped in the last instant before a machine died) can be queued again
+        from here (``producer.reaper``). The hash holds only what is still outstanding."""
+        if batches:
+            self.r.hset(self._k(job_id, "batches"),
+                        mapping={b: json.dumps(keys, ensure_ascii=False)
+                                 for b, keys in batches.items()})
+
+    @translated
+    def batch_keys(self, job_id: str, batch_id: str) -> list[str] | None:
+        """The keys of a batch not recorded yet; None once it is (or the job is gone)."""
+        raw = self.r.hget(self._k(job_id, "batches"), batch_id)
+        return None if raw is None else json.loads(raw)
+
+    @translated
+    def pending_batches(self, job_id: str) -> set[str]:
+        return {b.decode() for b in self.r.hkeys(self._k(job_id, "batches"))}
+
+    @translated
     def discard(self, job_id: str) -> None:
         """Forget a job that never got to the queue (its submit failed): no phantom job that
         `status` would show as submitting forever."""
@@ -241,7 +263,8 @@ class JobStore:
 
     # -- worker side ---------------------------------------------------------------------
     @translated
-    def add_records(self, job_id: str, records: Iterable[Record]) -> bool:
+    def add_records(self, job_id: str, records: Iterable[Record],
+                    batch_id: str | None = None) -> bool:
         """Record images; False (nothing written) when the job itself is gone from Redis.
 
         Why the check: after a restart without persistence, a batch that was running would
@@ -252,14 +275,20 @@ class JobStore:
         has_meta, state = self.r.hmget(self._k(job_id), "meta", "state")
         if has_meta is None:
             return False
-        if not records or state == b"done":
+        if state == b"done":
             # A late duplicate of a batch (redelivered after the job was finalized) would only
             # rewrite the same records, and a set it created anew would have no expiry.
+            return True
+        if not records:
+            if batch_id is not None:
+                self.r.hdel(self._k(job_id, "batches"), batch_id)
             return True
         pipe = self.r.pipeline()
         pipe.hsetnx(self._k(job_id), "started_at", time.time())
         pipe.hset(self._k(job_id), "updated_at", time.time())
         pipe.hdel(self._k(job_id), "waiting", "waiting_since")
+        if batch_id is not None:
+            pipe.hdel(self._k(job_id, "batches"), batch_id)  # recorded: no longer outstanding
         pipe.hset(self._k(job_id, "records"), mapping={r.key: r.to_json() for r in records})
         failed = [r.key for r in records if not r.ok]
         ok = [r.key for r in records if r.ok]

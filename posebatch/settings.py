@@ -137,7 +137,14 @@ class ClusterSettings:
     """Seconds a cluster batch waits out a storage outage (connection refused, timeouts, 5xx),
     retrying with backoff up to a minute apart, before its images are recorded as failed."""
 
+    requeue_after: int = 30
+    """Seconds a running job may go without a recorded image before `wait` and the control
+    worker look for batches lost with a machine (neither queued nor held) and queue them again."""
+
     def __post_init__(self) -> None:
+        if not 1 <= self.requeue_after <= 24 * 3600:
+            raise ConfigError(f"requeue_after: expected 1 to 86400 seconds, got "
+                              f"{self.requeue_after}")
         if not 0 <= self.storage_patience <= 24 * 3600:
             raise ConfigError("storage_patience: expected 0 to 86400 seconds, got "
                               f"{self.storage_patience}")

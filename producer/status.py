@@ -8,6 +8,7 @@ import time
 
 from posebatch.errors import ConfigError
 from posebatch.jobstate import JobProgress, JobStore
+from producer.reaper import Reaper
 
 STALL_SECONDS = float(os.environ.get("POSEBATCH_STALL_SECONDS", "600"))
 LOST_HINT = ("its state is gone from Redis (a restart without persistence, or another Redis). "
@@ -73,13 +74,18 @@ def get(store: JobStore, job_id: str) -> JobProgress:
 
 
 def wait(store: JobStore, job_id: str, *, poll: float = 1.0, timeout: float | None = None,
-         progress: bool | None = None) -> JobProgress:
-    """Block until the job is done (or ``timeout`` s pass); show a progress bar on a terminal."""
+         progress: bool | None = None, reaper: Reaper | None = None,
+         requeue_after: float = 30.0) -> JobProgress:
+    """Block until the job is done (or ``timeout`` s pass); show a progress bar on a terminal.
+
+    With a ``reaper``, a job that records nothing for ``requeue_after`` seconds is checked for
+    batches lost with a machine, which are queued again: `wait` ends by itself."""
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
     deadline = None if timeout is None else time.monotonic() + timeout
     p = get(store, job_id)
+    last_done, moved_at, looked_at = p.done, time.monotonic(), 0.0
     with tqdm(total=p.total, unit="img", disable=not show, dynamic_ncols=True) as bar:
         while True:
             p = store.progress(job_id)
@@ -96,6 +102,13 @@ def wait(store: JobStore, job_id: str, *, poll: float = 1.0, timeout: float | No
                 raise ConfigError(f"job {job_id} was abandoned: {p.error}")
             if p.submitted and p.total is not None and p.done >= p.total:
                 store.maybe_finalize(job_id)  # the last worker died before finalizing
+            now = time.monotonic()
+            if p.done != last_done:
+                last_done, moved_at = p.done, now
+            elif (reaper is not None and p.submitted and p.state == "running"
+                  and now - moved_at >= requeue_after and now - looked_at >= reaper.grace):
+                looked_at = now
+                reaper.look(job_id, now)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} not done after {timeout} s: {describe(p)}")
             time.sleep(poll)

@@ -42,7 +42,8 @@ class MemoryJobState:
         self._call()
         return [k in self.records[job_id] for k in keys]
 
-    def add_records(self, job_id: str, records: list[Record]) -> bool:
+    def add_records(self, job_id: str, records: list[Record],
+                    batch_id: str | None = None) -> bool:
         self._call()
         if job_id not in self.jobs:
             return False

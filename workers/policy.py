@@ -45,7 +45,8 @@ class JobState(Protocol):
     def has_job(self, job_id: str) -> bool: ...
     def count_delivery(self, job_id: str, batch_id: str) -> int: ...
     def has_record(self, job_id: str, keys: list[str]) -> list[bool]: ...
-    def add_records(self, job_id: str, records: list[Record]) -> bool: ...
+    def add_records(self, job_id: str, records: list[Record],
+                    batch_id: str | None = None) -> bool: ...
     def maybe_finalize(self, job_id: str) -> bool: ...
     def note_waiting(self, job_id: str, why: str) -> None: ...
 
@@ -164,7 +165,7 @@ def run_batch(state: JobState, attempt: Attempt, work: Callable[[], list[Record]
         return fail_missing(state, attempt, f"batch {batch_id} failed: {type(err).__name__}: "
                             f"{err}", patience)
     # Results are written; recording them twice (a redelivery) is idempotent.
-    if not state_call(state.add_records, job_id, records):
+    if not state_call(state.add_records, job_id, records, batch_id):
         log.error("job %s disappeared from Redis while batch %s ran (restarted without "
                   "persistence?); its results are written, resubmit the job to count them",
                   job_id, batch_id)
@@ -189,7 +190,7 @@ def fail_missing(state: JobState, attempt: Attempt, reason: str,
     missing = [Record(k, False, INTERNAL_ERROR, 0, 0, reason)
                for k, h in zip(attempt.keys, have, strict=True) if not h]
     log.error("job %s: %s (%d images recorded as failed)", attempt.job_id, reason, len(missing))
-    patiently(state.add_records, attempt.job_id, missing, patience=patience)
+    patiently(state.add_records, attempt.job_id, missing, attempt.batch_id, patience=patience)
     try:
         patiently(state.maybe_finalize, attempt.job_id, patience=patience)
     except RetryableError as err:

@@ -33,13 +33,23 @@ class ModelMismatch(PermanentError):
 
 @app.task(name=PROCESS_BATCH, bind=True, acks_late=True, max_retries=None)
 def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: str,
-                  keys: list[str], settings: dict[str, Any], force: bool = False) -> int:
+                  settings: dict[str, Any], force: bool = False,
+                  keys: list[str] | None = None) -> int:
     """Process one batch; the message is acknowledged only once every image has a record.
 
     ``max_retries=None``: the policy alone bounds retries (a count for storage errors, a time
     for storage outages). With Celery's default (3) the last retry raised the storage error
     instead of recording the images as failed, and the job never completed.
     """
+    if keys is None:  # the message names the batch; its keys are in the job state
+        try:
+            keys = policy.patiently(state.job_store().batch_keys, job_id, batch_id)
+        except policy.Requeue as err:
+            raise Reject(str(err), requeue=True) from err
+        if keys is None:
+            log.info("batch %s of job %s is recorded already (or its job is gone): nothing "
+                     "to do", batch_id, job_id)
+            return 0
     attempt = policy.Attempt(job_id, batch_id, keys, self.request.retries)
 
     def work() -> list[Record]:
