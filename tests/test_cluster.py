@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from posebatch.settings import JobSettings
 from tests.cluster import (
     WorkerProcess,
     comparable_summary,
@@ -171,12 +172,59 @@ def test_scheduled_submit_task_creates_a_job(stack, tmp_path):
 
     from tests.cluster import ControlProcess
 
-    control = ControlProcess(tmp_path, stack["env"])
+    control = ControlProcess(tmp_path, {**stack["env"], "POSEBATCH_REQUEUE_AFTER": "2"})
     control.start()
     try:
-        _scheduled_job_completes(stack, Celery(broker=stack["env"]["POSEBATCH_BROKER_URL"]))
+        app = Celery(broker=stack["env"]["POSEBATCH_BROKER_URL"])
+        _scheduled_job_completes(stack, app)
+        _scheduled_run_skipped_while_the_previous_one_runs(stack, app, control)
+        _control_worker_requeues_a_lost_batch(stack)
     finally:
         control.stop()
+
+
+def _scheduled_run_skipped_while_the_previous_one_runs(stack, app, control) -> None:
+    from posebatch.jobstate import JobStore
+    from producer.control import schedule_key
+    from tests.cluster import wait_until, worker_log
+
+    bucket = stack["bucket"]
+    src, dst = f"s3://{bucket}/in/odd names/", f"s3://{bucket}/sched2-out/"
+    store = JobStore(stack["redis"].client())
+    store.create("previous-run", {"input": src, "output": dst, "settings": {}})
+    store.mark_submitted("previous-run", 10, 1)  # running: never finishes in this test
+    store.r.set(f"{schedule_key(src, dst)}:last", "previous-run")
+    app.send_task("posebatch.submit_job", queue="posebatch-control",
+                  kwargs={"input_url": src, "output_url": dst})
+    wait_until(lambda: "is still running; this run is skipped" in worker_log(control), 60,
+               "the control worker to skip the overlapping run")
+    assert store.recent(50).count("previous-run") == 1
+    assert not any(store.meta(j)["output"] == dst for j in store.recent(50)
+                   if j != "previous-run")
+    store.discard("previous-run")
+
+
+def _control_worker_requeues_a_lost_batch(stack) -> None:
+    """A job whose only batch has no message anywhere (lost with a machine): nobody runs
+    `wait`, the control worker's watchdog queues it again and the job completes."""
+    from posebatch.jobstate import JobStore
+    from tests.cluster import wait_until
+
+    bucket = stack["bucket"]
+    store = JobStore(stack["redis"].client())
+    meta = {"input": f"s3://{bucket}/in/odd names/", "output": f"s3://{bucket}/lost-out/",
+            "settings": JobSettings().to_dict(), "force": False, "summary_prefix": ""}
+    store.create("lost-batch", meta)
+    store.add_batches("lost-batch", {"00000000": ["straße café.jpg", "x.bmp"]})
+    store.mark_submitted("lost-batch", 2, 1)
+
+    def done() -> bool:
+        p = store.progress("lost-batch")
+        return p is not None and p.state == "done"
+
+    wait_until(done, 90, "the watchdog to queue the lost batch again and the job to finish")
+    res = download_results(stack["client"], bucket, "lost-out/")
+    assert res["_summary.json"]["images_seen"] == 2
 
 
 def _scheduled_job_completes(stack, app) -> None:

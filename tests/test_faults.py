@@ -303,7 +303,8 @@ def broker_lost(worker: WorkerProcess) -> bool:
 
 
 def state_unreachable(worker: WorkerProcess) -> bool:
-    return "job state Redis unreachable" in worker_log(worker)
+    # workers.policy.patiently logs the translated error (posebatch.jobstate.redis_errors)
+    return "cannot reach the broker/Redis" in worker_log(worker)
 
 
 def outage_felt(workers: list[WorkerProcess]) -> bool:

@@ -52,18 +52,32 @@ def test_a_good_submit_records_who_wrote_into_the_output(env, bucket, s3_server)
     assert b'"input": "s3://' in body["Body"].read()
 
 
-def test_a_submission_failing_part_way_is_abandoned_and_wait_ends(env, bucket, redis_server):
+def test_a_submission_failing_before_any_batch_leaves_no_job(env, bucket, redis_server):
     from producer.submit import submit
 
     def listing():
-        yield from ("a.jpg", "b.jpg", "c.jpg")
+        yield "a.jpg"
         raise StorageError("S3 list failed: connection reset")
 
     with pytest.raises(StorageError):
         submit(f"s3://{bucket}/in/", f"s3://{bucket}/out/", job=JobSettings(),
-               broker_url=redis_server.url, batch_images=2, keys=listing(), job_id="half")
+               broker_url=redis_server.url, keys=listing(), job_id="none")
+    nothing_queued_and_no_job(redis_server)
+
+
+def test_a_submission_failing_part_way_is_abandoned_and_wait_ends(env, bucket, redis_server):
+    from producer.submit import ENQUEUE_GROUP, submit
+
+    def listing():  # two groups of batches get queued, then the listing breaks
+        yield from (f"{i}.jpg" for i in range(2 * ENQUEUE_GROUP + 1))
+        raise StorageError("S3 list failed: connection reset")
+
+    with pytest.raises(StorageError):
+        submit(f"s3://{bucket}/in/", f"s3://{bucket}/out/", job=JobSettings(),
+               broker_url=redis_server.url, batch_images=1, keys=listing(), job_id="half")
     p = JobStore(redis_server.client()).progress("half")
-    assert p is not None and p.state == "abandoned" and "after 1 batches" in p.error
+    assert p is not None and p.state == "abandoned"
+    assert f"after {2 * ENQUEUE_GROUP} batches" in p.error
     proc = run_cli("wait", "half", "--timeout", "10", env=env, check=False)
     assert proc.returncode == 3 and "abandoned" in proc.stderr and "connection reset" in \
         proc.stderr

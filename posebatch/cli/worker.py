@@ -69,5 +69,5 @@ def cmd_control(ns: argparse.Namespace) -> int:
     _export_runtime(ns)
     from producer.control import app
 
-    app.worker_main(_celery_argv(ns, 1, "solo"))
+    app.worker_main(_celery_argv(ns, 1, "threads"))  # main thread: lease + watchdog
     return exitcodes.OK
