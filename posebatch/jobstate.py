@@ -76,6 +76,25 @@ def translated(method: Callable[_P, _T]) -> Callable[_P, _T]:
     return wrapper
 
 
+def pack(record: Record) -> str:
+    """A record as its hash value, without the key (the field name is the key): ``"2,1"``
+    (persons, valid persons) or ``"E216201,<message>"``. 3-60 bytes instead of ~100 of JSON
+    with the key repeated: at 10M images that is ~1 GB of Redis less per job."""
+    if record.ok:
+        return f"{record.person_num},{record.valid_persons}"
+    return f"E{record.error_code},{record.error_msg}"
+
+
+def unpack(key: str, value: str) -> Record:
+    if value.startswith("{"):  # written by an older version: JSON with the key inside
+        return Record.from_json(value)
+    if value.startswith("E"):
+        code, msg = value[1:].split(",", 1)
+        return Record(key, False, int(code) if code else None, 0, 0, msg)
+    persons, valid = value.split(",")
+    return Record(key, True, None, int(persons), int(valid))
+
+
 def new_job_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
@@ -289,7 +308,7 @@ class JobStore:
         pipe.hdel(self._k(job_id), "waiting", "waiting_since")
         if batch_id is not None:
             pipe.hdel(self._k(job_id, "batches"), batch_id)  # recorded: no longer outstanding
-        pipe.hset(self._k(job_id, "records"), mapping={r.key: r.to_json() for r in records})
+        pipe.hset(self._k(job_id, "records"), mapping={r.key: pack(r) for r in records})
         failed = [r.key for r in records if not r.ok]
         ok = [r.key for r in records if r.ok]
         if failed:
@@ -324,8 +343,9 @@ class JobStore:
 
     def records(self, job_id: str) -> Iterator[Record]:
         with redis_errors():  # a generator: translate while iterating, not only at the call
-            for _key, raw in self.r.hscan_iter(self._k(job_id, "records"), count=1000):
-                yield Record.from_json(raw)
+            for key, raw in self.r.hscan_iter(self._k(job_id, "records"), count=1000):
+                yield unpack(key.decode("utf-8", "surrogateescape"),
+                             raw.decode("utf-8", "surrogateescape"))
 
     # -- both ------------------------------------------------------------------------------
     @translated

@@ -79,3 +79,16 @@ def test_recent_drops_ids_whose_state_expired(store):
     store.r.zadd(f"{PREFIX}:jobs", {"gone": 1})
     assert store.recent() == []
     assert store.r.zcard(f"{PREFIX}:jobs") == 0
+
+
+@pytest.mark.parametrize("record", [
+    Record("a/b.jpg", True, None, 3, 2),
+    Record("x, y.jpg", False, 216201, 0, 0, "not JPEG, PNG or BMP: 'x, y'"),
+    Record("straße café.jpg", False, 282000, 0, 0, ""),
+])
+def test_records_are_stored_compactly_and_read_back_exactly(store, record):
+    store.create("c", {"input": "in/", "output": "out/", "settings": {}})
+    store.add_records("c", [record])
+    raw = store.r.hget(f"{PREFIX}:job:c:records", record.key)
+    assert record.key.encode() not in raw and len(raw) <= 8 + len(record.error_msg.encode())
+    assert list(store.records("c")) == [record]
