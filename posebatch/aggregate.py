@@ -86,3 +86,12 @@ def write_aggregates(dst: Any, records: list[Record], meta: dict[str, Any],
 
 # Fields of the summary that describe one run rather than the results; comparisons ignore them.
 RUN_FIELDS = ("job_id", "created", "finished", "input", "output")
+
+
+def records_from_counts_csv(data: bytes) -> list[Record]:
+    """Read a ``_counts.csv`` back into records (the inverse of ``counts_csv``)."""
+    rows = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+    return [Record(r["key"], r["status"] == "ok",
+                   int(r["error_code"]) if r["error_code"] else None,
+                   int(r["person_num"]), int(r["valid_persons"]), r["error_msg"])
+            for r in rows]

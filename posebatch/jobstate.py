@@ -26,8 +26,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from posebatch.aggregate import write_aggregates
-from posebatch.errors import StateAuthError, StateUnavailable
+from posebatch.aggregate import COUNTS_NAME, records_from_counts_csv, write_aggregates
+from posebatch.errors import StateAuthError, StateUnavailable, StorageNotFound
 from posebatch.records import Record
 
 PREFIX = "posebatch"
@@ -406,4 +406,19 @@ class JobStore:
                         "created": created, "finished": now_iso(), "model": model,
                         "settings": meta.get("settings")}
         prefix = meta.get("summary_prefix", "").replace("{job_id}", job_id)
-        return write_aggregates(dst, records, summary_meta, prefix)
+        if prefix:
+            return write_aggregates(dst, records, summary_meta, prefix)
+        # Several jobs may write into one output (other input folders, reruns): the root
+        # summary covers every result in it. Rows of earlier jobs (the previous root table)
+        # are kept unless this job has a newer record of the same image; this job's own
+        # figures go to _jobs/<job id>/ as well.
+        write_aggregates(dst, records, summary_meta, f"_jobs/{job_id}/")
+        try:
+            earlier = records_from_counts_csv(dst.read(COUNTS_NAME))
+        except StorageNotFound:
+            earlier = []
+        mine = {r.key for r in records}
+        kept = [r for r in earlier if r.key not in mine]
+        if kept:
+            summary_meta["earlier_results"] = len(kept)
+        return write_aggregates(dst, records + kept, summary_meta)
