@@ -54,6 +54,11 @@ class Storage(Protocol):
         """The object's bytes; StorageNotFound if it is missing."""
         ...
 
+    def iter_versions(self) -> Iterator[tuple[str, str]]:
+        """(key, version) for every key, streamed; the version changes when the object is
+        replaced (S3: ETag; folder: size and mtime): lets a drop folder see a re-upload."""
+        ...
+
     def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
         """Create or replace atomically: readers see the old object or the new one, never half."""
         ...
@@ -119,6 +124,14 @@ class LocalStorage:
             raise StorageNotFound(f"folder {self.root} does not exist")
         wanted = _suffix_filter(suffixes)
         yield from (k for k in self._walk(self.root, "", start_after) if wanted(k))
+
+    def iter_versions(self) -> Iterator[tuple[str, str]]:
+        for key in self.iter_keys():
+            try:
+                st = os.stat(self.join(key))
+            except FileNotFoundError:  # removed since it was listed
+                continue
+            yield key, f"{st.st_size}:{st.st_mtime_ns}"
 
     def _walk(self, path: str, prefix: str, start_after: str | None) -> Iterator[str]:
         try:
@@ -279,6 +292,18 @@ class S3Storage:
                     key = obj["Key"][len(self.prefix) :]
                     if key and not key.endswith("/") and wanted(key):  # skip folder markers
                         yield key
+        except (ClientError, BotoCoreError) as err:
+            raise self._error(err, "list") from err
+
+    def iter_versions(self) -> Iterator[tuple[str, str]]:
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=self.prefix,
+                    PaginationConfig={"PageSize": self.page_size}):
+                for obj in page.get("Contents", ()):
+                    key = obj["Key"][len(self.prefix):]
+                    if key and not key.endswith("/"):
+                        yield key, f"{obj.get('ETag', '')}:{obj.get('Size', '')}"
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "list") from err
 

@@ -165,6 +165,44 @@ def test_watcher_restarted_between_uploads_submits_each_image_once(stack, tmp_pa
     assert {"a.jpg.json", "sub/b.png.json", "c.jpg.json"} <= set(res)
 
 
+@pytest.mark.parametrize("where", ["s3", "folder"])
+def test_watch_reprocesses_an_image_replaced_under_the_same_name(stack, tmp_path, where):
+    """Issue 11 row 10: a drop-folder image overwritten with new bytes is processed again."""
+    import os
+
+    client, bucket, env = stack["client"], stack["bucket"], stack["env"]
+    if where == "s3":
+        drop, out = f"s3://{bucket}/redrop/", f"s3://{bucket}/redrop-out/"
+
+        def put(name: str, data: bytes) -> None:
+            client.put_object(Bucket=bucket, Key=f"redrop/{name}", Body=data)
+
+        def result(name: str) -> dict:
+            body = client.get_object(Bucket=bucket, Key=f"redrop-out/{name}.json")["Body"]
+            return json.loads(body.read())
+    else:
+        drop, out = str(tmp_path / "drop"), str(tmp_path / "out")
+        os.makedirs(drop)
+
+        def put(name: str, data: bytes) -> None:
+            Path(drop, name).write_bytes(data)
+
+        def result(name: str) -> dict:
+            return json.loads(Path(out, f"{name}.json").read_text())
+
+    put("x.jpg", jpeg(64, 48))
+    put("y.jpg", jpeg(64, 48))
+    (first,) = run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split()
+    wait(stack, first)
+    before = {n: result(n)["log_id"] for n in ("x.jpg", "y.jpg")}
+    put("x.jpg", b"not an image any more")  # replaced: same name, new bytes
+    (second,) = run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split()
+    wait(stack, second)
+    assert result("x.jpg")["error_code"] == 216201  # the new bytes were processed
+    assert result("y.jpg")["log_id"] == before["y.jpg"]  # the unchanged one was not
+    assert run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split() == []
+
+
 def test_scheduled_submit_task_creates_a_job(stack, tmp_path):
     """What a beat entry sends (posebatch.submit_job) runs on the control worker, and the model
     workers complete the job."""
