@@ -22,41 +22,62 @@ MAX_REASONS = 50
 CSV_COLUMNS = ("key", "status", "error_code", "person_num", "valid_persons", "error_msg")
 
 
+class Tally:
+    """The summary's counts, fed one record at a time: memory independent of the number of
+    images (only distinct failure reasons are kept), so a finalize can stream."""
+
+    def __init__(self) -> None:
+        self.seen = self.ok = self.persons = self.valid = 0
+        self.failed_by_code: Counter[str] = Counter()
+        self.reasons: Counter[tuple[int | None, str]] = Counter()
+        self.example: dict[tuple[int | None, str], str] = {}
+        self.histogram: Counter[int] = Counter()
+
+    def add(self, r: Record) -> None:
+        self.seen += 1
+        if r.ok:
+            self.ok += 1
+            self.persons += r.person_num
+            self.valid += r.valid_persons
+            self.histogram[r.valid_persons] += 1
+        else:
+            self.failed_by_code[str(r.error_code)] += 1
+            reason = (r.error_code, r.error_msg)
+            self.reasons[reason] += 1
+            self.example[reason] = min(self.example.get(reason, r.key), r.key)
+
+    def summary(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **meta,
+            "images_seen": self.seen,
+            "succeeded": self.ok,
+            "failed": self.seen - self.ok,
+            "failed_by_code": dict(sorted(self.failed_by_code.items())),
+            "persons_total": self.persons,
+            "valid_persons_total": self.valid,
+            "valid_persons_histogram": {str(k): self.histogram[k]
+                                        for k in sorted(self.histogram)},
+            # Why images failed, most frequent first (all of them are in _counts.csv).
+            "failure_reasons": [
+                {"error_code": code, "error_msg": msg, "images": n,
+                 "example": self.example[(code, msg)]}
+                for (code, msg), n in sorted(self.reasons.items(),
+                                             key=lambda kv: (-kv[1], kv[0][0] or 0, kv[0][1]))
+            ][:MAX_REASONS],
+        }
+
+
 def summarize(records: Iterable[Record], meta: dict[str, Any]) -> dict[str, Any]:
     """Aggregate counts; ``meta`` (job id, model, settings, ...) is copied in first."""
-    seen = ok = persons = valid = 0
-    failed_by_code: Counter[str] = Counter()
-    reasons: Counter[tuple[int | None, str]] = Counter()
-    example: dict[tuple[int | None, str], str] = {}
-    histogram: Counter[int] = Counter()
+    tally = Tally()
     for r in records:
-        seen += 1
-        if r.ok:
-            ok += 1
-            persons += r.person_num
-            valid += r.valid_persons
-            histogram[r.valid_persons] += 1
-        else:
-            failed_by_code[str(r.error_code)] += 1
-            reason = (r.error_code, r.error_msg)
-            reasons[reason] += 1
-            example[reason] = min(example.get(reason, r.key), r.key)
-    return {
-        **meta,
-        "images_seen": seen,
-        "succeeded": ok,
-        "failed": seen - ok,
-        "failed_by_code": dict(sorted(failed_by_code.items())),
-        "persons_total": persons,
-        "valid_persons_total": valid,
-        "valid_persons_histogram": {str(k): histogram[k] for k in sorted(histogram)},
-        # Why images failed, most frequent first (all of them are in _counts.csv).
-        "failure_reasons": [
-            {"error_code": code, "error_msg": msg, "images": n, "example": example[(code, msg)]}
-            for (code, msg), n in sorted(reasons.items(),
-                                         key=lambda kv: (-kv[1], kv[0][0] or 0, kv[0][1]))
-        ][:MAX_REASONS],
-    }
+        tally.add(r)
+    return tally.summary(meta)
+
+
+def csv_row(r: Record) -> list[Any]:
+    return [r.key, "ok" if r.ok else "error", r.error_code or "", r.person_num,
+            r.valid_persons, r.error_msg]
 
 
 def counts_csv(records: Iterable[Record]) -> bytes:
@@ -65,8 +86,7 @@ def counts_csv(records: Iterable[Record]) -> bytes:
     writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
     for r in sorted(records, key=lambda rec: rec.key):
-        writer.writerow([r.key, "ok" if r.ok else "error", r.error_code or "", r.person_num,
-                         r.valid_persons, r.error_msg])
+        writer.writerow(csv_row(r))
     return ("\ufeff" + buf.getvalue()).encode("utf-8")
 
 

@@ -26,12 +26,11 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from posebatch.aggregate import COUNTS_NAME, records_from_counts_csv, write_aggregates
-from posebatch.errors import StateAuthError, StateUnavailable, StorageNotFound
+from posebatch.errors import StateAuthError, StateUnavailable
 from posebatch.records import Record
 
 PREFIX = "posebatch"
-FINALIZE_LOCK_SECONDS = 600
+FINALIZE_LOCK_SECONDS = 120
 JOB_PARTS = ("", "records", "failed", "deliveries", "finalizing", "batches")
 """Every Redis key of a job (``posebatch:job:<id>`` plus these suffixes): what expires and what
 ``jobs prune`` deletes. A new per-job key must be added here (tests/test_jobstate_ttl.py checks
@@ -74,6 +73,14 @@ def translated(method: Callable[_P, _T]) -> Callable[_P, _T]:
             return method(*args, **kwargs)
 
     return wrapper
+
+
+_RENEW_IF_OWNER = redis.Redis().register_script(
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('expire', KEYS[1], ARGV[2]) else return 0 end")
+_DELETE_IF_OWNER = redis.Redis().register_script(
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('del', KEYS[1]) else return 0 end")
 
 
 def pack(record: Record) -> str:
@@ -375,6 +382,10 @@ class JobStore:
 
         Safe to call from any process, any number of times: a lock makes one writer at a time,
         and the output is a pure function of the records, so writing it twice is harmless.
+        The lock holds a token and is renewed while the finalizer streams (``FINALIZE_LOCK
+        _SECONDS`` without a renewal frees it): a finalizer killed by the OOM killer is retried
+        by the next caller (`wait`, the control worker's watchdog, a late batch) within that
+        time, and a slow one never has its lock deleted by another (compare-and-delete).
         """
         p = self.progress(job_id)
         if p is None or not p.submitted or p.total is None or p.done < p.total:
@@ -382,23 +393,34 @@ class JobStore:
         if p.state == "done":
             return True
         lock = self._k(job_id, "finalizing")
-        if not self.r.set(lock, 1, nx=True, ex=FINALIZE_LOCK_SECONDS):
+        token = secrets.token_hex(8)
+        if not self.r.set(lock, token, nx=True, ex=FINALIZE_LOCK_SECONDS):
             return False
+
+        def renew() -> None:
+            if not _RENEW_IF_OWNER(keys=[lock], args=[token, FINALIZE_LOCK_SECONDS],
+                                   client=self.r):
+                raise StateUnavailable(f"job {job_id}: the finalize lock was lost (a pause "
+                                       f"over {FINALIZE_LOCK_SECONDS} s?); another finalizer "
+                                       "takes over")
+
         try:
-            self.write_aggregates(job_id)
+            self.write_aggregates(job_id, on_progress=renew)
+            renew()  # still the owner: only then say done
             self.r.hset(self._k(job_id), mapping={"state": "done", "finished": now_iso()})
             self._expire(job_id)
             return True
         finally:
-            self.r.delete(lock)
+            _DELETE_IF_OWNER(keys=[lock], args=[token], client=self.r)
 
     @translated
-    def write_aggregates(self, job_id: str) -> dict[str, Any]:
+    def write_aggregates(self, job_id: str,
+                         on_progress: Callable[[], None] = lambda: None) -> dict[str, Any]:
+        from posebatch.finalize import finalize
         from posebatch.storage import open_storage
 
         meta = self.meta(job_id) or {}
         dst = open_storage(meta["output"])
-        records = list(self.records(job_id))
         h = self.r.hgetall(self._k(job_id))
         created = (h.get(b"created") or b"").decode()
         model = json.loads(h[b"model"]) if h.get(b"model") else None
@@ -406,19 +428,8 @@ class JobStore:
                         "created": created, "finished": now_iso(), "model": model,
                         "settings": meta.get("settings")}
         prefix = meta.get("summary_prefix", "").replace("{job_id}", job_id)
-        if prefix:
-            return write_aggregates(dst, records, summary_meta, prefix)
         # Several jobs may write into one output (other input folders, reruns): the root
-        # summary covers every result in it. Rows of earlier jobs (the previous root table)
-        # are kept unless this job has a newer record of the same image; this job's own
-        # figures go to _jobs/<job id>/ as well.
-        write_aggregates(dst, records, summary_meta, f"_jobs/{job_id}/")
-        try:
-            earlier = records_from_counts_csv(dst.read(COUNTS_NAME))
-        except StorageNotFound:
-            earlier = []
-        mine = {r.key for r in records}
-        kept = [r for r in earlier if r.key not in mine]
-        if kept:
-            summary_meta["earlier_results"] = len(kept)
-        return write_aggregates(dst, records + kept, summary_meta)
+        # summary covers every result in it (posebatch.finalize merges the previous root
+        # table); each job's own figures also go to _jobs/<job id>/.
+        return finalize(dst, self.records(job_id), summary_meta, prefix,
+                        merge_root=not prefix, on_progress=on_progress)

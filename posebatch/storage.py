@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import mimetypes
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -52,6 +54,16 @@ class Storage(Protocol):
 
     def read(self, key: str) -> bytes:
         """The object's bytes; StorageNotFound if it is missing."""
+        ...
+
+    def upload(self, key: str, path: str, content_type: str | None = None) -> None:
+        """Create or replace ``key`` from a local file, atomically, without reading it whole
+        (S3: multipart upload in parts of 16 MB)."""
+        ...
+
+    def download(self, key: str, path: str) -> None:
+        """Copy ``key`` to a local file without holding it in memory; StorageNotFound if
+        missing."""
         ...
 
     def iter_versions(self) -> Iterator[tuple[str, str]]:
@@ -124,6 +136,28 @@ class LocalStorage:
             raise StorageNotFound(f"folder {self.root} does not exist")
         wanted = _suffix_filter(suffixes)
         yield from (k for k in self._walk(self.root, "", start_after) if wanted(k))
+
+    def upload(self, key: str, path: str, content_type: str | None = None) -> None:
+        dest = self._path(key)
+        folder, name = os.path.split(dest)
+        tmp = os.path.join(folder, f"{_TMP_PREFIX}{name}.{uuid.uuid4().hex}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StorageError(f"cannot write {dest}: {err.strerror or err}") from err
+
+    def download(self, key: str, path: str) -> None:
+        src = self._path(key)
+        try:
+            shutil.copyfile(src, path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+            raise StorageNotFound(f"{src} does not exist") from err
+        except OSError as err:
+            raise StorageError(f"cannot read {src}: {err.strerror or err}") from err
 
     def iter_versions(self) -> Iterator[tuple[str, str]]:
         for key in self.iter_keys():
@@ -294,6 +328,31 @@ class S3Storage:
                         yield key
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "list") from err
+
+    def upload(self, key: str, path: str, content_type: str | None = None) -> None:
+        """boto3's transfer manager: one PUT below 16 MB, a multipart upload above (parts of
+        16 MB, 4 at a time): a 465 MB table never sits in memory and never needs one PUT."""
+        from boto3.s3.transfer import TransferConfig
+
+        full = self.prefix + safe_key(key)
+        ctype = content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"
+        config = TransferConfig(multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20,
+                                max_concurrency=4)
+        try:
+            self.client.upload_file(path, self.bucket, full, ExtraArgs={"ContentType": ctype},
+                                    Config=config)
+        except (ClientError, BotoCoreError) as err:
+            raise self._error(err, "write", key) from err
+        except S3UploadFailedError as err:
+            raise StorageUnreachable(self._scrub(f"S3 write {self.join(key)} failed: {err}")) \
+                from err
+
+    def download(self, key: str, path: str) -> None:
+        full = self.prefix + safe_key(key)
+        try:
+            self.client.download_file(self.bucket, full, path)
+        except (ClientError, BotoCoreError) as err:
+            raise self._error(err, "read", key) from err
 
     def iter_versions(self) -> Iterator[tuple[str, str]]:
         try:
