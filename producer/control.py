@@ -38,8 +38,9 @@ WATCHED_JOBS = 200
 
 class Watchdog(bootsteps.StartStopStep):
     """Every half ``requeue_after``, look at running jobs that recorded nothing for
-    ``requeue_after`` seconds and queue again their lost batches (``producer.reaper``), so a job
-    finishes by itself even when nobody runs `posebatch wait`."""
+    ``requeue_after`` seconds and queue again their lost batches (``producer.reaper``), and
+    finalize complete jobs whose finalizer died, so a job finishes by itself even when nobody
+    runs `posebatch wait`."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
@@ -59,6 +60,11 @@ class Watchdog(bootsteps.StartStopStep):
             for job_id in self.store.recent(WATCHED_JOBS):
                 p = self.store.progress(job_id)
                 if p is None or p.state != "running" or not p.submitted:
+                    continue
+                if p.total is not None and p.done >= p.total:
+                    # Complete but not finalized: its finalizer died (OOM-killed?) and its
+                    # lock has expired, or no batch was left to finalize it.
+                    self.store.maybe_finalize(job_id)
                     continue
                 last = p.updated_at or p.started_at or _timestamp(p.created)
                 if time.time() - last >= self.after:
