@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--batch-images", type=int, default=32)
     ap.add_argument("--json", help="write the figures here too")
     ns = ap.parse_args()
+    # No workers here: measure what an unthrottled queue of N images costs (submit's
+    # back-pressure would otherwise stop at POSEBATCH_QUEUE_HIGH_WATER batches).
+    os.environ["POSEBATCH_QUEUE_HIGH_WATER"] = "0"
 
     from posebatch.jobstate import JobStore
     from posebatch.queue import QUEUE

@@ -141,7 +141,13 @@ class ClusterSettings:
     """Seconds a running job may go without a recorded image before `wait` and the control
     worker look for batches lost with a machine (neither queued nor held) and queue them again."""
 
+    queue_high_water: int = 5000
+    """Batches the queue may hold before `submit` waits for workers to drain it (back-pressure):
+    a 10M-image submission otherwise puts every batch into Redis at once. 0 = no limit."""
+
     def __post_init__(self) -> None:
+        if self.queue_high_water < 0:
+            raise ConfigError(f"queue_high_water: expected >= 0, got {self.queue_high_water}")
         if not 1 <= self.requeue_after <= 24 * 3600:
             raise ConfigError(f"requeue_after: expected 1 to 86400 seconds, got "
                               f"{self.requeue_after}")

@@ -8,18 +8,21 @@ batches while the listing is still running.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
 from typing import Any
 
 from posebatch.errors import ConfigError
-from posebatch.jobstate import JobStore, new_job_id
+from posebatch.jobstate import JobStore, connect, new_job_id, redis_errors
 from posebatch.keys import is_image_key
 from posebatch.manifest import check_output, manifest
 from posebatch.queue import PROCESS_BATCH, QUEUE, broker_errors, make_app
-from posebatch.settings import DEFAULT_BATCH_IMAGES, JobSettings
+from posebatch.settings import DEFAULT_BATCH_IMAGES, ClusterSettings, JobSettings, from_env
 from posebatch.storage import Storage, open_storage
 
+log = logging.getLogger(__name__)
 ENQUEUE_GROUP = 64
 """Batches whose key lists go to Redis in one round trip before their messages are sent."""
 JOBS_FOLDER = "_jobs/"
@@ -46,6 +49,26 @@ def check_reachable(src: Storage, dst: Storage, job_id: str, listing: Iterator[s
               (json.dumps({"job_id": job_id, **meta}, indent=2) + "\n").encode(),
               "application/json")
     return listing if first is None else chain([first], listing)
+
+
+def backpressure(broker: Any, high_water: int, poll: float = 1.0) -> None:
+    """Wait while the queue holds more than ``high_water`` batches: queued work costs Redis
+    memory (~1.5 KB a batch of 32 plus its keys), and workers cannot use more than a few
+    batches ahead anyway. The wait is logged once, so a long submit says why it is slow."""
+    if not high_water:
+        return
+    said = False
+    while (depth := _depth(broker)) > high_water:
+        if not said:
+            log.warning("queue holds %d batches (more than POSEBATCH_QUEUE_HIGH_WATER=%d): "
+                        "waiting for workers to drain it", depth, high_water)
+            said = True
+        time.sleep(poll)
+
+
+def _depth(broker: Any) -> int:
+    with redis_errors():
+        return int(broker.llen(QUEUE))
 
 
 def task_id(job_id: str, batch_id: str) -> str:
@@ -90,10 +113,13 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
         (k for k in src.iter_keys() if is_image_key(k)), meta)
     store.create(job_id, meta)
     app = make_app(broker_url)
+    high_water = from_env(ClusterSettings).queue_high_water
+    broker = connect(broker_url)
     total = batches = 0
     try:
         with broker_errors(), app.producer_or_acquire() as producer:
             for group in chunked(chunked(listing, batch_images), ENQUEUE_GROUP):
+                backpressure(broker, high_water)
                 ids = {f"{batches + i:08d}": batch for i, batch in enumerate(group)}
                 store.add_batches(job_id, ids)  # one round trip for the group's key lists
                 for batch_id in ids:

@@ -100,3 +100,32 @@ def test_status_of_an_unknown_id_says_mistyped_or_lost(env, job_id, says, never_
         assert proc.returncode == 3, proc.stdout + proc.stderr
         assert says in proc.stderr
         assert never_says is None or never_says not in proc.stderr
+
+
+def test_submit_waits_while_the_queue_is_above_the_high_water_mark(env, bucket, redis_server,
+                                                                   monkeypatch):
+    """Back-pressure: with 3 batches queued and a high-water mark of 2, submit queues nothing
+    until a "worker" takes messages off the queue."""
+    import threading
+
+    from producer.submit import submit
+
+    monkeypatch.setenv("POSEBATCH_QUEUE_HIGH_WATER", "2")
+    r = redis_server.client()
+    r.rpush(QUEUE, b"{}", b"{}", b"{}")  # someone else's batches, ahead of ours
+    done = threading.Event()
+
+    def run() -> None:
+        submit(f"s3://{bucket}/in/", f"s3://{bucket}/out/", job=JobSettings(),
+               broker_url=redis_server.url, keys=["a.jpg"], job_id="bp")
+        done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert not done.wait(3)  # held back: the queue is above the mark
+    assert r.llen(QUEUE) == 3
+    r.rpop(QUEUE)
+    r.rpop(QUEUE)  # workers drain it
+    assert done.wait(20)
+    assert r.llen(QUEUE) == 2  # one foreign message left, plus ours
+    t.join(5)
