@@ -92,15 +92,16 @@ class LeaseRenewal(bootsteps.StartStopStep):
         log.info("lease: renewing held batches every %g s (visibility timeout %s s)",
                  interval, opts.get("visibility_timeout"))
 
-    def tick(self) -> None:
+    def tick(self) -> int:
         try:
             n = renew(self.client, self.key, held_delivery_tags())
         except redis.RedisError as err:
             log.warning("lease: could not renew held batches (%s); next try in one interval",
                         err)
-            return
+            return 0
         self.renewed += n
         log.debug("lease: renewed %d held batches", n)
+        return n
 
     def stop(self, c: Any) -> None:
         if self.tref is not None:

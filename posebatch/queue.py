@@ -69,7 +69,7 @@ def make_app(broker_url: str | None = None, include: Sequence[str] = ()) -> Cele
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_track_started=False,
-        worker_send_task_events=False,
+        worker_send_task_events=True,  # Flower and `celery events` see tasks as they run
         timezone="UTC",
     )
     app.conf[LEASE_RENEW_CONF] = cluster.renew_seconds

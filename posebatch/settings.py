@@ -145,7 +145,13 @@ class ClusterSettings:
     """Batches the queue may hold before `submit` waits for workers to drain it (back-pressure):
     a 10M-image submission otherwise puts every batch into Redis at once. 0 = no limit."""
 
+    metrics_port: int = 0
+    """Port of a model worker's Prometheus endpoint (``/metrics``), served by its main
+    process; 0 = off."""
+
     def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port: expected 0 to 65535, got {self.metrics_port}")
         if self.queue_high_water < 0:
             raise ConfigError(f"queue_high_water: expected >= 0, got {self.queue_high_water}")
         if not 1 <= self.requeue_after <= 24 * 3600:

@@ -52,11 +52,16 @@ def stack(redis_server, s3_server, tmp_path_factory):
     local_out = tmp_path_factory.mktemp("local")
     run_cli("run", str(src), "--out", str(local_out), "--no-progress", env=env)
     workdir = tmp_path_factory.mktemp("workers")
-    workers = [WorkerProcess(workdir, env, i) for i in range(2)]
+    from tests.servers import free_ports
+
+    ports = free_ports(2)
+    workers = [WorkerProcess(workdir, {**env, "POSEBATCH_METRICS_PORT": str(ports[i])}, i)
+               for i in range(2)]
     for w in workers:
         w.start()
     yield {"env": env, "bucket": bucket, "client": client, "keys": keys, "src": src,
-           "local": local_out, "workers": workers, "redis": redis_server}
+           "local": local_out, "workers": workers, "redis": redis_server,
+           "metrics_ports": ports}
     for w in workers:
         w.stop()
 
@@ -108,6 +113,41 @@ def test_cluster_summary_equals_the_local_summary(stack, first_job):
 def test_both_workers_took_batches(stack, first_job):
     assert all(w.processed_batches() > 0 for w in stack["workers"]), [
         w.log_tail() for w in stack["workers"]]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """``curl http://127.0.0.1:PORT/metrics``, parsed by prometheus-client's own parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            values[f"{s.name}{{{labels}}}"] = values.get(f"{s.name}{{{labels}}}", 0) + s.value
+    return values
+
+
+def total(samples: list[dict[str, float]], prefix: str) -> float:
+    return sum(v for s in samples for k, v in s.items() if k.startswith(prefix))
+
+
+def test_worker_metrics_count_images_and_move_with_the_next_job(stack, first_job):
+    before = [scrape(p) for p in stack["metrics_ports"]]
+    n = len(stack["keys"])
+    # The first job: every image processed once across both workers, two of them failed.
+    assert total(before, "posebatch_images_total{code=,status=ok}") == n - 2
+    assert total(before, "posebatch_images_total{code=216200,status=error}") == 1  # empty.jpg
+    assert total(before, "posebatch_images_total{code=216201,status=error}") == 1  # fake.png
+    assert total(before, "posebatch_batch_seconds_count") >= n // 4
+    assert total(before, "posebatch_model_load_seconds") > 0
+    assert total(before, "posebatch_batches_in_flight") == 0
+    job = submit(stack, "--force", out="metrics-out/")
+    wait(stack, job)
+    after = [scrape(p) for p in stack["metrics_ports"]]
+    assert total(after, "posebatch_images_total") == total(before, "posebatch_images_total") + n
 
 
 def test_status_reports_the_finished_job(stack, first_job):

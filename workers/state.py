@@ -7,10 +7,12 @@ here. Any other process (tests, the local run) never touches this module.
 from __future__ import annotations
 
 import logging
+import time
 
 from posebatch.jobstate import JobStore
 from posebatch.modelstore import ModelRef, resolve_model
 from posebatch.settings import RuntimeSettings, from_env
+from workers import metrics
 from workers.engine.runner import PoseModel
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,10 @@ def load_model() -> tuple[PoseModel, ModelRef]:
     global _model, _model_ref
     if _model is None:
         rt = runtime()
+        start = time.perf_counter()
         _model_ref = resolve_model(rt.model, rt.cache_dir, rt.int8)
         _model = PoseModel(str(_model_ref.path), rt.providers, rt.intra_threads)
+        metrics.model_loaded(time.perf_counter() - start)
         log.warning("worker model %s (%s) on %s", _model_ref.name, _model_ref.sha256[:12],
                     _model.info.provider)
     assert _model_ref is not None

@@ -19,7 +19,7 @@ from posebatch.queue import PROCESS_BATCH
 from posebatch.records import Record
 from posebatch.settings import ClusterSettings, JobSettings, from_env
 from posebatch.storage import Storage, open_storage
-from workers import policy, state
+from workers import metrics, policy, state
 from workers.batch import process_keys
 from workers.celery_app import app
 from workers.engine.pipeline import PoseEngine
@@ -56,8 +56,9 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
         return _run(job_id, input_url, output_url, keys, JobSettings.from_dict(settings), force)
 
     try:
-        return policy.run_batch(state.job_store(), attempt, work,
-                                storage_patience=from_env(ClusterSettings).storage_patience)
+        with metrics.batch():
+            return policy.run_batch(state.job_store(), attempt, work,
+                                    storage_patience=from_env(ClusterSettings).storage_patience)
     except policy.Requeue as err:
         # Not acknowledged: back to the queue (or, if the broker is down too, redelivered after
         # the visibility timeout). Recording nothing now loses nothing: records are idempotent.
@@ -81,7 +82,9 @@ def _run(job_id: str, input_url: str, output_url: str, keys: list[str], job: Job
     _claim(job_id, dst, manifest(job, ref.sha256, ref.name), force)
     rt = state.runtime()
     engine = PoseEngine(model, job, rt.batch_size, rt.io_threads)
-    return process_keys(engine, src, dst, keys, skip_existing=not force)
+    records = process_keys(engine, src, dst, keys, skip_existing=not force)
+    metrics.images(records)
+    return records
 
 
 def _claim(job_id: str, dst: Storage, wanted: dict[str, Any], force: bool) -> None:

@@ -61,6 +61,10 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     rt = from_env(RuntimeSettings)
     # Fail now, with a clear message, not later in each child process.
     resolve_model(rt.model, rt.cache_dir, rt.int8)
+    from posebatch.settings import ClusterSettings
+    from workers import metrics
+
+    metrics.enable(from_env(ClusterSettings).metrics_port)  # before the pool forks
     app.worker_main(_celery_argv(ns, ns.concurrency, "prefork"))
     return exitcodes.OK
 
