@@ -281,6 +281,10 @@ class JobStore:
         return [j for j, a in zip(ids, alive, strict=True) if a]
 
     @translated
+    def ping(self) -> None:
+        self.r.ping()
+
+    @translated
     def server_started(self) -> float | None:
         """When this Redis server started (``INFO server``), to tell a lost state from a
         mistyped id; None if the server does not say."""

@@ -101,10 +101,11 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
     """
     if batch_images < 1:
         raise ConfigError(f"--batch-images: expected >= 1, got {batch_images}")
+    store = JobStore.from_url(state_url or broker_url)
+    store.ping()  # a wrong Redis URL or password is said first, before any storage check
     src, dst = open_storage(input_url), open_storage(output_url)
     if not force:  # refuse early, before anything is enqueued
         check_output(dst, manifest(job))
-    store = JobStore.from_url(state_url or broker_url)
     job_id = job_id or new_job_id()
     meta = {"input": src.url, "output": dst.url, "settings": job.to_dict(), "force": force,
             "summary_prefix": summary_prefix}
