@@ -129,3 +129,13 @@ def test_submit_waits_while_the_queue_is_above_the_high_water_mark(env, bucket, 
     assert done.wait(20)
     assert r.llen(QUEUE) == 2  # one foreign message left, plus ours
     t.join(5)
+
+
+def test_log_json_writes_one_json_object_per_line(env, bucket):
+    import json
+
+    proc = run_cli("--log-json", "watch", f"s3://{bucket}/in/", "--out", f"s3://{bucket}/lj/",
+                   "--once", env=env)
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+    assert any("new images" in e["msg"] and e["level"] == "WARNING" and
+               e["logger"] == "producer.watch" for e in lines), proc.stderr
