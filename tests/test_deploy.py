@@ -20,7 +20,7 @@ from posebatch.settings import ClusterSettings, JobSettings, RuntimeSettings
 from producer.schedule import load_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRA_VARS = {"POSEBATCH_CACHE", "POSEBATCH_BUILD_PYTHON",
+EXTRA_VARS = {"POSEBATCH_CACHE", "POSEBATCH_BUILD_PYTHON", "POSEBATCH_LOG_JSON",
               "POSEBATCH_SSL_CERT_REQS"}
 KNOWN_VARS = EXTRA_VARS | {f"POSEBATCH_{f.name.upper()}"
                            for cls in (JobSettings, RuntimeSettings, ClusterSettings)
