@@ -29,8 +29,17 @@ and its lost batches will be found once the queue is shorter."""
 PAGE = 1000
 
 
-def _task_id(payload: dict[str, Any]) -> str | None:
-    return (payload.get("headers") or {}).get("id")
+def _task_id(raw: bytes, unacked: bool = False) -> str | None:
+    """The Celery task id of a raw queue entry (or ``unacked`` entry); None for anything that
+    is not a Celery message of protocol 2."""
+    try:
+        payload = json.loads(raw)
+        if unacked:
+            payload = payload[0]
+        tid = (payload.get("headers") or {}).get("id")
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        return None
+    return tid if isinstance(tid, str) else None
 
 
 def visible_task_ids(r: Any, prefix: str, queue: str = QUEUE,
@@ -43,11 +52,11 @@ def visible_task_ids(r: Any, prefix: str, queue: str = QUEUE,
     seen: set[str] = set()
     for start in range(0, length, PAGE):
         for raw in r.lrange(queue, start, start + PAGE - 1):
-            tid = _task_id(json.loads(raw))
+            tid = _task_id(raw)
             if tid and tid.startswith(prefix):
                 seen.add(tid)
     for raw in r.hvals(unacked):
-        tid = _task_id(json.loads(raw)[0])
+        tid = _task_id(raw, unacked=True)
         if tid and tid.startswith(prefix):
             seen.add(tid)
     return seen

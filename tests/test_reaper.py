@@ -67,3 +67,10 @@ def test_a_queue_too_long_to_look_through_is_not_looked_through(setup, monkeypat
     r.rpush(QUEUE, *[b"{}"] * 3)
     reaper = Reaper(store, url, grace=0)
     assert reaper.look("j", now=1.0) == []
+
+
+def test_foreign_messages_in_the_queue_are_ignored(setup):
+    url, r, store = setup
+    r.lpush(QUEUE, b"not json", b"[1, 2]", b'{"headers": null}')
+    reaper = Reaper(store, url, grace=0)
+    assert reaper.look("j", now=1.0) == []  # ours are all still queued
