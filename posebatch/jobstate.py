@@ -230,13 +230,16 @@ class JobStore:
         self._expire(job_id)
 
     @translated
-    def prune(self, older_than: float = 0.0) -> list[str]:
+    def prune(self, older_than: float = 0.0,
+              stale_submitting: float | None = None) -> list[str]:
         """Delete the state of jobs finished more than ``older_than`` seconds ago, and drop ids
         whose state has expired from the job index; return the ids removed. Running jobs are
-        never touched."""
+        never touched; with ``stale_submitting``, jobs still "submitting" that many seconds
+        after their creation are (their producer died: such a job never finalizes, so its keys
+        would never expire)."""
         removed = []
         cutoff = time.time() - older_than
-        for raw in self.r.zrange(f"{PREFIX}:jobs", 0, -1):
+        for raw, score in self.r.zrange(f"{PREFIX}:jobs", 0, -1, withscores=True):
             job_id = raw.decode()
             state, finished = self.r.hmget(self._k(job_id), "state", "finished")
             if state is None:
@@ -244,6 +247,8 @@ class JobStore:
             elif state in (b"done", b"abandoned") and finished is not None:
                 ended = datetime.fromisoformat(finished.decode()).timestamp()
                 gone = ended <= cutoff
+            elif state == b"submitting" and stale_submitting is not None:
+                gone = score <= time.time() - stale_submitting
             else:
                 gone = False
             if gone:

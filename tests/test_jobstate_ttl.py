@@ -69,6 +69,16 @@ def test_prune_removes_finished_jobs_and_expired_index_entries_and_keeps_running
     assert store.recent() == ["running"] and store.progress("running") is not None
 
 
+def test_prune_stale_submitting_removes_jobs_whose_producer_died(store):
+    store.create("dead-producer", {"input": "in/", "output": "out/", "settings": {}})
+    store.add_batches("dead-producer", {"00000000": ["a.jpg"]})
+    store.r.zadd(f"{PREFIX}:jobs", {"dead-producer": 1000.0})  # created long ago
+    store.create("listing-now", {"input": "in/", "output": "out/", "settings": {}})
+    assert store.prune() == []  # not without the flag: "submitting" may be a live producer
+    assert store.prune(stale_submitting=3600) == ["dead-producer"]
+    assert job_keys(store, "dead-producer") == [] and store.recent() == ["listing-now"]
+
+
 def test_prune_older_than_keeps_recent_finished_jobs(store, tmp_path):
     done = finished_job(store, tmp_path)
     assert store.prune(older_than=3600) == []

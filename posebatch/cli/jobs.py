@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "drop expired jobs from the job list. Running jobs are kept.")
     prune.add_argument("--older-than", type=float, default=0.0,
                        help="only jobs finished at least this many seconds ago (default 0)")
+    prune.add_argument("--stale-submitting", type=float, metavar="SECONDS",
+                       help="also delete jobs still 'submitting' this long after they were "
+                            "created (their producer died; resubmitted jobs are separate)")
     add_broker_flags(prune)
     prune.set_defaults(handler=cmd_prune)
 
@@ -32,8 +35,12 @@ def cmd_prune(ns: argparse.Namespace) -> int:
 
     if ns.older_than < 0:
         raise ConfigError(f"--older-than: expected >= 0 seconds, got {ns.older_than}")
+    if ns.stale_submitting is not None and ns.stale_submitting < 60:
+        raise ConfigError("--stale-submitting: expected >= 60 seconds (a submission may be "
+                          f"running right now), got {ns.stale_submitting}")
     rt = from_env(RuntimeSettings, {"broker_url": ns.broker_url, "state_url": ns.state_url})
-    removed = JobStore.from_url(rt.state_url or rt.broker_url).prune(ns.older_than)
+    removed = JobStore.from_url(rt.state_url or rt.broker_url).prune(ns.older_than,
+                                                                     ns.stale_submitting)
     for job_id in removed:
         print(job_id)
     print(f"pruned {len(removed)} jobs", flush=True)
