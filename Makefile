@@ -7,7 +7,7 @@ DEV_DATA ?= $(firstword $(wildcard $(POSEBATCH_DEV_DATA) ../shared/data/dev ../.
 SAMPLES_CACHE := $(or $(POSEBATCH_CACHE),$(HOME)/.cache/posebatch)/samples
 DEMO_OUT ?= out/demo
 
-.PHONY: install build-env model demo test test-fast lint bench clean
+.PHONY: install build-env model browser demo test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -43,7 +43,14 @@ demo: model
 	$(POSEBATCH) run "$$src" --out $(DEMO_OUT) && \
 	echo "results: $(abspath $(DEMO_OUT)) (per-image JSON, _summary.json, _counts.csv)"
 
-test: model
+# Headless Chromium renders the report in tests/test_report.py (Debian/Ubuntu package `chromium`).
+browser:
+	@[ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+# build-env: Ultralytics' own label verifier checks the YOLO export (tests/test_exports.py).
+test: model browser build-env
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q -ra
 

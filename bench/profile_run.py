@@ -40,16 +40,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import make_corpus  # noqa: E402
+from procstat import machine_busy_s  # noqa: E402
 
 STAGES = ["read", "decode", "letterbox", "tensor", "session.run", "postprocess", "to_result",
           "to_api", "json", "write", "records"]
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has been busy, from /proc/stat (to spot other load)."""
-    with open("/proc/stat") as fh:
-        f = [int(v) for v in fh.readline().split()[1:]]
-    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
 
 
 class Timers:

@@ -12,14 +12,18 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
+from posebatch.errors import StorageNotFound
 from posebatch.records import Record
 
 SUMMARY_NAME = "_summary.json"
 COUNTS_NAME = "_counts.csv"
 MAX_REASONS = 50
-CSV_COLUMNS = ("key", "status", "error_code", "person_num", "valid_persons", "error_msg")
+CSV_COLUMNS = ("key", "status", "error_code", "person_num", "valid_persons", "error_msg",
+               "width", "height")
+"""width, height: the upright image's size, empty when unknown (failed images); exports read it."""
 
 
 class Tally:
@@ -77,7 +81,7 @@ def summarize(records: Iterable[Record], meta: dict[str, Any]) -> dict[str, Any]
 
 def csv_row(r: Record) -> list[Any]:
     return [r.key, "ok" if r.ok else "error", r.error_code or "", r.person_num,
-            r.valid_persons, r.error_msg]
+            r.valid_persons, r.error_msg, _blank(r.width), _blank(r.height)]
 
 
 def counts_csv(records: Iterable[Record]) -> bytes:
@@ -90,6 +94,10 @@ def counts_csv(records: Iterable[Record]) -> bytes:
     return ("\ufeff" + buf.getvalue()).encode("utf-8")
 
 
+def _blank(value: int | None) -> int | str:
+    return "" if value is None else value
+
+
 def summary_json(summary: dict[str, Any]) -> bytes:
     return (json.dumps(summary, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
 
@@ -99,9 +107,32 @@ def write_aggregates(dst: Any, records: list[Record], meta: dict[str, Any],
     """Write ``_counts.csv`` then ``_summary.json`` (the summary last: its presence means both
     are complete) to storage ``dst``; return the summary."""
     summary = summarize(records, meta)
+    records = keep_known_sizes(dst, records, prefix)
     dst.write(prefix + COUNTS_NAME, counts_csv(records), "text/csv")
     dst.write(prefix + SUMMARY_NAME, summary_json(summary), "application/json")
     return summary
+
+
+def keep_known_sizes(dst: Any, records: list[Record], prefix: str = "") -> list[Record]:
+    """Fill the sizes that records of skipped images lack from the count table being replaced.
+
+    An image skipped because its result exists was not decoded in this run; its size was
+    recorded by the run that processed it, in the previous ``_counts.csv``.
+    """
+    missing = {r.key for r in records if r.ok and r.width is None}
+    if not missing:
+        return records
+    try:
+        old = dst.read(prefix + COUNTS_NAME).decode("utf-8-sig")
+    except (StorageNotFound, UnicodeDecodeError):
+        return records
+    sizes: dict[str, tuple[int, int]] = {}
+    for row in csv.DictReader(io.StringIO(old, newline="")):
+        if row.get("key") in missing and (row.get("width") or "").isdigit() and (
+                row.get("height") or "").isdigit():
+            sizes[row["key"]] = (int(row["width"]), int(row["height"]))
+    return [replace(r, width=sizes[r.key][0], height=sizes[r.key][1])
+            if r.width is None and r.key in sizes else r for r in records]
 
 
 # Fields of the summary that describe one run rather than the results; comparisons ignore them.
@@ -111,7 +142,13 @@ RUN_FIELDS = ("job_id", "created", "finished", "input", "output")
 def records_from_counts_csv(data: bytes) -> list[Record]:
     """Read a ``_counts.csv`` back into records (the inverse of ``counts_csv``)."""
     rows = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
-    return [Record(r["key"], r["status"] == "ok",
-                   int(r["error_code"]) if r["error_code"] else None,
-                   int(r["person_num"]), int(r["valid_persons"]), r["error_msg"])
-            for r in rows]
+    return [row_record(r) for r in rows]
+
+
+def row_record(r: dict[str, str]) -> Record:
+    """One row of a ``_counts.csv`` (older tables have no width/height columns)."""
+    w, h = r.get("width") or "", r.get("height") or ""
+    return Record(r["key"], r["status"] == "ok",
+                  int(r["error_code"]) if r["error_code"] else None,
+                  int(r["person_num"]), int(r["valid_persons"]), r["error_msg"],
+                  int(w) if w.isdigit() else None, int(h) if h.isdigit() else None)

@@ -13,6 +13,9 @@ BAD_FORMAT = 216201
 BAD_SIZE = 216202
 BAD_BASE64 = 216203
 INTERNAL_ERROR = 282000
+UNREADABLE_PREFIX = "no image data: "
+"""Starts the message of a 216200 result whose file could not be read (as opposed to an empty
+file): the next run retries those, since permissions or an archive may have been fixed."""
 
 
 class PosebatchError(Exception):
@@ -55,6 +58,21 @@ class StorageUnreachable(StorageError):
 
 class StorageNotFound(PermanentError):
     """The object or folder does not exist."""
+
+
+class ObjectUnreadable(PermanentError):
+    """One object exists but cannot be read, and rereading will not help: permission denied, an
+    archived S3 object, a FIFO or device named like an image, a dangling symlink. That image gets
+    an error result; the job goes on."""
+
+
+class ObjectTooLarge(PermanentError):
+    """An object is larger than the caller's limit; found before its bytes were read."""
+
+    def __init__(self, where: str, size: int, limit: int) -> None:
+        super().__init__(f"{where} is {size} bytes; the limit is {limit} bytes")
+        self.size = size
+        self.limit = limit
 
 
 class UnsafeKeyError(PermanentError):

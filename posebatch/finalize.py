@@ -15,6 +15,7 @@ import heapq
 import json
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from posebatch.aggregate import (
     SUMMARY_NAME,
     Tally,
     csv_row,
+    row_record,
     summary_json,
 )
 from posebatch.errors import StorageNotFound
@@ -62,7 +64,7 @@ def _spill(buf: list[Record], workdir: Path, n: int) -> Path:
     with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
         for r in buf:
             f.write(json.dumps([r.key, r.ok, r.error_code, r.person_num, r.valid_persons,
-                                r.error_msg], ensure_ascii=False) + "\n")
+                                r.error_msg, r.width, r.height], ensure_ascii=False) + "\n")
     return path
 
 
@@ -76,9 +78,7 @@ def iter_counts_csv(path: Path) -> Iterator[Record]:
     """Stream a ``_counts.csv`` (sorted by key, as written) back as records."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         for r in csv.DictReader(f):
-            yield Record(r["key"], r["status"] == "ok",
-                         int(r["error_code"]) if r["error_code"] else None,
-                         int(r["person_num"]), int(r["valid_persons"]), r["error_msg"])
+            yield row_record(r)
 
 
 class Table:
@@ -130,13 +130,16 @@ def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: 
         kept = 0
         pending = next(earlier, None)
         for n, r in enumerate(mine, 1):
-            own.add(r)
             while pending is not None and pending.key < r.key:
                 root.add(pending)
                 kept += 1
                 pending = next(earlier, None)
             if pending is not None and pending.key == r.key:
+                if r.ok and r.width is None and pending.width is not None:
+                    # skipped (result exists): its size is in the table being replaced
+                    r = replace(r, width=pending.width, height=pending.height)
                 pending = next(earlier, None)  # replaced by this job's record
+            own.add(r)
             root.add(r)
             if n % PROGRESS_EVERY == 0:
                 on_progress()

@@ -26,7 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from posebatch.errors import StateAuthError, StateUnavailable
+from posebatch.errors import INTERNAL_ERROR, StateAuthError, StateUnavailable
 from posebatch.records import Record
 
 PREFIX = "posebatch"
@@ -88,7 +88,8 @@ def pack(record: Record) -> str:
     (persons, valid persons) or ``"E216201,<message>"``. 3-60 bytes instead of ~100 of JSON
     with the key repeated: at 10M images that is ~1 GB of Redis less per job."""
     if record.ok:
-        return f"{record.person_num},{record.valid_persons}"
+        size = "" if record.width is None else f",{record.width},{record.height}"
+        return f"{record.person_num},{record.valid_persons}{size}"
     return f"E{record.error_code},{record.error_msg}"
 
 
@@ -98,8 +99,9 @@ def unpack(key: str, value: str) -> Record:
     if value.startswith("E"):
         code, msg = value[1:].split(",", 1)
         return Record(key, False, int(code) if code else None, 0, 0, msg)
-    persons, valid = value.split(",")
-    return Record(key, True, None, int(persons), int(valid))
+    fields = [int(v) for v in value.split(",")]
+    width, height = (fields[2], fields[3]) if len(fields) == 4 else (None, None)
+    return Record(key, True, None, fields[0], fields[1], width=width, height=height)
 
 
 def new_job_id() -> str:
@@ -139,7 +141,9 @@ class JobProgress:
     def rate(self) -> float:
         if not self.started_at or not self.done:
             return 0.0
-        return self.done / max(time.time() - self.started_at, 1e-3)
+        # A finished job's rate is frozen at its last record, not diluted by the time since.
+        end = self.updated_at if self.state == "done" and self.updated_at else time.time()
+        return self.done / max(end - self.started_at, 1e-3)
 
 
 class JobStore:
@@ -440,5 +444,24 @@ class JobStore:
         # Several jobs may write into one output (other input folders, reruns): the root
         # summary covers every result in it (posebatch.finalize merges the previous root
         # table); each job's own figures also go to _jobs/<job id>/.
-        return finalize(dst, self.records(job_id), summary_meta, prefix,
-                        merge_root=not prefix, on_progress=on_progress)
+        batch_failed = False
+
+        def watched(records: Iterator[Record]) -> Iterator[Record]:
+            nonlocal batch_failed
+            for r in records:
+                if r.error_code == INTERNAL_ERROR and r.error_msg.startswith("batch "):
+                    batch_failed = True
+                yield r
+
+        summary = finalize(dst, watched(self.records(job_id)), summary_meta, prefix,
+                           merge_root=not prefix, on_progress=on_progress)
+        # A --force job that changed model or settings marked the output unfinished; clear the
+        # mark only when no image may still hold an old result (a batch that failed for good
+        # leaves its images' old results and records 282000 "batch ...": then it stays marked).
+        if meta.get("force") and model and not batch_failed:
+            from posebatch.manifest import complete_output
+
+            complete_output(dst, {"model_sha256": model.get("sha256"),
+                                  "model_name": model.get("name"),
+                                  "settings": meta.get("settings")})
+        return summary

@@ -7,6 +7,7 @@ an image would be listed by one and missed by another.
 from __future__ import annotations
 
 RESULT_SUFFIX = ".json"
+OVERLAY_SUFFIX = ".overlay.jpg"
 
 # Files with these extensions are treated as images. Formats the API does not accept (GIF, WebP,
 # TIFF, ...) are listed on purpose: they get an error result instead of being silently skipped.
@@ -17,9 +18,17 @@ IMAGE_SUFFIXES = (
 
 
 def is_image_key(key: str) -> bool:
-    return key.lower().endswith(IMAGE_SUFFIXES)
+    """An image to process; our own overlays (``run --overlays``) are not, or a drop folder whose
+    output is its input would process them on the next run."""
+    low = key.lower()
+    return low.endswith(IMAGE_SUFFIXES) and not low.endswith(OVERLAY_SUFFIX)
 
 
 def result_key(image_key: str) -> str:
     """``a/b.jpg`` -> ``a/b.jpg.json``: the image's own name plus ``.json``."""
     return image_key + RESULT_SUFFIX
+
+
+def overlay_key(image_key: str) -> str:
+    """``a/b.jpg`` -> ``a/b.jpg.overlay.jpg``: the optional skeleton picture beside the result."""
+    return image_key + OVERLAY_SUFFIX

@@ -4,6 +4,21 @@ Why a manifest: "skip images whose result already exists" is only right when tho
 made by the same model with the same settings. One small file per output prefix records that; a
 run with another model or other settings is refused unless ``--force``. (The job's state in Redis,
 for cluster runs, is ``posebatch.jobstate``; this file lives in the output storage.)
+
+Two rules keep it honest:
+
+- A ``--force`` run that changes the model or the settings writes the manifest with
+  ``"complete": false`` (and what it replaces) *before* it rewrites any result, and sets it to
+  true only after every image has its new result. Until then the output holds results of two
+  settings, and every run without ``--force`` is refused with a message that says so: an
+  interrupted ``--force`` can never be taken for a finished one.
+- A run claims the output only when it is about to write its first result (``claim_output`` is
+  called then; ``check_output`` refuses early without writing): a run that failed before (a bad
+  model file, a missing input) leaves the output as it was.
+
+The validity thresholds (``valid_*``) change only the counts, which every run recomputes from all
+results, so they are recorded but not compared: ``posebatch recount`` and a run with a stricter
+``--valid-box-score`` reuse the results.
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ from posebatch.settings import JobSettings
 from posebatch.storage import Storage
 
 MANIFEST_NAME = "_posebatch.json"
+COUNT_ONLY_SETTINGS = ("valid_kpt_score", "valid_min_kpts", "valid_box_score")
 
 
 def manifest(job: JobSettings, model_sha256: str | None = None,
@@ -29,13 +45,37 @@ def manifest(job: JobSettings, model_sha256: str | None = None,
 
 def read_manifest(dst: Storage) -> dict[str, Any] | None:
     try:
-        return json.loads(dst.read(MANIFEST_NAME))
+        current = json.loads(dst.read(MANIFEST_NAME))
     except (StorageNotFound, ValueError):
         return None
+    return current if isinstance(current, dict) else None
+
+
+def result_settings(settings: Any) -> dict[str, Any]:
+    """The settings that change per-image results (not only the counts)."""
+    if not isinstance(settings, dict):
+        return {}
+    return {k: v for k, v in settings.items() if k not in COUNT_ONLY_SETTINGS}
+
+
+def _differs(current: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    out = []
+    if "model_sha256" in wanted and current.get("model_sha256") != wanted["model_sha256"]:
+        out.append("model")
+    if result_settings(current.get("settings")) != result_settings(wanted["settings"]):
+        out.append("settings")
+    return out
+
+
+def _describe(m: dict[str, Any]) -> str:
+    model = (f"model {m.get('model_name')} ({str(m.get('model_sha256'))[:12]}), "
+             if m.get("model_sha256") else "")
+    return f"{model}settings {result_settings(m.get('settings'))}"
 
 
 def check_output(dst: Storage, wanted: dict[str, Any]) -> None:
-    """Refuse when OUTPUT holds results of another model or other settings than ``wanted``.
+    """Refuse when OUTPUT holds results of another model or other settings than ``wanted``, or
+    is in the middle of an unfinished ``--force`` change. Writes nothing.
 
     Only the fields ``wanted`` names are compared, so ``submit`` (settings only) and a run
     (model and settings) go through the same rule.
@@ -43,22 +83,45 @@ def check_output(dst: Storage, wanted: dict[str, Any]) -> None:
     current = read_manifest(dst)
     if current is None:
         return
-    differs = [name for name in ("model_sha256", "settings")
-               if name in wanted and current.get(name) != wanted[name]]
-    if differs:
-        model = (f"model {current.get('model_name')} ({str(current.get('model_sha256'))[:12]}), "
-                 if "model_sha256" in wanted else "")
-        mine = (f"{wanted.get('model_name')} ({str(wanted.get('model_sha256'))[:12]}), "
-                if "model_sha256" in wanted else "")
+    where = dst.join(MANIFEST_NAME)
+    if current.get("complete") is False:
+        before = current.get("replacing") or {}
         raise ConfigError(
-            f"{dst.join(MANIFEST_NAME)} says this output holds results of {model}settings "
-            f"{current.get('settings')}; this run uses {mine}settings {wanted['settings']}. "
-            "Use another --out, or --force to reprocess everything."
-        )
+            f"{where} says a --force run that replaced the results of {_describe(before)} with "
+            f"{_describe(current)} did not finish: this output holds results of both. Rerun "
+            "with --force to finish it (every image is redone), or use another --out.")
+    if _differs(current, wanted):
+        raise ConfigError(
+            f"{where} says this output holds results of {_describe(current)}; this run uses "
+            f"{_describe(wanted)}. Use another --out, or --force to reprocess everything.")
 
 
 def claim_output(dst: Storage, wanted: dict[str, Any], force: bool) -> None:
-    """Check (unless ``force``), then write the manifest."""
+    """Check (unless ``force``), then write the manifest; call it just before the first result
+    is written. A ``--force`` change of model or settings is marked unfinished until
+    ``complete_output``."""
+    current = read_manifest(dst)
     if not force:
         check_output(dst, wanted)
-    dst.write(MANIFEST_NAME, (json.dumps(wanted, indent=2) + "\n").encode(), "application/json")
+    if force and current is not None and (current.get("complete") is False
+                                          or _differs(current, wanted)):
+        # What the output held before the first unfinished change, kept across retries.
+        replacing = current.get("replacing") or {
+            k: current.get(k) for k in ("model_sha256", "model_name", "settings")}
+        record = {**wanted, "complete": False, "replacing": replacing}
+    else:
+        record = {**wanted, "complete": True}
+    if record == current:
+        return  # claimed already (another worker process of the same job): no write
+    _write(dst, record)
+
+
+def complete_output(dst: Storage, wanted: dict[str, Any]) -> None:
+    """Every image has a result of ``wanted``: clear an unfinished ``--force`` mark."""
+    current = read_manifest(dst)
+    if current is not None and current.get("complete") is False and not _differs(current, wanted):
+        _write(dst, {**wanted, "complete": True})
+
+
+def _write(dst: Storage, record: dict[str, Any]) -> None:
+    dst.write(MANIFEST_NAME, (json.dumps(record, indent=2) + "\n").encode(), "application/json")

@@ -27,6 +27,8 @@ class ModelRef:
     path: Path
     sha256: str
     name: str
+    precision: str = "fp32"
+    """Of the file: ``fp16`` for the copy made by ``posebatch model fp16``."""
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -52,16 +54,21 @@ def default_model_path(cache_dir: Path) -> Path:
     return cache_dir / "models" / DEFAULT_SHA256 / f"{DEFAULT_NAME}.onnx"
 
 
-def resolve_model(model: str | None, cache_dir: Path, int8: bool = False) -> ModelRef:
-    """The model a run uses: ``model`` when given, else the default built one; with ``int8``
-    its quantized copy (``<name>.int8.onnx`` beside it)."""
-    if int8:
+def fp16_path(fp32: Path) -> Path:
+    """``<name>.fp16.onnx`` beside the model; a model that is already that copy is its own."""
+    return fp32 if fp32.name.endswith(".fp16.onnx") else fp32.with_name(fp32.stem + ".fp16.onnx")
+
+
+def resolve_model(model: str | None, cache_dir: Path, precision: str = "fp32") -> ModelRef:
+    """The model a run uses: ``model`` when given, else the default built one; with
+    ``precision="fp16"`` its float16 copy (``<name>.fp16.onnx``)."""
+    if precision == "fp16":
         fp32 = resolve_model(model, cache_dir)
-        q = fp32.path.with_name(fp32.path.stem + ".int8.onnx")
-        if not q.is_file():
-            raise ModelError(f"no INT8 model at {q}; run `posebatch model quantize"
+        half = fp16_path(fp32.path)
+        if not half.is_file():
+            raise ModelError(f"no fp16 model at {half}; run `posebatch model fp16"
                              f"{' --model ' + model if model else ''}` first")
-        return ModelRef(q, fingerprint(q), fp32.name + "-int8")
+        return ModelRef(half, fingerprint(half), fp32.name + "-fp16", "fp16")
     if model:
         p = Path(model)
         if not p.is_file():

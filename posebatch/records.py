@@ -23,6 +23,10 @@ class Record:
     person_num: int
     valid_persons: int
     error_msg: str = ""
+    width: int | None = None
+    """Upright image size in pixels, recorded when the image is processed (None when unknown:
+    the image failed, or the record predates sizes), so exports never decode images again."""
+    height: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
@@ -40,11 +44,13 @@ def is_valid_person(person: dict[str, Any], job: JobSettings) -> bool:
     return confident > job.valid_min_kpts and person["location"]["score"] > job.valid_box_score
 
 
-def record_from_result(key: str, result: dict[str, Any], job: JobSettings) -> Record:
+def record_from_result(key: str, result: dict[str, Any], job: JobSettings,
+                       size: tuple[int, int] | None = None) -> Record:
     """Derive the record from the API result itself, so a skipped (already done) image and a
-    freshly processed one produce the same record."""
+    freshly processed one produce the same record; ``size`` is the upright (width, height)."""
     if "error_code" in result:
         return Record(key, False, int(result["error_code"]), 0, 0, str(result["error_msg"]))
     persons = result["person_info"]
     valid = sum(1 for p in persons if is_valid_person(p, job))
-    return Record(key, True, None, int(result["person_num"]), valid)
+    w, h = size if size is not None else (None, None)
+    return Record(key, True, None, int(result["person_num"]), valid, width=w, height=h)

@@ -104,3 +104,19 @@ def error_result(code: int, message: str, log_id: int | None = None) -> dict[str
 def encode_result(result: dict[str, Any]) -> bytes:
     """The bytes written to ``<image>.json``: compact UTF-8, the same for local and cluster runs."""
     return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def is_api_result(obj: Any) -> bool:
+    """True for a result or error result in the shape this module writes.
+
+    Why: a folder may already hold another tool's ``<image>.json`` (a photo library's sidecar, or
+    output = input); it must be neither counted as a result nor overwritten.
+    """
+    if not isinstance(obj, dict) or not isinstance(obj.get("log_id"), int):
+        return False
+    if "error_code" in obj:
+        return isinstance(obj["error_code"], int) and isinstance(obj.get("error_msg"), str)
+    persons = obj.get("person_info")
+    return (isinstance(obj.get("person_num"), int) and isinstance(persons, list)
+            and all(isinstance(p, dict) and isinstance(p.get("body_parts"), dict)
+                    and isinstance(p.get("location"), dict) for p in persons))

@@ -16,6 +16,9 @@ from typing import Any
 from posebatch.errors import ConfigError
 
 ENV_PREFIX = "POSEBATCH_"
+QUALITIES = ("fast", "flip", "scale", "best")
+"""``fast``: one pass. ``best``: horizontal-flip TTA plus a second, larger scale (README
+"Quality"); ``flip`` and ``scale`` are each of the two alone, to measure them separately."""
 DEFAULT_BATCH_IMAGES = 32
 """Images per cluster task: a lost worker loses little, the task overhead is amortised (CPU).
 GPU workers want 256 or more (README)."""
@@ -26,6 +29,11 @@ def default_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "posebatch"
     )
     return Path(base)
+
+
+MAX_IMGSZ = 2048
+MAX_IMAGE_BYTES = 128 * 1024 * 1024
+MAX_SIDE = 16384
 
 
 @dataclass(frozen=True)
@@ -50,22 +58,30 @@ class JobSettings:
     rect: bool = False
     """Letterbox to the smallest stride-aligned rectangle (e.g. 480x640 for 4:3) instead of a
     square: fewer pixels, same scale. Only for models with dynamic height/width."""
+    quality: str = "fast"
+    """One of QUALITIES: ``best`` is more accurate and about 4x slower than ``fast`` on CPU."""
 
     def __post_init__(self) -> None:
+        # Upper bounds keep a typo from exhausting memory: --imgsz 100000 once held 23.6 GB.
+        # Measured peak RSS of `posebatch run` at batch 4 on CPU: 2.2 GB at imgsz 2048 (README).
         checks = [
-            (self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz must be a multiple of 32 >= 32"),
-            (0.0 <= self.det_conf <= 1.0, "det_conf must be in [0, 1]"),
-            (0.0 < self.nms_iou <= 1.0, "nms_iou must be in (0, 1]"),
-            (self.max_persons >= 1, "max_persons must be >= 1"),
-            (0.0 <= self.valid_kpt_score <= 1.0, "valid_kpt_score must be in [0, 1]"),
-            (0 <= self.valid_min_kpts <= 21, "valid_min_kpts must be in [0, 21]"),
-            (0.0 <= self.valid_box_score <= 1.0, "valid_box_score must be in [0, 1]"),
-            (self.max_image_bytes > 0, "max_image_bytes must be > 0"),
-            (1 <= self.min_side <= self.max_side, "need 1 <= min_side <= max_side"),
+            ("imgsz", 32 <= self.imgsz <= MAX_IMGSZ and self.imgsz % 32 == 0,
+             f"a multiple of 32 from 32 to {MAX_IMGSZ}"),
+            ("det_conf", 0.0 <= self.det_conf <= 1.0, "in [0, 1]"),
+            ("nms_iou", 0.0 < self.nms_iou <= 1.0, "in (0, 1]"),
+            ("max_persons", 1 <= self.max_persons <= 1000, "from 1 to 1000"),
+            ("valid_kpt_score", 0.0 <= self.valid_kpt_score <= 1.0, "in [0, 1]"),
+            ("valid_min_kpts", 0 <= self.valid_min_kpts <= 21, "from 0 to 21"),
+            ("valid_box_score", 0.0 <= self.valid_box_score <= 1.0, "in [0, 1]"),
+            ("max_image_bytes", 1 <= self.max_image_bytes <= MAX_IMAGE_BYTES,
+             f"from 1 to {MAX_IMAGE_BYTES} (128 MiB: more than any image within max_side)"),
+            ("min_side", 1 <= self.min_side <= self.max_side, "from 1 to max_side"),
+            ("max_side", self.max_side <= MAX_SIDE, f"at most {MAX_SIDE}"),
+            ("quality", self.quality in QUALITIES, f"one of {', '.join(QUALITIES)}"),
         ]
-        for ok, message in checks:
+        for name, ok, expected in checks:
             if not ok:
-                raise ConfigError(f"{message}; got {self}")
+                raise ConfigError(f"{name} must be {expected}; got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,10 +103,18 @@ class RuntimeSettings:
 
     model: str | None = None
     """Path of the ONNX model; None means the default model built by ``posebatch model build``."""
-    int8: bool = False
-    """Use the INT8 copy made by ``posebatch model quantize`` next to the model."""
+    detector: str | None = None
+    """Person detector ONNX for a top-down (SimCC) ``model``; None: the default model's boxes."""
     providers: str = "auto"
-    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
+    """``auto`` (TensorRT when its libraries load, else CUDA when available, else CPU), ``cpu``,
+    ``cuda`` or ``tensorrt``."""
+    precision: str = "auto"
+    """``fp32``, ``fp16`` (the copy made by ``posebatch model fp16``, converted on first use),
+    ``bf16`` (OpenVINO runner only) or ``auto`` (fp16 on a GPU provider; with OpenVINO bf16
+    where the CPU has AMX/AVX512-BF16; else fp32)."""
+    backend: str = "auto"
+    """``ort`` (ONNX Runtime), ``openvino``, or ``auto``: ONNX Runtime on a GPU, else the faster
+    of the two on this CPU, measured once per model and host (cached in ``cache_dir``)."""
     batch_size: int = 0
     """Images per model call; 0 = auto: 4 on CPU (measured: same img/s as 8 with 250 MB less
     memory, see README), 32 on CUDA."""
@@ -104,12 +128,22 @@ class RuntimeSettings:
     cache_dir: Path = field(default_factory=default_cache_dir)
 
     def __post_init__(self) -> None:
-        if self.providers not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"providers: expected auto, cpu or cuda, got {self.providers!r}")
-        if self.batch_size < 0:
-            raise ConfigError(f"batch_size: expected >= 1 (or 0 for auto), got {self.batch_size}")
-        if self.io_threads < 1:
-            raise ConfigError(f"io_threads: expected >= 1, got {self.io_threads}")
+        if self.providers not in ("auto", "cpu", "cuda", "tensorrt"):
+            raise ConfigError("providers: expected auto, cpu, cuda or tensorrt, got "
+                              f"{self.providers!r}")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ConfigError(f"precision: expected auto, fp32, fp16 or bf16, got "
+                              f"{self.precision!r}")
+        if self.backend not in ("auto", "ort", "openvino"):
+            raise ConfigError(f"backend: expected auto, ort or openvino, got {self.backend!r}")
+        if not 0 <= self.batch_size <= 256:
+            raise ConfigError(f"batch_size: expected 1 to 256 (or 0 for auto), got "
+                              f"{self.batch_size}")
+        if not 0 <= self.intra_threads <= 256:
+            raise ConfigError(f"intra_threads: expected 0 (one per core) to 256, got "
+                              f"{self.intra_threads}")
+        if not 1 <= self.io_threads <= 64:
+            raise ConfigError(f"io_threads: expected 1 to 64, got {self.io_threads}")
 
 
 
@@ -211,3 +245,37 @@ def _coerce(name: str, raw: str, typ: Any) -> Any:
     except ValueError as err:
         raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected {typ}, got {raw!r}") from err
     return raw
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """``posebatch serve``: where it listens, who may call it, how it batches and sheds load."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: str = field(default="", repr=False)
+    """``KEY:SECRET[:QPS],...``; never shown in a repr or an error message."""
+    api_keys_file: str | None = None
+    """A file with the same entries, one per line (``#`` comments); e.g. a mounted k8s Secret."""
+    qps: float = 0.0
+    """Requests per second per key (the API's error 18 past it), per replica; 0 = unlimited.
+    A key's own ``:QPS`` wins."""
+    max_wait_ms: float = 5.0
+    """How long a lone request waits for others to share its model call."""
+    max_queue: int = 64
+    """Requests in flight at once (reading, decoding, queued, in the model); past it a request
+    is refused at once (error 2, retry later) instead of queueing without bound."""
+    max_base64_bytes: int = 4 * 1024 * 1024
+    """The API's rule: the ``image`` field is at most 4 MB after base64."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, "port must be in [0, 65535]"),
+            (self.qps >= 0, "qps must be >= 0 (0 = unlimited)"),
+            (0 <= self.max_wait_ms <= 10_000, "max_wait_ms must be in [0, 10000]"),
+            (self.max_queue >= 1, "max_queue must be >= 1"),
+            (self.max_base64_bytes >= 4, "max_base64_bytes must be >= 4"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message}; got {self}")

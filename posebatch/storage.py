@@ -1,8 +1,9 @@
 """One small storage interface, two real backends: a local folder and an S3 bucket/prefix.
 
 Why so small: the producer lists images, workers read them and write JSON next to them, and the
-aggregator reads results back. Six operations cover that, and keeping both backends behind the
-same six means every test of the pipeline runs unchanged against a tmp dir or a real S3 server.
+aggregator reads results back. Seven operations cover that (``peek`` sniffs extensionless
+files), and keeping both backends behind the same seven means every test of the pipeline runs
+unchanged against a tmp dir or a real S3 server.
 Keys are always relative to the root, "/"-separated, and listed in S3's order (by UTF-8 bytes of
 the whole key) so a listing can be resumed with ``start_after`` on either backend. Resume from the
 last key the listing *returned*, not from a key computed by sorting: SeaweedFS 4.x lists folder by
@@ -15,6 +16,7 @@ import contextlib
 import mimetypes
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,11 +34,15 @@ from botocore.exceptions import (
 
 from posebatch.errors import (
     ConfigError,
+    ObjectTooLarge,
+    ObjectUnreadable,
     StorageError,
     StorageNotFound,
     StorageUnreachable,
     UnsafeKeyError,
 )
+from posebatch.names import display_path, key_from_name, name_from_key
+from posebatch.oserrors import file_kind, read_error, write_error
 
 _TMP_PREFIX = ".posebatch-tmp-"  # partial writes in progress; never listed
 
@@ -52,8 +58,13 @@ class Storage(Protocol):
         """All keys below the root, recursively, streamed; ``suffixes`` match case-insensitively."""
         ...
 
-    def read(self, key: str) -> bytes:
-        """The object's bytes; StorageNotFound if it is missing."""
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; StorageNotFound if it is missing, ObjectUnreadable if it cannot be
+        read for a reason of its own, ObjectTooLarge (before reading) if over ``max_bytes``."""
+        ...
+
+    def peek(self, key: str, n: int) -> bytes:
+        """The object's first ``n`` bytes (fewer if it is shorter): sniffs extensionless files."""
         ...
 
     def upload(self, key: str, path: str, content_type: str | None = None) -> None:
@@ -121,19 +132,20 @@ class LocalStorage:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
-        self.url = self.root
+        # Keys and the URL are UTF-8-safe text (posebatch.names); only _path() is a real name.
+        self.url = display_path(self.root)
 
     def join(self, key: str) -> str:
-        return os.path.join(self.root, *key.split("/"))
+        return f"{self.url.rstrip('/')}/{key}"
 
     def _path(self, key: str) -> str:
-        return self.join(safe_key(key))
+        return os.path.join(self.root, *map(name_from_key, safe_key(key).split("/")))
 
     def iter_keys(
         self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None
     ) -> Iterator[str]:
         if not os.path.isdir(self.root):
-            raise StorageNotFound(f"folder {self.root} does not exist")
+            raise StorageNotFound(f"folder {self.url} does not exist")
         wanted = _suffix_filter(suffixes)
         yield from (k for k in self._walk(self.root, "", start_after) if wanted(k))
 
@@ -172,11 +184,12 @@ class LocalStorage:
             with os.scandir(path) as it:
                 # A directory sorts as "name/" so the merged order equals S3's: "a-b" < "a/x".
                 entries = sorted(
-                    ((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in it),
+                    ((key_from_name(e.name) + ("/" if e.is_dir(follow_symlinks=False) else ""), e)
+                     for e in it),
                     key=lambda pair: pair[0],
                 )
         except OSError as err:
-            raise StorageError(f"cannot list {path}: {err.strerror or err}") from err
+            raise StorageError(f"cannot list {display_path(path)}: {err.strerror or err}") from err
         for sort_name, entry in entries:
             key = prefix + sort_name
             if sort_name.endswith("/"):
@@ -188,15 +201,36 @@ class LocalStorage:
             ):
                 yield key
 
-    def read(self, key: str) -> bytes:
-        path = self._path(key)
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Open without blocking (a FIFO named x.jpg would wait forever for a writer), check
+        on the open file that it is a regular file within ``max_bytes``, then read it."""
+        with self._open_regular(key) as (f, size):
+            if max_bytes is not None and size > max_bytes:
+                raise ObjectTooLarge(self.join(key), size, max_bytes)
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:  # grew since the fstat
+            raise ObjectTooLarge(self.join(key), len(data), max_bytes)
+        return data
+
+    def peek(self, key: str, n: int) -> bytes:
+        with self._open_regular(key) as (f, _size):
+            return f.read(n)
+
+    @contextlib.contextmanager
+    def _open_regular(self, key: str) -> Iterator[tuple[Any, int]]:
+        path, where = self._path(key), self.join(key)
         try:
-            with open(path, "rb") as f:
-                return f.read()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
-            raise StorageNotFound(f"{path} does not exist") from err
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as err:
-            raise StorageError(f"cannot read {path}: {err.strerror or err}") from err
+            raise read_error(err, path, where) from err
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ObjectUnreadable(f"{where} is {file_kind(info.st_mode)}, not a regular file")
+            try:
+                yield f, info.st_size
+            except OSError as err:
+                raise read_error(err, path, where) from err
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
         """Write via a temp file in the same folder + os.replace, so readers never see half a file.
@@ -215,7 +249,7 @@ class LocalStorage:
         except OSError as err:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise StorageError(f"cannot write {path}: {err.strerror or err}") from err
+            raise write_error(err, self.join(key)) from err
 
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
@@ -226,6 +260,11 @@ class LocalStorage:
             return os.path.getsize(path) if os.path.isfile(path) else None
         except FileNotFoundError:  # removed between the two calls
             return None
+
+
+# S3 error codes that mean the credentials themselves are wrong: every request will fail alike.
+_CREDENTIAL_CODES = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken",
+                     "InvalidSecurity", "AuthorizationHeaderMalformed")
 
 
 def make_s3_client(
@@ -291,6 +330,14 @@ class S3Storage:
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 return StorageNotFound(f"{where} does not exist")
             cause = f"{code or 'error'} (HTTP {status}): {info.get('Message', '')}"
+            if code in _CREDENTIAL_CODES or (code == "AccessDenied" and op == "list"):
+                return ConfigError(self._scrub(
+                    f"S3 {op} {where} refused: {cause}; check AWS_ACCESS_KEY_ID, "
+                    "AWS_SECRET_ACCESS_KEY and the permissions of that key"))
+            if op in ("read", "peek") and code in ("AccessDenied", "InvalidObjectState"):
+                hint = ("it is archived (Glacier / Deep Archive): restore it, then rerun"
+                        if code == "InvalidObjectState" else "access denied for this object")
+                return ObjectUnreadable(self._scrub(f"cannot read {where}: {hint} ({cause})"))
             outage = isinstance(status, int) and status >= 500
         else:
             cause = f"{type(err).__name__}: {err}"
@@ -366,12 +413,32 @@ class S3Storage:
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "list") from err
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        """One GET; its Content-Length is checked before the body is read, so an oversized
+        object costs no transfer and no extra HEAD request."""
         full = self.prefix + safe_key(key)
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+            response = self.client.get_object(Bucket=self.bucket, Key=full)
+            size = int(response.get("ContentLength", 0))
+            if max_bytes is not None and size > max_bytes:
+                response["Body"].close()
+                raise ObjectTooLarge(self.join(key), size, max_bytes)
+            return response["Body"].read()
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "read", key) from err
+
+    def peek(self, key: str, n: int) -> bytes:
+        full = self.prefix + safe_key(key)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=full,
+                                              Range=f"bytes=0-{n - 1}")
+            return response["Body"].read()[:n]
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") == "InvalidRange":  # an empty object
+                return b""
+            raise self._error(err, "peek", key) from err
+        except BotoCoreError as err:
+            raise self._error(err, "peek", key) from err
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
         """One PUT: S3 objects appear whole or not at all, so this is atomic already."""

@@ -16,9 +16,9 @@ from typing import Any
 
 from posebatch.errors import ConfigError
 from posebatch.jobstate import JobStore, connect, new_job_id, redis_errors
-from posebatch.keys import is_image_key
 from posebatch.manifest import check_output, manifest
 from posebatch.queue import PROCESS_BATCH, QUEUE, broker_errors, make_app
+from posebatch.selection import Selection, select_keys
 from posebatch.settings import DEFAULT_BATCH_IMAGES, ClusterSettings, JobSettings, from_env
 from posebatch.storage import Storage, open_storage
 
@@ -93,8 +93,10 @@ def send_batch(app: Any, producer: Any, job_id: str, batch_id: str,
 def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str,
            state_url: str | None = None, batch_images: int = DEFAULT_BATCH_IMAGES,
            force: bool = False, job_id: str | None = None, keys: Iterable[str] | None = None,
-           summary_prefix: str = "", on_batch: Callable[[int], None] | None = None) -> str:
-    """Enqueue one job; return its id. ``keys`` (relative to INPUT) replaces the listing.
+           summary_prefix: str = "", on_batch: Callable[[int], None] | None = None,
+           selection: Selection | None = None) -> str:
+    """Enqueue one job; return its id. ``keys`` (relative to INPUT) replaces the listing;
+    ``selection`` (key list, include/exclude) picks from INPUT as ``posebatch run`` does.
 
     A submission that fails leaves no phantom job: before anything is queued the job is
     forgotten; after that it is marked ``abandoned`` (with the error), so `wait` ends.
@@ -111,7 +113,7 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
             "summary_prefix": summary_prefix}
     listing = check_reachable(
         src, dst, job_id, iter(keys) if keys is not None else
-        (k for k in src.iter_keys() if is_image_key(k)), meta)
+        iter(select_keys(src, selection)), meta)
     store.create(job_id, meta)
     app = make_app(broker_url)
     high_water = from_env(ClusterSettings).queue_high_water

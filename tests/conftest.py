@@ -7,29 +7,21 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import RedisServer, S3Server, require_or_skip
+from posebatch.testing.servers import RedisServer, S3Server, running_redis, running_s3
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A private redis-server on a free port; ``.stop()``/``.start()`` keep the port."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"), require_or_skip("redis-server"))
-    try:
-        server.start()
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A private SeaweedFS S3 server with auth on; ``.stop()``/``.start()`` keep ports and data."""
-    server = S3Server(tmp_path_factory.mktemp("weed"), require_or_skip("weed"))
-    try:
-        server.start()
+    with running_s3(tmp_path_factory.mktemp("weed")) as server:
         yield server
-    finally:
-        server.stop(timeout=5)  # data is thrown away: no need to wait out the graceful stop
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from posebatch.errors import BAD_FORMAT, BAD_SIZE, EMPTY_IMAGE
-from tests.cluster import (
+from posebatch.testing.cluster import (
     WorkerProcess,
     comparable_summary,
     compare_with_reference,
@@ -128,16 +128,16 @@ def make_bad_corpus(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def bad_corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad-corpus")
     make_bad_corpus(root)
     return root
 
 
 @pytest.fixture(scope="module")
-def local(corpus, tmp_path_factory) -> dict[str, dict]:
+def local(bad_corpus, tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("bad-local")
-    proc = run_cli("run", str(corpus), "--out", str(out), "--no-progress",
+    proc = run_cli("run", str(bad_corpus), "--out", str(out), "--no-progress",
                    "--batch-size", "4", env={})
     assert f"{len(EXPECTED)} images" in proc.stdout
     return {p.relative_to(out).as_posix(): json.loads(p.read_text())
@@ -228,14 +228,14 @@ def test_pixel_formats_give_the_same_persons(local, key, same_as, tolerance):
 # -- the cluster --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cluster_run(corpus, local, redis_server, s3_server, tmp_path_factory):
+def cluster_run(bad_corpus, local, redis_server, s3_server, tmp_path_factory):
     """The same corpus through S3, the broker and one worker, in batches of 6 so that the bad
     files share batches with good ones."""
     redis_server.start()
     redis_server.client().flushall()
     bucket = s3_server.make_bucket(f"bad-{uuid.uuid4().hex[:12]}")
     client = s3_server.client()
-    upload_tree(client, bucket, "in/", corpus)
+    upload_tree(client, bucket, "in/", bad_corpus)
     env = {**s3_server.env(), "POSEBATCH_BROKER_URL": redis_server.url}
     worker = WorkerProcess(tmp_path_factory.mktemp("bad-worker"), env, 0)
     try:

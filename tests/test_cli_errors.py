@@ -8,18 +8,15 @@ import sys
 
 import pytest
 
-from tests.servers import RedisServer, free_ports, require_or_skip
+from posebatch.testing.servers import free_ports, running_redis
 
 SECRET = "s3cr3t-pw-for-cli-test"
 
 
 @pytest.fixture(scope="module")
 def locked_redis(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("locked"), require_or_skip("redis-server"),
-                         password=SECRET)
-    server.start()
-    yield server
-    server.stop()
+    with running_redis(tmp_path_factory.mktemp("locked"), password=SECRET) as server:
+        yield server
 
 
 def cli(*args: str, broker: str) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from posebatch.settings import JobSettings
-from tests.cluster import (
+from posebatch.testing.cluster import (
     WorkerProcess,
     comparable_summary,
     download_results,
@@ -52,7 +52,7 @@ def stack(redis_server, s3_server, tmp_path_factory):
     local_out = tmp_path_factory.mktemp("local")
     run_cli("run", str(src), "--out", str(local_out), "--no-progress", env=env)
     workdir = tmp_path_factory.mktemp("workers")
-    from tests.servers import free_ports
+    from posebatch.testing.servers import free_ports
 
     ports = free_ports(2)
     workers = [WorkerProcess(workdir, {**env, "POSEBATCH_METRICS_PORT": str(ports[i])}, i)
@@ -184,6 +184,17 @@ def test_resubmission_processes_nothing_and_force_reprocesses_with_exact_counts(
         before["_summary.json"])
 
 
+def test_a_finished_force_job_with_new_settings_leaves_a_complete_output(stack, first_job):
+    """The manifest is marked unfinished while a --force job replaces results (issue 11), and
+    complete once the job is done: a later submit with those settings is accepted."""
+    wait(stack, submit(stack, out="forced/"))
+    wait(stack, submit(stack, "--force", "--det-conf", "0.3", out="forced/"))
+    manifest = json.loads(stack["client"].get_object(
+        Bucket=stack["bucket"], Key="forced/_posebatch.json")["Body"].read())
+    assert manifest["complete"] is True and manifest["settings"]["det_conf"] == 0.3
+    assert wait(stack, submit(stack, "--det-conf", "0.3", out="forced/")) in (0, 1)
+
+
 def test_watcher_restarted_between_uploads_submits_each_image_once(stack, tmp_path):
     client, bucket, env = stack["client"], stack["bucket"], stack["env"]
     drop, out = f"s3://{bucket}/drop/", f"s3://{bucket}/drop-out/"
@@ -248,7 +259,7 @@ def test_scheduled_submit_task_creates_a_job(stack, tmp_path):
     workers complete the job."""
     from celery import Celery
 
-    from tests.cluster import ControlProcess
+    from posebatch.testing.cluster import ControlProcess
 
     control = ControlProcess(tmp_path, {**stack["env"], "POSEBATCH_REQUEUE_AFTER": "2"})
     control.start()
@@ -263,8 +274,8 @@ def test_scheduled_submit_task_creates_a_job(stack, tmp_path):
 
 def _scheduled_run_skipped_while_the_previous_one_runs(stack, app, control) -> None:
     from posebatch.jobstate import JobStore
+    from posebatch.testing.cluster import wait_until, worker_log
     from producer.control import schedule_key
-    from tests.cluster import wait_until, worker_log
 
     bucket = stack["bucket"]
     src, dst = f"s3://{bucket}/in/odd names/", f"s3://{bucket}/sched2-out/"
@@ -286,7 +297,7 @@ def _control_worker_requeues_a_lost_batch(stack) -> None:
     """A job whose only batch has no message anywhere (lost with a machine): nobody runs
     `wait`, the control worker's watchdog queues it again and the job completes."""
     from posebatch.jobstate import JobStore
-    from tests.cluster import wait_until
+    from posebatch.testing.cluster import wait_until
 
     bucket = stack["bucket"]
     store = JobStore(stack["redis"].client())
@@ -310,7 +321,7 @@ def _scheduled_job_completes(stack, app) -> None:
     app.send_task("posebatch.submit_job", queue="posebatch-control",
                   kwargs={"input_url": f"s3://{bucket}/in/odd names/",
                           "output_url": f"s3://{bucket}/sched-out/", "batch_images": 4})
-    from tests.cluster import wait_until
+    from posebatch.testing.cluster import wait_until
 
     def summary_written() -> bool:
         try:

@@ -16,14 +16,15 @@ import yaml
 
 from posebatch.cli import make_argument_parser
 from posebatch.queue import QUEUE
-from posebatch.settings import ClusterSettings, JobSettings, RuntimeSettings
+from posebatch.settings import ClusterSettings, JobSettings, RuntimeSettings, ServeSettings
 from producer.schedule import load_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRA_VARS = {"POSEBATCH_CACHE", "POSEBATCH_BUILD_PYTHON", "POSEBATCH_LOG_JSON",
               "POSEBATCH_SSL_CERT_REQS"}
 KNOWN_VARS = EXTRA_VARS | {f"POSEBATCH_{f.name.upper()}"
-                           for cls in (JobSettings, RuntimeSettings, ClusterSettings)
+                           for cls in (JobSettings, RuntimeSettings, ServeSettings,
+                                       ClusterSettings)
                            for f in fields(cls)}
 K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
 
@@ -110,3 +111,13 @@ def test_bad_schedules_are_refused_with_a_clear_message(tmp_path, text, message)
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_schedule(path)
+
+
+def test_serve_service_and_autoscaler_point_at_the_serve_deployment():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy/k8s/serve.yaml").read_text())}
+    deployment, service, hpa = docs["Deployment"], docs["Service"], docs["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "serve"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"

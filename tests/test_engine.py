@@ -1,4 +1,7 @@
-"""The engine on real photos: EXIF orientation, draft decoding and batching do not move points."""
+"""The engine on real photos: EXIF orientation, draft decoding and batching do not move points.
+
+Every backend and precision runs the same tests (bf16 runs emulated or as f32 on CPUs without it,
+so the suite needs no special CPU)."""
 
 from __future__ import annotations
 
@@ -12,19 +15,25 @@ from PIL import Image
 from posebatch.modelstore import resolve_model
 from posebatch.settings import JobSettings, RuntimeSettings, from_env
 from tests.devdata import require_dev_data
+from workers.engine.backends import Runner
 from workers.engine.pipeline import PoseEngine
-from workers.engine.runner import PoseModel
+from workers.loading import open_model
 
 PHOTO = "humanart/2D_virtual_human_digital_art_000000001648.jpg"
 
 
-@pytest.fixture(scope="module")
-def model() -> PoseModel:
+BACKENDS = [("ort", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+
+
+@pytest.fixture(scope="module", params=BACKENDS, ids=["-".join(b) for b in BACKENDS])
+def model(request) -> Runner:
+    backend, precision = request.param
     rt = from_env(RuntimeSettings)
-    return PoseModel(str(resolve_model(rt.model, rt.cache_dir).path), "cpu")
+    return open_model(RuntimeSettings(model=str(resolve_model(rt.model, rt.cache_dir).path),
+                                      backend=backend, precision=precision, providers="cpu"))
 
 
-def run(model: PoseModel, images: dict[str, bytes], batch_size: int = 4) -> dict[str, dict]:
+def run(model: Runner, images: dict[str, bytes], batch_size: int = 4) -> dict[str, dict]:
     engine = PoseEngine(model, JobSettings(), batch_size=batch_size, io_threads=2)
     return dict(engine.run((k, (lambda d=d: d)) for k, d in images.items()))
 

@@ -32,7 +32,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from posebatch.jobstate import JobStore
-from tests.cluster import (
+from posebatch.testing.cluster import (
     CLI,
     WorkerProcess,
     batches_in_flight,
@@ -49,8 +49,8 @@ from tests.cluster import (
     without_log_id,
     worker_log,
 )
+from posebatch.testing.servers import RedisServer, S3Server, require_or_skip, running_redis
 from tests.devdata import require_dev_data
-from tests.servers import RedisServer, S3Server, require_or_skip
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
@@ -109,13 +109,8 @@ def reference(corpus, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def fault_redis(tmp_path_factory) -> Iterator[RedisServer]:
     """A private Redis with AOF persistence (fsync always), restartable without data loss."""
-    server = RedisServer(tmp_path_factory.mktemp("fault-redis"), require_or_skip("redis-server"),
-                         appendonly=True)
-    try:
-        server.start()
+    with running_redis(tmp_path_factory.mktemp("fault-redis"), appendonly=True) as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture(scope="module")
@@ -547,7 +542,7 @@ def failed_rows(cluster: Cluster) -> tuple[dict, list[dict[str, str]]]:
     results = download_results(cluster.client, cluster.bucket, cluster.out)
     csv = cluster.client.get_object(Bucket=cluster.bucket,
                                     Key=cluster.out + "_counts.csv")["Body"].read()
-    from tests.cluster import read_counts_csv
+    from posebatch.testing.cluster import read_counts_csv
 
     return results["_summary.json"], read_counts_csv(csv)
 

@@ -9,7 +9,7 @@ import pytest
 
 from posebatch.jobstate import PREFIX, JobStore
 from posebatch.records import Record
-from tests.cluster import run_cli
+from posebatch.testing.cluster import run_cli
 
 
 @pytest.fixture
@@ -93,6 +93,7 @@ def test_recent_drops_ids_whose_state_expired(store):
 
 @pytest.mark.parametrize("record", [
     Record("a/b.jpg", True, None, 3, 2),
+    Record("sized.jpg", True, None, 1, 1, width=640, height=480),
     Record("x, y.jpg", False, 216201, 0, 0, "not JPEG, PNG or BMP: 'x, y'"),
     Record("straße café.jpg", False, 282000, 0, 0, ""),
 ])
@@ -100,5 +101,5 @@ def test_records_are_stored_compactly_and_read_back_exactly(store, record):
     store.create("c", {"input": "in/", "output": "out/", "settings": {}})
     store.add_records("c", [record])
     raw = store.r.hget(f"{PREFIX}:job:c:records", record.key)
-    assert record.key.encode() not in raw and len(raw) <= 8 + len(record.error_msg.encode())
+    assert record.key.encode() not in raw and len(raw) <= 12 + len(record.error_msg.encode())
     assert list(store.records("c")) == [record]

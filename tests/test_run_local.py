@@ -134,30 +134,3 @@ def test_model_info_prints_the_model_path_last():
     proc = posebatch("model", "info")
     last = proc.stdout.strip().splitlines()[-1]
     assert last.endswith(".onnx") and Path(last).is_file()
-
-
-def test_int8_model_is_built_selected_with_one_flag_and_stays_accurate(tmp_path):
-    dev = require_dev_data()
-    fp32 = Path(posebatch("model", "info").stdout.strip().splitlines()[-1])
-    model = tmp_path / "m.onnx"
-    shutil.copyfile(fp32, model)
-    proc = posebatch("model", "quantize", "--model", str(model), "--calib", str(dev / "images"))
-    assert proc.stdout.strip().endswith("m.int8.onnx")
-    out = tmp_path / "out"
-    posebatch("run", str(dev / "images"), "--out", str(out), "--model", str(model), "--int8",
-              "--no-progress")
-    manifest = json.loads((out / "_posebatch.json").read_text())
-    assert manifest["model_name"] == "m-int8"
-    metrics = tmp_path / "m.json"
-    posebatch("eval", "--gt", str(dev / "annotations.json"), "--pred", str(out), "--json",
-              str(metrics))
-    assert json.loads(metrics.read_text())["AP"] >= AP_FLOOR
-
-
-def test_int8_without_quantized_model_says_how_to_make_it(tmp_path):
-    fp32 = Path(posebatch("model", "info").stdout.strip().splitlines()[-1])
-    model = tmp_path / "lonely.onnx"
-    shutil.copyfile(fp32, model)
-    proc = posebatch("run", str(tmp_path), "--out", str(tmp_path / "o"), "--model", str(model),
-                     "--int8", check=False)
-    assert proc.returncode == 3 and "posebatch model quantize" in proc.stderr

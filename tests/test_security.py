@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import (
+from posebatch.testing.cluster import (
     WorkerProcess,
     download_results,
     read_counts_csv,
     run_cli,
     worker_log,
 )
+from posebatch.testing.servers import RedisServer, S3Server, running_redis
 from tests.devdata import require_dev_data
 from tests.images import jpeg
-from tests.servers import RedisServer, S3Server, require_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "redis-pw-" + os.urandom(6).hex()
@@ -33,13 +33,9 @@ PASSWORD = "redis-pw-" + os.urandom(6).hex()
 
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory) -> RedisServer:
-    server = RedisServer(tmp_path_factory.mktemp("tls-redis"), require_or_skip("redis-server"),
-                         password=PASSWORD, tls=True)
-    try:
-        server.start()
+    with running_redis(tmp_path_factory.mktemp("tls-redis"), password=PASSWORD,
+                       tls=True) as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def test_job_settings_from_env_and_flags(env, overrides, expected, error):
 
 
 def test_runtime_settings_reject_unknown_provider():
-    with pytest.raises(ConfigError, match="expected auto, cpu or cuda, got 'tpu'"):
+    with pytest.raises(ConfigError, match="expected auto, cpu, cuda or tensorrt, got 'tpu'"):
         from_env(RuntimeSettings, {"providers": "tpu"}, env={})
 
 

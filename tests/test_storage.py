@@ -15,7 +15,7 @@ from posebatch.storage import (
     open_storage,
     safe_key,
 )
-from tests.servers import S3Server, free_ports
+from posebatch.testing.servers import S3Server, free_ports
 
 KEYS = [  # sorted as S3 sorts: by UTF-8 bytes, so "A" < "_" < "a" and "a/" < "a0"
     "A.JPG",
@@ -321,13 +321,14 @@ def test_s3_dead_endpoint_is_a_storage_error_without_secrets(
         assert s3_server.access_key not in text
 
 
-def test_s3_wrong_secret_is_a_storage_error_without_secrets(
+def test_s3_wrong_secret_is_a_config_error_without_secrets(
     bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A wrong secret fails every request alike: the user must fix it (exit 3), not retry."""
     wrong = "definitely-wrong-secret-value"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
     store = open_storage(f"s3://{bucket}")
-    with pytest.raises(StorageError) as info:
+    with pytest.raises(ConfigError) as info:
         store.write("a.jpg", b"x")
     assert "SignatureDoesNotMatch" in str(info.value)
     assert wrong not in f"{info.value} {info.value!r}"

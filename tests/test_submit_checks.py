@@ -12,7 +12,7 @@ from posebatch.errors import StorageError
 from posebatch.jobstate import PREFIX, JobStore
 from posebatch.queue import QUEUE
 from posebatch.settings import JobSettings
-from tests.cluster import run_cli
+from posebatch.testing.cluster import run_cli
 from tests.images import jpeg
 
 

@@ -13,16 +13,31 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import Any
 
-from posebatch.errors import INTERNAL_ERROR, StorageNotFound, UnsafeKeyError
-from posebatch.keys import result_key
-from posebatch.records import Record, record_from_result
-from posebatch.schema import encode_result, error_result
+from PIL import Image
+
+from posebatch.errors import (
+    BAD_SIZE,
+    EMPTY_IMAGE,
+    INTERNAL_ERROR,
+    UNREADABLE_PREFIX,
+    ImageError,
+    ObjectTooLarge,
+    ObjectUnreadable,
+    StorageNotFound,
+    UnsafeKeyError,
+)
+from posebatch.keys import overlay_key, result_key
+from posebatch.overlay import draw_overlay, to_jpeg
+from posebatch.records import Record, is_valid_person, record_from_result
+from posebatch.schema import encode_result, error_result, is_api_result
 from posebatch.settings import JobSettings
 from posebatch.storage import Storage, safe_key
+from workers.engine.decode import DecodedImage
 from workers.engine.pipeline import PoseEngine
 
 LOOKUP_WINDOW = 64  # existence checks in flight; bounded so a huge listing streams
 LIST_WINDOW = 256  # keys whose results are looked up with one listing of the output
+_FOREIGN = {"foreign": True}  # marks a file at the result path that posebatch did not write
 
 
 def process_keys(
@@ -33,19 +48,27 @@ def process_keys(
     *,
     skip_existing: bool = True,
     on_record: Callable[[Record], None] | None = None,
+    overlays: bool = False,
+    before_first_write: Callable[[], None] | None = None,
 ) -> list[Record]:
     """Run ``keys`` of ``src`` through ``engine``, write ``dst/<key>.json``, return records.
 
     With ``skip_existing`` an image whose result already exists is not processed again; its
     record is rebuilt from the stored result, so the aggregates still count it exactly once.
+    A file at the result path that is not a posebatch result (another tool's sidecar) is never
+    overwritten, even without ``skip_existing``: that image gets an error record instead.
     Retryable storage errors propagate (the caller retries the whole batch: writes are idempotent).
+    Each record carries the image's upright size (a skipped image's: see ``_filter_existing``).
+    With ``overlays``, each processed image also gets ``dst/<key>.overlay.jpg``.
+    ``before_first_write`` runs once, before the first result is written (the local run claims
+    the output there, so a run that writes nothing claims nothing).
     """
     job: JobSettings = engine.job
     records: list[Record] = []
     emit = on_record or (lambda _r: None)
 
-    def done(key: str, result: dict[str, Any]) -> Record:
-        rec = record_from_result(key, result, job)
+    def done(key: str, result: dict[str, Any], size: tuple[int, int] | None = None) -> Record:
+        rec = record_from_result(key, result, job, size)
         records.append(rec)
         emit(rec)
         return rec
@@ -55,19 +78,51 @@ def process_keys(
         # Unsafe keys are refused first: the existence check reads dst/<key>.json, and a
         # "../x" there raised UnsafeKeyError, failing every image of the batch instead of one.
         safe = _refuse_unsafe(keys, done)
-        todo = _filter_existing(safe, dst, job, done, writers) if skip_existing else safe
-        loaders = ((k, _loader(src, k)) for k in todo)
-        for key, result in engine.run(loaders):
-            writes.append(writers.submit(dst.write, result_key(key), encode_result(result),
-                                         "application/json"))
-            done(key, result)
+        todo = _filter_existing(safe, dst, job, done, writers, redo=not skip_existing)
+        loaders = ((k, _loader(src, k, job.max_image_bytes)) for k in todo)
+        for key, result, image in engine.run_images(loaders):
+            if before_first_write is not None and not writes:
+                before_first_write()
+            # Encoding too runs on the writer threads: the model's thread only hands results on.
+            writes.append(writers.submit(_write_result, dst, key, result))
+            if overlays and image is not None:
+                writes.append(writers.submit(_write_overlay, dst, key, result, image, job))
+            done(key, result, (image.width, image.height) if image is not None else None)
         for fut in writes:
             fut.result()  # surface write errors (retryable) before the batch counts as done
     return records
 
 
-def _loader(src: Storage, key: str) -> Callable[[], bytes]:
-    return lambda: src.read(key)
+def _write_overlay(dst: Storage, key: str, result: dict[str, Any], image: DecodedImage,
+                   job: JobSettings) -> None:
+    sx, sy = image.scale_xy  # draw on the decoded pixels (maybe a JPEG draft), not a resize
+    over = draw_overlay(Image.fromarray(image.rgb), result, job.valid_kpt_score,
+                        [is_valid_person(p, job) for p in result.get("person_info", [])],
+                        scale=(1.0 / sx, 1.0 / sy))
+    dst.write(overlay_key(key), to_jpeg(over), "image/jpeg")
+
+
+def _write_result(dst: Storage, key: str, result: dict[str, Any]) -> None:
+    dst.write(result_key(key), encode_result(result), "application/json")
+
+
+def _loader(src: Storage, key: str, max_bytes: int) -> Callable[[], bytes]:
+    """Read one image, its size checked before its bytes are read; a problem of this one object
+    becomes an ImageError (its error result), a problem of the storage propagates."""
+
+    def load() -> bytes:
+        try:
+            return src.read(key, max_bytes=max_bytes)
+        except ObjectTooLarge as err:
+            raise ImageError(BAD_SIZE, f"image is {err.size} bytes; the limit is {err.limit} "
+                             "bytes") from err
+        except ObjectUnreadable as err:
+            raise ImageError(EMPTY_IMAGE, f"{UNREADABLE_PREFIX}{err}") from err
+        except StorageNotFound as err:
+            raise ImageError(EMPTY_IMAGE, f"{UNREADABLE_PREFIX}{err} (removed after the "
+                             "listing?)") from err
+
+    return load
 
 
 def _refuse_unsafe(keys: Iterable[str], done) -> Iterator[str]:
@@ -81,16 +136,29 @@ def _refuse_unsafe(keys: Iterable[str], done) -> Iterator[str]:
 
 
 def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
-                     pool: ThreadPoolExecutor) -> Iterator[str]:
-    """Yield the keys that have no result yet; record the others from their stored result."""
+                     pool: ThreadPoolExecutor, *, redo: bool = False) -> Iterator[str]:
+    """Yield the keys that have no result yet (all of ours with ``redo``); record the others
+    from their stored result, and a foreign file at the result path as an error.
+
+    Their records carry no size (reading every skipped image again would make a re-run of a
+    drop folder download it all); the aggregates take it from the previous count table.
+    """
 
     def existing(key: str) -> dict[str, Any] | None:
         try:
-            return json.loads(dst.read(result_key(key)))
+            data = dst.read(result_key(key))
         except StorageNotFound:
             return None
-        except ValueError:  # a torn or foreign file: process the image again
-            return None
+        try:
+            result = json.loads(data)
+        except ValueError:  # writes are atomic: a file we cannot parse is not ours
+            return _FOREIGN
+        if not is_api_result(result):
+            return _FOREIGN
+        if redo or (result.get("error_code") == EMPTY_IMAGE
+                    and result["error_msg"].startswith(UNREADABLE_PREFIX)):
+            return None  # unreadable before: permissions or an archive may be fixed since
+        return result
 
     window: deque[tuple[str, Future[dict[str, Any] | None] | None]] = deque()
     it = iter(keys)
@@ -100,9 +168,9 @@ def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
             known_absent = present is not None and result_key(key) not in present
             window.append((key, None if known_absent else pool.submit(existing, key)))
             if len(window) >= LOOKUP_WINDOW:
-                yield from _settle(window.popleft(), done)
+                yield from _settle(window.popleft(), done, dst)
     while window:
-        yield from _settle(window.popleft(), done)
+        yield from _settle(window.popleft(), done, dst)
 
 
 def listed_results(dst: Storage, keys: list[str]) -> set[str] | None:
@@ -125,10 +193,14 @@ def listed_results(dst: Storage, keys: list[str]) -> set[str] | None:
     return found
 
 
-def _settle(entry, done) -> Iterator[str]:
+def _settle(entry, done, dst: Storage) -> Iterator[str]:
     key, fut = entry
     result = None if fut is None else fut.result()
     if result is None:
         yield key
+    elif result is _FOREIGN:
+        done(key, error_result(INTERNAL_ERROR, f"{dst.join(result_key(key))} exists and is not a "
+                               "posebatch result (another tool's file?); it was not overwritten: "
+                               "move it away, or write the results to another --out"))
     else:
         done(key, result)

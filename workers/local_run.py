@@ -15,15 +15,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from posebatch.aggregate import write_aggregates
-from posebatch.keys import is_image_key
-from posebatch.manifest import claim_output, manifest
+from posebatch.manifest import check_output, claim_output, complete_output, manifest
 from posebatch.modelstore import ModelRef
 from posebatch.records import Record
+from posebatch.selection import Selection, select_keys
 from posebatch.settings import JobSettings, RuntimeSettings
 from posebatch.storage import Storage
 from workers.batch import process_keys
 from workers.engine.pipeline import PoseEngine
-from workers.engine.runner import PoseModel
+from workers.loading import open_model
 
 
 @dataclass(frozen=True)
@@ -32,28 +32,33 @@ class RunOutcome:
     seconds: float
 
 
-def iter_images(src: Storage) -> Iterator[str]:
-    return (k for k in src.iter_keys() if is_image_key(k))
+def iter_images(src: Storage, selection: Selection | None = None) -> Iterator[str]:
+    return select_keys(src, selection or Selection())
 
 
 def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
             runtime: RuntimeSettings, *, force: bool = False,
-            progress: bool | None = None, job_id: str = "local") -> RunOutcome:
+            progress: bool | None = None, job_id: str = "local",
+            selection: Selection | None = None, overlays: bool = False) -> RunOutcome:
     from tqdm import tqdm
 
     wanted = manifest(job, model.sha256, model.name)
-    claim_output(dst, wanted, force)
-    engine = PoseEngine(PoseModel(str(model.path), runtime.providers, runtime.intra_threads),
-                        job, runtime.batch_size, runtime.io_threads)
+    if not force:
+        check_output(dst, wanted)  # refuse before the model loads; claim at the first write
+    engine = PoseEngine(open_model(runtime, model), job, runtime.batch_size, runtime.io_threads)
     created = _now()
-    total = sum(1 for _ in iter_images(src)) if src.url.startswith("/") else None
+    total = (sum(1 for _ in iter_images(src, selection))
+             if src.url.startswith("/") or (selection and selection.keys is not None)
+             else None)
     show = sys.stderr.isatty() if progress is None else progress
     started = time.monotonic()
     with tqdm(total=total, unit="img", disable=not show, dynamic_ncols=True) as bar:
         records: list[Record] = process_keys(
-            engine, src, dst, iter_images(src), skip_existing=not force,
-            on_record=lambda _r: bar.update(1),
+            engine, src, dst, iter_images(src, selection), skip_existing=not force,
+            on_record=lambda _r: bar.update(1), overlays=overlays,
+            before_first_write=lambda: claim_output(dst, wanted, force),
         )
+    complete_output(dst, wanted)
     meta = {"job_id": job_id, "input": src.url, "output": dst.url, "created": created,
             "finished": _now(), "model": {"name": model.name, "sha256": model.sha256},
             "settings": job.to_dict()}

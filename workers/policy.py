@@ -102,7 +102,7 @@ def patiently(call: Callable[..., _T], *args: object, patience: float = STATE_PA
         except StateUnavailable as err:
             if time.monotonic() + delay > deadline:
                 raise Requeue(f"job state unreachable for {patience:.0f} s: {err}") from err
-            log.warning("%s; trying again in %.1f s", err, delay)
+            log.warning("job state Redis unreachable (%s); trying again in %.1f s", err, delay)
             sleep(delay)
             delay = min(delay * 2, 5.0)
 

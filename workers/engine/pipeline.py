@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from posebatch.errors import INTERNAL_ERROR, ImageError, RetryableError
+from posebatch.errors import INTERNAL_ERROR, ConfigError, ImageError, RetryableError
 from posebatch.schema import PoseResult, error_result
 from posebatch.settings import JobSettings
+from workers.engine.backends import Runner
 from workers.engine.decode import DecodedImage, Limits, decode_image
 from workers.engine.keypoints import to_api21
 from workers.engine.layouts import Detections
@@ -29,7 +30,8 @@ from workers.engine.letterbox import (
     to_input_tensor,
     to_source_xy,
 )
-from workers.engine.runner import PoseModel
+from workers.engine.topdown import TopDownModel
+from workers.engine.tta import decode_side, infer_best, passes
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ def prepare(key: str, load: Loader, job: JobSettings,
     try:
         data = load()
         image = decode_image(
-            data, Limits(job.max_image_bytes, job.min_side, job.max_side), target=job.imgsz
+            data, Limits(job.max_image_bytes, job.min_side, job.max_side),
+            target=decode_side(job.quality, job.imgsz),
         )
         if fixed_hw is not None:
             out_hw = fixed_hw
@@ -69,7 +72,7 @@ def prepare(key: str, load: Loader, job: JobSettings,
         return Prepared(key, tensor=to_input_tensor(canvas), image=image, box=box)
     except ImageError as err:
         return Prepared(key, error=error_result(err.code, err.message))
-    except RetryableError:
+    except (RetryableError, ConfigError):  # the storage's problem, not this image's
         raise
     except Exception as err:  # a decoder bug on one file must not take the batch down
         log.exception("unexpected error preparing %s", key)
@@ -92,9 +95,9 @@ def to_result(det: Detections, item: Prepared) -> PoseResult:
 
 
 class PoseEngine:
-    """Batches prepared images by input shape and runs them through one PoseModel."""
+    """Batches prepared images by input shape and runs them through one model runner."""
 
-    def __init__(self, model: PoseModel, job: JobSettings, batch_size: int = 0,
+    def __init__(self, model: Runner | TopDownModel, job: JobSettings, batch_size: int = 0,
                  io_threads: int = 4) -> None:
         self.model = model
         self.job = job
@@ -102,8 +105,22 @@ class PoseEngine:
         self.batch_size = model.info.fixed_batch or batch_size or auto
         self.io_threads = io_threads
 
+    def infer_group(self, group: list[Prepared]) -> list[tuple[str, dict[str, Any]]]:
+        """One model call on prepared images of one input shape, at most ``batch_size`` of them.
+
+        For callers that gather their own batches (``posebatch serve``): the same inference and
+        result code as ``run``, so both give the same persons for the same image.
+        """
+        return [(key, result) for key, result, _image in self._infer(group)]
+
     def run(self, items: Iterable[tuple[str, Loader]]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, api_result)`` for every item, in no particular order."""
+        return ((key, result) for key, result, _image in self.run_images(items))
+
+    def run_images(self, items: Iterable[tuple[str, Loader]]
+                   ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
+        """Like ``run``, plus the decoded image (None for an error result): its upright size goes
+        to the count table, its pixels to an optional overlay."""
         ahead = self.batch_size * 2 + self.io_threads
         pending: dict[tuple[int, int], list[Prepared]] = {}
         with ThreadPoolExecutor(self.io_threads, thread_name_prefix="decode") as pool:
@@ -123,7 +140,7 @@ class PoseEngine:
                     break
                 item = futures.popleft().result()
                 if item.error is not None:
-                    yield item.key, item.error
+                    yield item.key, item.error, None
                     continue
                 assert item.tensor is not None
                 group = pending.setdefault(item.tensor.shape[1:], [])
@@ -133,13 +150,36 @@ class PoseEngine:
             for group in pending.values():
                 yield from self._infer(group)
 
-    def _infer(self, group: list[Prepared]) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _infer(self, group: list[Prepared]
+               ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
         batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
+        images = [p.image.rgb for p in group if p.image is not None]
+        boxes = [p.box for p in group if p.box is not None]
+        flip, scale = passes(self.job.quality)
+        if flip or scale:
+            # A graph with a fixed input size cannot run a second scale.
+            dets = infer_best(self._run, batch, images, boxes, self.job.imgsz, self.job.rect,
+                              self.job.max_persons, flip=flip,
+                              scale=scale and self.model.info.fixed_hw is None)
+        else:
+            dets = self._run(batch)
+        if isinstance(self.model, TopDownModel):
+            dets = self.model.refine(dets, images, boxes, flip=flip)
+        for det, item in zip(dets, group, strict=False):
+            yield item.key, to_result(det, item).to_api(), item.image
+
+    def _run(self, batch: np.ndarray) -> list[Detections]:
+        """Model calls of at most ``batch_size`` images (padded where the model or the device
+        wants full batches), one Detections per image of ``batch``."""
         full = self.model.info.fixed_batch or (
             self.batch_size if self.model.wants_fixed_batches else 0)
-        if full and len(group) < full:
-            fill = np.zeros((full - len(group), *batch.shape[1:]), dtype=batch.dtype)
-            batch = np.concatenate([batch, fill])
-        dets = self.model.infer(batch, self.job.det_conf, self.job.nms_iou, self.job.max_persons)
-        for det, item in zip(dets, group, strict=False):
-            yield item.key, to_result(det, item).to_api()
+        out: list[Detections] = []
+        for start in range(0, len(batch), self.batch_size):
+            chunk = batch[start:start + self.batch_size]
+            if full and len(chunk) < full:
+                fill = np.zeros((full - len(chunk), *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, fill])
+            dets = self.model.infer(chunk, self.job.det_conf, self.job.nms_iou,
+                                    self.job.max_persons)
+            out += dets[:min(len(chunk), len(batch) - start)]
+        return out

@@ -9,23 +9,43 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from posebatch.errors import ModelError
+from posebatch.settings import default_cache_dir
+from workers.engine.binding import BoundRunner
 from workers.engine.layouts import (
     Detections,
     decode_rtmo,
+    decode_yolo_det,
     decode_yolo_e2e,
     decode_yolo_raw,
 )
+from workers.engine.providers import (
+    CPU,
+    CUDA,
+    GPU_PROVIDERS,
+    TRT,
+    choose_kind,
+    choose_providers,
+    preload_cuda_libraries,
+    tensorrt_libraries_present,
+)
+
+__all__ = ["ModelInfo", "PoseModel", "choose_providers"]
 
 log = logging.getLogger(__name__)
 
 LAYOUT_YOLO_RAW = "yolo-raw"
 LAYOUT_YOLO_E2E = "yolo-e2e"
 LAYOUT_RTMO = "rtmo"
+LAYOUT_YOLO_DET = "yolo-det"  # person boxes only: a top-down model's --detector
+YOLO_DET_ROWS = (5, 84)       # one class (person) or COCO's 80 (person = class 0)
 
 
 @dataclass(frozen=True)
@@ -39,40 +59,67 @@ class ModelInfo:
     provider: str
 
 
-def choose_providers(wanted: str, available: list[str]) -> list[str]:
-    """``auto``: CUDA when the installed onnxruntime has it, else CPU. ``cuda`` demands it."""
-    if wanted == "cpu":
-        return ["CPUExecutionProvider"]
-    has_cuda = "CUDAExecutionProvider" in available
-    if wanted == "cuda" and not has_cuda:
-        raise ModelError(
-            "providers=cuda but this onnxruntime has no CUDAExecutionProvider "
-            f"(available: {available}); install onnxruntime-gpu or use --providers cpu"
-        )
-    if has_cuda:
-        cuda_opts = {
-            # Heuristic algorithm search: exhaustive search re-runs for each new input shape.
-            "cudnn_conv_algo_search": "HEURISTIC",
-            "do_copy_in_default_stream": True,
-        }
-        return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]  # type: ignore[list-item]
-    return ["CPUExecutionProvider"]
-
-
 class PoseModel:
     """One ONNX pose model: ``infer(batch (B, 3, H, W) float32) -> list[Detections]``."""
 
-    def __init__(self, path: str, providers: str = "auto", intra_threads: int = 0) -> None:
+    MAX_BOUND_SHAPES = 4
+    """Input shapes whose bound buffers are kept (rect mode has a few; LRU beyond that)."""
+    GRAPH_TRIAL_CALLS = 3
+    """A fixed-shape session failing within its first calls (CUDA graph capture happens there)
+    is dropped, and its shape runs on the main session."""
+
+    def __init__(self, path: str, providers: str = "auto", intra_threads: int = 0, *,
+                 precision: str = "fp32", cache_dir: Path | None = None,
+                 io_binding: bool | None = None, fixed_shape_session: bool | None = None,
+                 trt_present: bool | None = None) -> None:
+        """``precision`` is the one of the file at ``path`` (``fp16`` also turns on TensorRT's
+        fp16 kernels). ``io_binding`` (default: on a GPU) runs through preallocated buffers;
+        ``fixed_shape_session`` (default: on the CUDA provider) opens a second session fixed to
+        the first full input shape, with CUDA graphs on CUDA (see ``_fixed_runner``)."""
         import onnxruntime as ort
 
         if not os.path.isfile(path):
             raise ModelError(
                 f"model file {path} does not exist; run `posebatch model build` or pass --model"
             )
+        self._ort = ort
+        self._path = path
+        self._intra_threads = intra_threads
+        available = ort.get_available_providers()
+        preload_cuda_libraries(ort, available)
+        if trt_present is None:  # only probe for TensorRT where onnxruntime could use it
+            trt_present = TRT in available and tensorrt_libraries_present()
+        self.kind = choose_kind(providers, available, trt_present)
+        self._cache_dir = cache_dir or default_cache_dir()
+        self._chain_args: dict[str, Any] = {"trt_present": trt_present, "precision": precision,
+                                            "cache_dir": self._cache_dir}
+        chain = choose_providers(providers, available, **self._chain_args)
+        self.session = self._open(chain, self._options())
+        self.info = self._inspect(path)
+        if self.kind != "cpu" and self.info.provider not in GPU_PROVIDERS:
+            message = (f"providers={providers}: ONNX Runtime could not start "
+                       f"{chain[0][0]} (no GPU, driver or CUDA/cuDNN libraries? see its "
+                       "error above)")
+            if providers != "auto":
+                raise ModelError(message + "; use --providers cpu to run on the CPU")
+            log.warning("%s; falling back to the CPU", message)
+        self.on_cuda = self.info.provider in GPU_PROVIDERS
+        """On a GPU provider (CUDA or TensorRT): batches are padded to one size, see below."""
+        self.device = "cuda" if self.on_cuda else "cpu"
+        self.io_binding = self.on_cuda if io_binding is None else io_binding
+        self._want_fixed = (self.info.provider == CUDA if fixed_shape_session is None
+                            else fixed_shape_session)
+        self._bound: OrderedDict[tuple[int, ...], BoundRunner] = OrderedDict()
+        self._fixed: BoundRunner | None = None
+        log.info("model %s (%s, %s) on %s", path, self.info.layout, precision,
+                 self.info.provider)
+
+    def _options(self, fixed: dict[str, int] | None = None) -> Any:
+        ort = self._ort
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_threads:
-            opts.intra_op_num_threads = intra_threads
+        if self._intra_threads:
+            opts.intra_op_num_threads = self._intra_threads
         opts.inter_op_num_threads = 1
         # Memory patterns pre-plan one buffer per input shape: batch 4 at 640 peaks at 340 MB
         # with them, 240 MB without, at the same img/s (38.6/40.2 vs 38.3/39.7, interleaved).
@@ -80,46 +127,24 @@ class PoseModel:
         # ORT's idle intra-op threads spin for work by default; on a CPU worker they would burn
         # the cores the decode threads need between model calls (measured in bench/).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for name, value in (fixed or {}).items():
+            # Fixing the symbolic input dimensions lets ORT fold the shape arithmetic away, so
+            # every node can run on CUDA: a requirement of CUDA graph capture.
+            opts.add_free_dimension_override_by_name(name, value)
+        return opts
+
+    def _open(self, chain: list[Any], opts: Any) -> Any:
         try:
-            self.session = ort.InferenceSession(
-                path, sess_options=opts,
-                providers=choose_providers(providers, ort.get_available_providers()),
-            )
+            return self._ort.InferenceSession(self._path, sess_options=opts, providers=chain)
         except Exception as err:  # onnxruntime raises its own untyped errors
-            raise ModelError(f"cannot load ONNX model {path}: {err}") from err
-        self.info = self._inspect(path)
-        self.on_cuda = self.info.provider == "CUDAExecutionProvider"
-        self._ort = ort
-        log.info("model %s (%s) on %s", path, self.info.layout, self.info.provider)
+            raise ModelError(f"cannot load ONNX model {self._path}: {err}") from err
 
     def _inspect(self, path: str) -> ModelInfo:
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1 or len(inputs[0].shape) != 4:
-            raise ModelError(f"{path}: expected one image input (B, 3, H, W), got "
-                             f"{[(i.name, i.shape) for i in inputs]}")
-        shape = inputs[0].shape
-        fixed_hw = (shape[2], shape[3]) if all(isinstance(d, int) for d in shape[2:]) else None
-        fixed_batch = shape[0] if isinstance(shape[0], int) else None
-        outs = self.session.get_outputs()
-        names = {o.name for o in outs}
-        if {"dets", "keypoints"} <= names:
-            layout = LAYOUT_RTMO
-        elif len(outs) == 1 and len(outs[0].shape) == 3:
-            dims = outs[0].shape
-            if dims[1] == 56:
-                layout = LAYOUT_YOLO_RAW
-            elif dims[2] == 57:
-                layout = LAYOUT_YOLO_E2E
-            else:
-                raise ModelError(f"{path}: output {dims} is neither [B, 56, N] (YOLO-pose) nor "
-                                 "[B, K, 57] (end-to-end YOLO-pose)")
-        else:
-            raise ModelError(
-                f"{path}: unsupported outputs {[(o.name, o.shape) for o in outs]}; supported: "
-                "YOLOv8/11-pose [B, 56, N], YOLO26 end-to-end [B, K, 57], RTMO dets+keypoints"
-            )
-        return ModelInfo(path=path, layout=layout, input_name=inputs[0].name, fixed_hw=fixed_hw,
-                         fixed_batch=fixed_batch, provider=self.session.get_providers()[0])
+        return inspect_io(
+            path, [(i.name, i.shape) for i in self.session.get_inputs()],
+            [(o.name, o.shape) for o in self.session.get_outputs()],
+            self.session.get_providers()[0],
+        )
 
     @property
     def wants_fixed_batches(self) -> bool:
@@ -128,25 +153,115 @@ class PoseModel:
         return self.on_cuda
 
     def run_raw(self, batch: np.ndarray) -> list[np.ndarray]:
-        if not self.on_cuda:
+        if not self.io_binding:
             return self.session.run(None, {self.info.input_name: batch})
-        # I/O binding: copy the batch to the GPU once, explicitly, and let outputs come back to
-        # host memory in one copy, instead of ORT staging both through its own buffers.
-        binding = self.session.io_binding()
-        device_input = self._ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
-        binding.bind_ortvalue_input(self.info.input_name, device_input)
-        for out in self.session.get_outputs():
-            binding.bind_output(out.name, "cpu")
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+        shape = tuple(batch.shape)
+        fixed = self._fixed_runner(shape)
+        if fixed is not None:
+            try:
+                return fixed.run(batch)
+            except Exception as err:  # onnxruntime's untyped errors
+                if fixed.calls > self.GRAPH_TRIAL_CALLS:
+                    raise  # it worked before: a real error, not a capture that cannot work
+                log.warning("fixed-shape session failed on call %d (%s); running %s without "
+                            "it", fixed.calls, err, shape)
+                self._fixed = None
+        return self._bound_runner(shape).run(batch)
+
+    def _bound_runner(self, shape: tuple[int, ...]) -> BoundRunner:
+        """This shape's buffers on the main (dynamic-shape) session, kept for the next call."""
+        runner = self._bound.get(shape)
+        if runner is None:
+            runner = BoundRunner(self.session, self.info.input_name, shape, self.device)
+            self._bound[shape] = runner
+            if len(self._bound) > self.MAX_BOUND_SHAPES:
+                self._bound.popitem(last=False)  # no graph was captured on these: safe to drop
+        self._bound.move_to_end(shape)
+        return runner
+
+    def _fixed_runner(self, shape: tuple[int, ...]) -> BoundRunner | None:
+        """The session fixed to the first input shape seen (on CUDA with a CUDA graph), or None
+        for any other shape, which then runs on the main session without a graph.
+
+        Why the first shape: a GPU worker pads every batch to its batch size, so at the square
+        letterbox (the default) every call has the first call's shape. Its buffers live as long
+        as the model, since the captured graph replays their addresses.
+        """
+        if self._fixed is not None:
+            return self._fixed if self._fixed.shape == shape else None
+        if not self._want_fixed:
+            return None
+        self._want_fixed = False  # one attempt per process
+        names = self.session.get_inputs()[0].shape
+        fixed = {d: v for d, v in zip(names, shape, strict=True) if isinstance(d, str) and d}
+        if len(fixed) != sum(not isinstance(d, int) for d in names):
+            log.info("input dimensions %s are not all named: no fixed-shape session", names)
+            return None
+        graph = self.info.provider == CUDA
+        chain = (choose_providers("cuda", self._ort.get_available_providers(),
+                                  cuda_graph=True, **self._chain_args) if graph else [CPU])
+        try:
+            session = self._open(chain, self._options(fixed))
+        except ModelError as err:  # e.g. nodes left on the CPU: CUDA graphs refuse the session
+            log.warning("no CUDA graph session for %s (%s); running without graphs", shape, err)
+            return None
+        self._fixed = BoundRunner(session, self.info.input_name, shape, self.device)
+        log.info("fixed-shape session for %s on %s%s", shape, session.get_providers()[0],
+                 " with a CUDA graph" if graph else "")
+        return self._fixed
 
     def infer(self, batch: np.ndarray, conf: float, iou: float, max_det: int) -> list[Detections]:
         """Run ``batch (B, 3, H, W) float32 in [0, 1]`` and decode one Detections per image."""
-        outs = self.run_raw(batch)
         if self.info.layout == LAYOUT_RTMO:
-            by_name = dict(zip([o.name for o in self.session.get_outputs()], outs, strict=False))
-            return [decode_rtmo(d, k, conf, max_det)
-                    for d, k in zip(by_name["dets"], by_name["keypoints"], strict=False)]
-        if self.info.layout == LAYOUT_YOLO_E2E:
-            return [decode_yolo_e2e(o, conf, max_det) for o in outs[0]]
-        return [decode_yolo_raw(o, conf, iou, max_det) for o in outs[0]]
+            # RTMO is trained on BGR 0..255 without normalisation (MMPose's data preprocessor
+            # with mean 0, std 1): same letterbox, other channel order and range.
+            batch = np.ascontiguousarray(batch[:, ::-1] * 255.0)
+        names = [o.name for o in self.session.get_outputs()]
+        return decode_outputs(self.info.layout, names, self.run_raw(batch), conf, iou, max_det)
+
+
+def inspect_io(path: str, inputs: list[tuple[str, Any]], outputs: list[tuple[str, Any]],
+               provider: str) -> ModelInfo:
+    """Which output layout a graph has, from its input/output names and shapes (a dimension that
+    is not an int is dynamic). Shared by every backend so they accept exactly the same models."""
+    if len(inputs) != 1 or len(inputs[0][1]) != 4:
+        raise ModelError(f"{path}: expected one image input (B, 3, H, W), got {inputs}")
+    name, shape = inputs[0]
+    fixed_hw = (shape[2], shape[3]) if all(isinstance(d, int) for d in shape[2:]) else None
+    fixed_batch = shape[0] if isinstance(shape[0], int) else None
+    names = {n for n, _ in outputs}
+    if {"dets", "keypoints"} <= names:
+        layout = LAYOUT_RTMO
+    elif len(outputs) == 1 and len(outputs[0][1]) == 3:
+        dims = outputs[0][1]
+        if dims[1] == 56:
+            layout = LAYOUT_YOLO_RAW
+        elif dims[2] == 57:
+            layout = LAYOUT_YOLO_E2E
+        elif dims[1] in YOLO_DET_ROWS:
+            layout = LAYOUT_YOLO_DET
+        else:
+            raise ModelError(f"{path}: output {dims} is neither [B, 56, N] (YOLO-pose) nor "
+                             "[B, K, 57] (end-to-end YOLO-pose) nor [B, 84 or 5, N] (YOLO "
+                             "person detector)")
+    else:
+        raise ModelError(
+            f"{path}: unsupported outputs {outputs}; supported: "
+            "YOLOv8/11-pose [B, 56, N], YOLO26 end-to-end [B, K, 57], RTMO dets+keypoints"
+        )
+    return ModelInfo(path=path, layout=layout, input_name=name, fixed_hw=fixed_hw,
+                     fixed_batch=fixed_batch, provider=provider)
+
+
+def decode_outputs(layout: str, names: list[str], outs: list[np.ndarray], conf: float,
+                   iou: float, max_det: int) -> list[Detections]:
+    """Raw graph outputs (in ``names`` order) -> one Detections per image."""
+    if layout == LAYOUT_RTMO:
+        by_name = dict(zip(names, outs, strict=False))
+        return [decode_rtmo(d, k, conf, max_det)
+                for d, k in zip(by_name["dets"], by_name["keypoints"], strict=False)]
+    if layout == LAYOUT_YOLO_E2E:
+        return [decode_yolo_e2e(o, conf, max_det) for o in outs[0]]
+    if layout == LAYOUT_YOLO_DET:
+        return [decode_yolo_det(o, conf, iou, max_det) for o in outs[0]]
+    return [decode_yolo_raw(o, conf, iou, max_det) for o in outs[0]]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.servers import ServerProcess, wait_for
+from posebatch.testing.servers import ServerProcess, wait_for
 
 CLI = [sys.executable, "-m", "posebatch.cli"]
 

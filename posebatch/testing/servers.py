@@ -19,11 +19,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 
 def free_ports(n: int) -> list[int]:
@@ -50,6 +48,8 @@ def find_binary(name: str) -> str | None:
 
 def require_or_skip(name: str) -> str:
     """Path of binary ``name``; skip the test locally if missing, but fail on CI (CI=true)."""
+    import pytest
+
     path = find_binary(name)
     if path is None:
         msg = f"{name} not found next to {sys.executable} or on PATH"
@@ -258,6 +258,8 @@ def make_test_certificates(workdir: Path) -> Path:
     certs.mkdir(parents=True, exist_ok=True)
     openssl = shutil.which("openssl")
     if openssl is None:
+        import pytest
+
         pytest.skip("openssl not found: cannot make TLS certificates")
 
     def run(*args: str) -> None:
@@ -396,3 +398,26 @@ class S3Server(ServerProcess):
             for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+
+
+@contextlib.contextmanager
+def running_redis(workdir: Path, **options: Any) -> Iterator[RedisServer]:
+    """The one way tests and bench/ start a redis-server (``options``: see ``RedisServer``);
+    killed on exit, whatever happened."""
+    server = RedisServer(workdir, require_or_skip("redis-server"), **options)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
+
+
+@contextlib.contextmanager
+def running_s3(workdir: Path) -> Iterator[S3Server]:
+    """The one way tests and bench/ start SeaweedFS's S3 server; stopped on exit."""
+    server = S3Server(workdir, require_or_skip("weed"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop(timeout=5)  # data is thrown away: no need to wait out the graceful stop

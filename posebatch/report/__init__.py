@@ -1,0 +1,1 @@
+"""A static HTML report of a finished job's results (``posebatch report``)."""
