@@ -235,8 +235,12 @@ def test_machine_lost_mid_job_with_default_settings_the_job_finishes_within_two_
     cluster.visibility_timeout = None
     lost, _survivor = cluster.start_workers(2)
     job_id = cluster.submit()
-    wait_until(lambda: cluster.mid_batch(job_id, min_done=1) and batches_in_flight(lost) > 0,
-               90, "the first worker half way through a batch")
+    def holding_a_batch() -> bool:  # after the first record, while it runs a batch
+        p = cluster.store().progress(job_id)
+        return (p is not None and p.state != "done" and p.done >= 1
+                and batches_in_flight(lost) > 0)
+
+    wait_until(holding_a_batch, 90, "the first worker running a batch after the first record")
     lost.kill()  # the whole process group: nothing renews its batch any more
     p = cluster.store().progress(job_id)
     assert p is not None and p.state != "done"
