@@ -263,6 +263,7 @@ def test_batch_running_three_times_the_visibility_timeout_on_a_live_worker_runs_
     n = len(cluster.stack["keys"])
     job_id = run_cli("submit", cluster.stack["input"], "--out",
                      f"s3://{cluster.bucket}/{cluster.out}", "--batch-images", str(n),
+                     "--imgsz", "1280",  # 4x the pixels: long enough on a fast engine too
                      env=cluster.env).stdout.split()[-1]
     proc = cluster.wait(job_id)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -278,7 +279,14 @@ def test_batch_running_three_times_the_visibility_timeout_on_a_live_worker_runs_
     received = sum(len(re.findall(r"process_batch\[[^\]]+\] received", worker_log(w)))
                    for w in cluster.workers)
     assert received == 1  # never handed to the idle worker, not even to wait in its prefetch
-    cluster.check("batch running 3x the visibility timeout on a live worker")
+    results = download_results(cluster.client, cluster.bucket, cluster.out)
+    assert results["_summary.json"]["images_seen"] == n  # (no reference run at this size)
+    assert len(result_keys(cluster.client, cluster.bucket, cluster.out)) == n
+    record_figures("batch running 3x the visibility timeout on a live worker",
+                   {"images": n, "lost": 0, "duplicated": 0,
+                    "rerun_batches": rerun_batches(cluster.redis.client())},
+                   f"pytest {THIS}::test_batch_running_three_times_the_visibility_timeout_on_"
+                   "a_live_worker_runs_once")
 
 
 def test_all_workers_killed_then_restarted_later(cluster: Cluster):
