@@ -27,41 +27,62 @@ CSV_COLUMNS = ("key", "status", "error_code", "person_num", "valid_persons", "er
 """width, height: the upright image's size, empty when unknown (failed images); exports read it."""
 
 
+class Tally:
+    """The summary's counts, fed one record at a time: memory independent of the number of
+    images (only distinct failure reasons are kept), so a finalize can stream."""
+
+    def __init__(self) -> None:
+        self.seen = self.ok = self.persons = self.valid = 0
+        self.failed_by_code: Counter[str] = Counter()
+        self.reasons: Counter[tuple[int | None, str]] = Counter()
+        self.example: dict[tuple[int | None, str], str] = {}
+        self.histogram: Counter[int] = Counter()
+
+    def add(self, r: Record) -> None:
+        self.seen += 1
+        if r.ok:
+            self.ok += 1
+            self.persons += r.person_num
+            self.valid += r.valid_persons
+            self.histogram[r.valid_persons] += 1
+        else:
+            self.failed_by_code[str(r.error_code)] += 1
+            reason = (r.error_code, r.error_msg)
+            self.reasons[reason] += 1
+            self.example[reason] = min(self.example.get(reason, r.key), r.key)
+
+    def summary(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **meta,
+            "images_seen": self.seen,
+            "succeeded": self.ok,
+            "failed": self.seen - self.ok,
+            "failed_by_code": dict(sorted(self.failed_by_code.items())),
+            "persons_total": self.persons,
+            "valid_persons_total": self.valid,
+            "valid_persons_histogram": {str(k): self.histogram[k]
+                                        for k in sorted(self.histogram)},
+            # Why images failed, most frequent first (all of them are in _counts.csv).
+            "failure_reasons": [
+                {"error_code": code, "error_msg": msg, "images": n,
+                 "example": self.example[(code, msg)]}
+                for (code, msg), n in sorted(self.reasons.items(),
+                                             key=lambda kv: (-kv[1], kv[0][0] or 0, kv[0][1]))
+            ][:MAX_REASONS],
+        }
+
+
 def summarize(records: Iterable[Record], meta: dict[str, Any]) -> dict[str, Any]:
     """Aggregate counts; ``meta`` (job id, model, settings, ...) is copied in first."""
-    seen = ok = persons = valid = 0
-    failed_by_code: Counter[str] = Counter()
-    reasons: Counter[tuple[int | None, str]] = Counter()
-    example: dict[tuple[int | None, str], str] = {}
-    histogram: Counter[int] = Counter()
+    tally = Tally()
     for r in records:
-        seen += 1
-        if r.ok:
-            ok += 1
-            persons += r.person_num
-            valid += r.valid_persons
-            histogram[r.valid_persons] += 1
-        else:
-            failed_by_code[str(r.error_code)] += 1
-            reason = (r.error_code, r.error_msg)
-            reasons[reason] += 1
-            example[reason] = min(example.get(reason, r.key), r.key)
-    return {
-        **meta,
-        "images_seen": seen,
-        "succeeded": ok,
-        "failed": seen - ok,
-        "failed_by_code": dict(sorted(failed_by_code.items())),
-        "persons_total": persons,
-        "valid_persons_total": valid,
-        "valid_persons_histogram": {str(k): histogram[k] for k in sorted(histogram)},
-        # Why images failed, most frequent first (all of them are in _counts.csv).
-        "failure_reasons": [
-            {"error_code": code, "error_msg": msg, "images": n, "example": example[(code, msg)]}
-            for (code, msg), n in sorted(reasons.items(),
-                                         key=lambda kv: (-kv[1], kv[0][0] or 0, kv[0][1]))
-        ][:MAX_REASONS],
-    }
+        tally.add(r)
+    return tally.summary(meta)
+
+
+def csv_row(r: Record) -> list[Any]:
+    return [r.key, "ok" if r.ok else "error", r.error_code or "", r.person_num,
+            r.valid_persons, r.error_msg, _blank(r.width), _blank(r.height)]
 
 
 def counts_csv(records: Iterable[Record]) -> bytes:
@@ -70,8 +91,7 @@ def counts_csv(records: Iterable[Record]) -> bytes:
     writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
     for r in sorted(records, key=lambda rec: rec.key):
-        writer.writerow([r.key, "ok" if r.ok else "error", r.error_code or "", r.person_num,
-                         r.valid_persons, r.error_msg, _blank(r.width), _blank(r.height)])
+        writer.writerow(csv_row(r))
     return ("\ufeff" + buf.getvalue()).encode("utf-8")
 
 
@@ -119,14 +139,15 @@ def keep_known_sizes(dst: Any, records: list[Record], prefix: str = "",
             sizes[row["key"]] = (int(row["width"]), int(row["height"]))
     if src is not None:
         for key in sorted(missing - sizes.keys()):
-            size = _header_size(src, key)
+            size = header_size(src, key)
             if size is not None:
                 sizes[key] = size
     return [replace(r, width=sizes[r.key][0], height=sizes[r.key][1])
             if r.width is None and r.key in sizes else r for r in records]
 
 
-def _header_size(src: Any, key: str) -> tuple[int, int] | None:
+def header_size(src: Any, key: str) -> tuple[int, int] | None:
+    """The upright size of ``key`` in ``src`` from its header, or None when it cannot be read."""
     try:
         return upright_size(src.read(key))
     except (PosebatchError, OSError):  # gone or unreadable since: the size stays unknown
@@ -135,3 +156,18 @@ def _header_size(src: Any, key: str) -> tuple[int, int] | None:
 
 # Fields of the summary that describe one run rather than the results; comparisons ignore them.
 RUN_FIELDS = ("job_id", "created", "finished", "input", "output")
+
+
+def records_from_counts_csv(data: bytes) -> list[Record]:
+    """Read a ``_counts.csv`` back into records (the inverse of ``counts_csv``)."""
+    rows = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+    return [row_record(r) for r in rows]
+
+
+def row_record(r: dict[str, str]) -> Record:
+    """One row of a ``_counts.csv`` (older tables have no width/height columns)."""
+    w, h = r.get("width") or "", r.get("height") or ""
+    return Record(r["key"], r["status"] == "ok",
+                  int(r["error_code"]) if r["error_code"] else None,
+                  int(r["person_num"]), int(r["valid_persons"]), r["error_msg"],
+                  int(w) if w.isdigit() else None, int(h) if h.isdigit() else None)

@@ -51,6 +51,11 @@ class StorageError(RetryableError):
     """Reading or writing storage failed for a reason that may go away (timeouts, 5xx)."""
 
 
+class StorageUnreachable(StorageError):
+    """The storage service is not answering (connection refused or reset, timeouts, HTTP 5xx):
+    an outage. Cluster batches wait it out for ``POSEBATCH_STORAGE_PATIENCE`` seconds."""
+
+
 class StorageNotFound(PermanentError):
     """The object or folder does not exist."""
 

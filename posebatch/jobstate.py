@@ -26,12 +26,15 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from posebatch.aggregate import write_aggregates
 from posebatch.errors import INTERNAL_ERROR, StateAuthError, StateUnavailable
 from posebatch.records import Record
 
 PREFIX = "posebatch"
-FINALIZE_LOCK_SECONDS = 600
+FINALIZE_LOCK_SECONDS = 120
+JOB_PARTS = ("", "records", "failed", "deliveries", "finalizing", "batches")
+"""Every Redis key of a job (``posebatch:job:<id>`` plus these suffixes): what expires and what
+``jobs prune`` deletes. A new per-job key must be added here (tests/test_jobstate_ttl.py checks
+that every key a finished job leaves behind has an expiry)."""
 
 
 _P = ParamSpec("_P")
@@ -72,6 +75,35 @@ def translated(method: Callable[_P, _T]) -> Callable[_P, _T]:
     return wrapper
 
 
+_RENEW_IF_OWNER = redis.Redis().register_script(
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('expire', KEYS[1], ARGV[2]) else return 0 end")
+_DELETE_IF_OWNER = redis.Redis().register_script(
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('del', KEYS[1]) else return 0 end")
+
+
+def pack(record: Record) -> str:
+    """A record as its hash value, without the key (the field name is the key): ``"2,1"``
+    (persons, valid persons) or ``"E216201,<message>"``. 3-60 bytes instead of ~100 of JSON
+    with the key repeated: at 10M images that is ~1 GB of Redis less per job."""
+    if record.ok:
+        size = "" if record.width is None else f",{record.width},{record.height}"
+        return f"{record.person_num},{record.valid_persons}{size}"
+    return f"E{record.error_code},{record.error_msg}"
+
+
+def unpack(key: str, value: str) -> Record:
+    if value.startswith("{"):  # written by an older version: JSON with the key inside
+        return Record.from_json(value)
+    if value.startswith("E"):
+        code, msg = value[1:].split(",", 1)
+        return Record(key, False, int(code) if code else None, 0, 0, msg)
+    fields = [int(v) for v in value.split(",")]
+    width, height = (fields[2], fields[3]) if len(fields) == 4 else (None, None)
+    return Record(key, True, None, fields[0], fields[1], width=width, height=height)
+
+
 def new_job_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
@@ -100,6 +132,10 @@ class JobProgress:
     """When the last image was recorded: a running job with no progress for long has stalled."""
     finished: str | None
     output: str
+    error: str | None = None
+    """Why a job was abandoned (its submission failed part way)."""
+    waiting: str | None = None
+    """Why a running job is not moving (a storage outage its batches are waiting out)."""
 
     @property
     def rate(self) -> float:
@@ -123,6 +159,23 @@ class JobStore:
     def _k(self, job_id: str, *parts: str) -> str:
         return ":".join((PREFIX, "job", job_id, *parts))
 
+    def _job_keys(self, job_id: str) -> list[str]:
+        return [self._k(job_id, *([part] if part else [])) for part in JOB_PARTS]
+
+    def _retention(self) -> int:
+        from posebatch.settings import ClusterSettings, from_env
+
+        return from_env(ClusterSettings).job_retention
+
+    def _expire(self, job_id: str, seconds: int | None = None) -> None:
+        """Give every key of a finished job an expiry: Redis holds what running jobs need plus
+        ``job_retention`` of history, never an ever-growing archive (results are in storage)."""
+        ttl = self._retention() if seconds is None else seconds
+        pipe = self.r.pipeline(transaction=False)
+        for key in self._job_keys(job_id):
+            pipe.expire(key, ttl)
+        pipe.execute()
+
     # -- producer side -------------------------------------------------------------------
     @translated
     def create(self, job_id: str, meta: dict[str, Any]) -> None:
@@ -137,6 +190,75 @@ class JobStore:
     def mark_submitted(self, job_id: str, total: int, batches: int) -> None:
         self.r.hset(self._k(job_id), mapping={"submitted": 1, "total": total, "batches": batches,
                                               "state": "running" if total else "done"})
+        if not total:
+            self.r.hset(self._k(job_id), "finished", now_iso())
+            self._expire(job_id)
+
+    @translated
+    def add_batches(self, job_id: str, batches: dict[str, list[str]]) -> None:
+        """Keep the keys of queued batches until each is recorded (``batches`` hash, batch id ->
+        JSON list of keys). Why here and not only in the message: the message then carries no
+        key list (a few hundred bytes whatever the batch size), and a batch whose message was
+        lost (kombu's gap: popped in the last instant before a machine died) can be queued again
+        from here (``producer.reaper``). The hash holds only what is still outstanding."""
+        if batches:
+            self.r.hset(self._k(job_id, "batches"),
+                        mapping={b: json.dumps(keys, ensure_ascii=False)
+                                 for b, keys in batches.items()})
+
+    @translated
+    def batch_keys(self, job_id: str, batch_id: str) -> list[str] | None:
+        """The keys of a batch not recorded yet; None once it is (or the job is gone)."""
+        raw = self.r.hget(self._k(job_id, "batches"), batch_id)
+        return None if raw is None else json.loads(raw)
+
+    @translated
+    def pending_batches(self, job_id: str) -> set[str]:
+        return {b.decode() for b in self.r.hkeys(self._k(job_id, "batches"))}
+
+    @translated
+    def discard(self, job_id: str) -> None:
+        """Forget a job that never got to the queue (its submit failed): no phantom job that
+        `status` would show as submitting forever."""
+        pipe = self.r.pipeline()
+        pipe.delete(*self._job_keys(job_id))
+        pipe.zrem(f"{PREFIX}:jobs", job_id)
+        pipe.execute()
+
+    @translated
+    def abandon(self, job_id: str, reason: str) -> None:
+        """A submission that failed after queuing some batches: `wait` and `status` say so and
+        why, instead of "submitting" forever; the state expires like a finished job's."""
+        self.r.hset(self._k(job_id), mapping={"state": "abandoned", "error": reason,
+                                              "finished": now_iso()})
+        self._expire(job_id)
+
+    @translated
+    def prune(self, older_than: float = 0.0,
+              stale_submitting: float | None = None) -> list[str]:
+        """Delete the state of jobs finished more than ``older_than`` seconds ago, and drop ids
+        whose state has expired from the job index; return the ids removed. Running jobs are
+        never touched; with ``stale_submitting``, jobs still "submitting" that many seconds
+        after their creation are (their producer died: such a job never finalizes, so its keys
+        would never expire)."""
+        removed = []
+        cutoff = time.time() - older_than
+        for raw, score in self.r.zrange(f"{PREFIX}:jobs", 0, -1, withscores=True):
+            job_id = raw.decode()
+            state, finished = self.r.hmget(self._k(job_id), "state", "finished")
+            if state is None:
+                gone = True  # expired (or lost): only the index entry is left
+            elif state in (b"done", b"abandoned") and finished is not None:
+                ended = datetime.fromisoformat(finished.decode()).timestamp()
+                gone = ended <= cutoff
+            elif state == b"submitting" and stale_submitting is not None:
+                gone = score <= time.time() - stale_submitting
+            else:
+                gone = False
+            if gone:
+                self.discard(job_id)
+                removed.append(job_id)
+        return removed
 
     @translated
     def exists(self, job_id: str) -> bool:
@@ -155,11 +277,33 @@ class JobStore:
 
     @translated
     def recent(self, limit: int = 20) -> list[str]:
-        return [j.decode() for j in self.r.zrevrange(f"{PREFIX}:jobs", 0, limit - 1)]
+        """The newest jobs whose state is still here; ids whose state expired are dropped from
+        the index on the way (the index itself has no expiry)."""
+        ids = [j.decode() for j in self.r.zrevrange(f"{PREFIX}:jobs", 0, limit - 1)]
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(self._k(job_id))
+        alive = pipe.execute() if ids else []
+        gone = [j for j, a in zip(ids, alive, strict=True) if not a]
+        if gone:
+            self.r.zrem(f"{PREFIX}:jobs", *gone)
+        return [j for j, a in zip(ids, alive, strict=True) if a]
+
+    @translated
+    def ping(self) -> None:
+        self.r.ping()
+
+    @translated
+    def server_started(self) -> float | None:
+        """When this Redis server started (``INFO server``), to tell a lost state from a
+        mistyped id; None if the server does not say."""
+        uptime = self.r.info("server").get("uptime_in_seconds")
+        return None if uptime is None else time.time() - float(uptime)
 
     # -- worker side ---------------------------------------------------------------------
     @translated
-    def add_records(self, job_id: str, records: Iterable[Record]) -> bool:
+    def add_records(self, job_id: str, records: Iterable[Record],
+                    batch_id: str | None = None) -> bool:
         """Record images; False (nothing written) when the job itself is gone from Redis.
 
         Why the check: after a restart without persistence, a batch that was running would
@@ -167,14 +311,24 @@ class JobStore:
         shows as forever "submitting" instead of saying the state was lost.
         """
         records = list(records)
-        if not self.has_job(job_id):
+        has_meta, state = self.r.hmget(self._k(job_id), "meta", "state")
+        if has_meta is None:
             return False
+        if state == b"done":
+            # A late duplicate of a batch (redelivered after the job was finalized) would only
+            # rewrite the same records, and a set it created anew would have no expiry.
+            return True
         if not records:
+            if batch_id is not None:
+                self.r.hdel(self._k(job_id, "batches"), batch_id)
             return True
         pipe = self.r.pipeline()
         pipe.hsetnx(self._k(job_id), "started_at", time.time())
         pipe.hset(self._k(job_id), "updated_at", time.time())
-        pipe.hset(self._k(job_id, "records"), mapping={r.key: r.to_json() for r in records})
+        pipe.hdel(self._k(job_id), "waiting", "waiting_since")
+        if batch_id is not None:
+            pipe.hdel(self._k(job_id, "batches"), batch_id)  # recorded: no longer outstanding
+        pipe.hset(self._k(job_id, "records"), mapping={r.key: pack(r) for r in records})
         failed = [r.key for r in records if not r.ok]
         ok = [r.key for r in records if r.ok]
         if failed:
@@ -183,6 +337,12 @@ class JobStore:
             pipe.srem(self._k(job_id, "failed"), *ok)
         pipe.execute()
         return True
+
+    @translated
+    def note_waiting(self, job_id: str, why: str) -> None:
+        """Say in the job's status why it is not moving (a storage outage being waited out);
+        cleared by the next recorded batch."""
+        self.r.hset(self._k(job_id), mapping={"waiting": why, "waiting_since": time.time()})
 
     @translated
     def has_record(self, job_id: str, keys: list[str]) -> list[bool]:
@@ -203,8 +363,9 @@ class JobStore:
 
     def records(self, job_id: str) -> Iterator[Record]:
         with redis_errors():  # a generator: translate while iterating, not only at the call
-            for _key, raw in self.r.hscan_iter(self._k(job_id, "records"), count=1000):
-                yield Record.from_json(raw)
+            for key, raw in self.r.hscan_iter(self._k(job_id, "records"), count=1000):
+                yield unpack(key.decode("utf-8", "surrogateescape"),
+                             raw.decode("utf-8", "surrogateescape"))
 
     # -- both ------------------------------------------------------------------------------
     @translated
@@ -224,7 +385,8 @@ class JobStore:
             submitted=h.get("submitted") == "1", created=h.get("created", ""),
             started_at=float(h["started_at"]) if "started_at" in h else None,
             updated_at=float(h["updated_at"]) if "updated_at" in h else None,
-            finished=h.get("finished"), output=meta.get("output", ""),
+            finished=h.get("finished"), output=meta.get("output", ""), error=h.get("error"),
+            waiting=h.get("waiting"),
         )
 
     @translated
@@ -233,6 +395,10 @@ class JobStore:
 
         Safe to call from any process, any number of times: a lock makes one writer at a time,
         and the output is a pure function of the records, so writing it twice is harmless.
+        The lock holds a token and is renewed while the finalizer streams (``FINALIZE_LOCK
+        _SECONDS`` without a renewal frees it): a finalizer killed by the OOM killer is retried
+        by the next caller (`wait`, the control worker's watchdog, a late batch) within that
+        time, and a slow one never has its lock deleted by another (compare-and-delete).
         """
         p = self.progress(job_id)
         if p is None or not p.submitted or p.total is None or p.done < p.total:
@@ -240,22 +406,34 @@ class JobStore:
         if p.state == "done":
             return True
         lock = self._k(job_id, "finalizing")
-        if not self.r.set(lock, 1, nx=True, ex=FINALIZE_LOCK_SECONDS):
+        token = secrets.token_hex(8)
+        if not self.r.set(lock, token, nx=True, ex=FINALIZE_LOCK_SECONDS):
             return False
+
+        def renew() -> None:
+            if not _RENEW_IF_OWNER(keys=[lock], args=[token, FINALIZE_LOCK_SECONDS],
+                                   client=self.r):
+                raise StateUnavailable(f"job {job_id}: the finalize lock was lost (a pause "
+                                       f"over {FINALIZE_LOCK_SECONDS} s?); another finalizer "
+                                       "takes over")
+
         try:
-            self.write_aggregates(job_id)
+            self.write_aggregates(job_id, on_progress=renew)
+            renew()  # still the owner: only then say done
             self.r.hset(self._k(job_id), mapping={"state": "done", "finished": now_iso()})
+            self._expire(job_id)
             return True
         finally:
-            self.r.delete(lock)
+            _DELETE_IF_OWNER(keys=[lock], args=[token], client=self.r)
 
     @translated
-    def write_aggregates(self, job_id: str) -> dict[str, Any]:
+    def write_aggregates(self, job_id: str,
+                         on_progress: Callable[[], None] = lambda: None) -> dict[str, Any]:
+        from posebatch.finalize import finalize
         from posebatch.storage import open_storage
 
         meta = self.meta(job_id) or {}
         dst = open_storage(meta["output"])
-        records = list(self.records(job_id))
         h = self.r.hgetall(self._k(job_id))
         created = (h.get(b"created") or b"").decode()
         model = json.loads(h[b"model"]) if h.get(b"model") else None
@@ -264,13 +442,24 @@ class JobStore:
                         "settings": meta.get("settings")}
         prefix = meta.get("summary_prefix", "").replace("{job_id}", job_id)
         src = open_storage(meta["input"]) if meta.get("input") else None
-        summary = write_aggregates(dst, records, summary_meta, prefix, src)
+        # Several jobs may write into one output (other input folders, reruns): the root
+        # summary covers every result in it (posebatch.finalize merges the previous root
+        # table); each job's own figures also go to _jobs/<job id>/.
+        batch_failed = False
+
+        def watched(records: Iterator[Record]) -> Iterator[Record]:
+            nonlocal batch_failed
+            for r in records:
+                if r.error_code == INTERNAL_ERROR and r.error_msg.startswith("batch "):
+                    batch_failed = True
+                yield r
+
+        summary = finalize(dst, watched(self.records(job_id)), summary_meta, prefix,
+                           merge_root=not prefix, on_progress=on_progress, src=src)
         # A --force job that changed model or settings marked the output unfinished; clear the
         # mark only when no image may still hold an old result (a batch that failed for good
         # leaves its images' old results and records 282000 "batch ...": then it stays marked).
-        if meta.get("force") and model and not any(
-                r.error_code == INTERNAL_ERROR and r.error_msg.startswith("batch ")
-                for r in records):
+        if meta.get("force") and model and not batch_failed:
             from posebatch.manifest import complete_output
 
             complete_output(dst, {"model_sha256": model.get("sha256"),

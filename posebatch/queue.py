@@ -9,8 +9,10 @@ Why each setting (also in the README):
   results are written; if the worker dies mid-batch the broker hands it to another worker.
 - ``worker_prefetch_multiplier = 1``: a worker reserves one batch at a time, so a slow or dying
   worker does not sit on batches other workers could run.
-- ``visibility_timeout`` (Redis transport): how long an unacknowledged batch stays invisible
-  before Redis redelivers it; far above the longest batch, or busy batches would run twice.
+- ``visibility_timeout`` (Redis transport, 60 s): how long an unacknowledged batch stays
+  invisible before Redis redelivers it. A live worker renews the batches it holds every 15 s
+  (``posebatch.lease``), so only a lost machine's batches time out: they run again about a
+  minute later, while a batch may run for hours on a live worker and still runs once.
 - ``task_ignore_result``: results live in storage and job records, not in a result backend.
 """
 
@@ -24,7 +26,8 @@ from celery import Celery
 
 from posebatch.errors import BrokerUnavailable
 from posebatch.jobstate import redis_errors, strip_urls
-from posebatch.settings import RuntimeSettings, from_env
+from posebatch.lease import LEASE_RENEW_CONF, LeaseRenewal
+from posebatch.settings import ClusterSettings, RuntimeSettings, from_env
 
 QUEUE = "posebatch"
 """Batches of images: consumed by model workers."""
@@ -33,17 +36,20 @@ CONTROL_QUEUE = "posebatch-control"
 PROCESS_BATCH = "posebatch.process_batch"
 SUBMIT_JOB = "posebatch.submit_job"
 
-VISIBILITY_TIMEOUT = int(os.environ.get("POSEBATCH_VISIBILITY_TIMEOUT", str(4 * 3600)))
-# How often a worker sweeps Redis for unacknowledged batches older than the visibility timeout
-# (those of a worker that died) and puts them back in the queue. kombu 5.7 defaults to a real
-# sweep only every 10 x 10 s, which adds up to 100 s to every recovery; one cheap ZRANGE every
-# few seconds is nothing next to a batch. Recovery time = visibility timeout + at most one sweep.
-RESTORE_SWEEP_SECONDS = max(1, min(10, VISIBILITY_TIMEOUT // 10))
+
+
+def restore_sweep_seconds(visibility_timeout: int) -> int:
+    """How often a worker sweeps Redis for unacknowledged batches whose lease ran out (a lost
+    worker's) and puts them back in the queue. kombu 5.7 defaults to a real sweep only every
+    10 x 10 s, which would add up to 100 s to every recovery; one cheap ZRANGE every few seconds
+    is nothing next to a batch. Recovery time = timeout + one renewal + at most one sweep."""
+    return max(1, min(10, visibility_timeout // 10))
 
 
 def make_app(broker_url: str | None = None, include: Sequence[str] = ()) -> Celery:
     """The Celery app; ``include`` names the task modules this process registers."""
     url = broker_url or from_env(RuntimeSettings).broker_url
+    cluster = from_env(ClusterSettings)
     app = Celery("posebatch", broker=url, include=list(include))
     app.conf.update(
         task_acks_late=True,
@@ -54,17 +60,20 @@ def make_app(broker_url: str | None = None, include: Sequence[str] = ()) -> Cele
         task_routes={SUBMIT_JOB: {"queue": CONTROL_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT,
-                                  "unacked_restore_interval": RESTORE_SWEEP_SECONDS,
-                                  "unacked_restore_throttle": 1},
+        broker_transport_options={
+            "visibility_timeout": cluster.visibility_timeout,
+            "unacked_restore_interval": restore_sweep_seconds(cluster.visibility_timeout),
+            "unacked_restore_throttle": 1},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_track_started=False,
-        worker_send_task_events=False,
+        worker_send_task_events=True,  # Flower and `celery events` see tasks as they run
         timezone="UTC",
     )
+    app.conf[LEASE_RENEW_CONF] = cluster.renew_seconds
+    app.steps["consumer"].add(LeaseRenewal)  # inert unless this process runs a worker
     if url.startswith("rediss://"):
         # Certificates are checked by default; see README for ssl_cert_reqs in the URL.
         app.conf.broker_use_ssl = {"ssl_cert_reqs": os.environ.get("POSEBATCH_SSL_CERT_REQS",

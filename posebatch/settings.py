@@ -146,6 +146,68 @@ class RuntimeSettings:
             raise ConfigError(f"io_threads: expected 1 to 64, got {self.io_threads}")
 
 
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """How the cluster keeps its promises: leases on batches, how long job state is kept.
+
+    Read from ``POSEBATCH_*`` variables by every process of the cluster (workers, control worker,
+    producer); they must agree, so set them once in the deployment's environment.
+    """
+
+    visibility_timeout: int = 60
+    """Seconds an unacknowledged batch stays invisible before Redis gives it to another worker.
+    A live worker renews it (``lease_renew``), so it bounds how long a lost machine's batch
+    waits, not how long a batch may run."""
+    lease_renew: float = 0.0
+    """Seconds between lease renewals by a worker's main process; 0 = a quarter of the
+    visibility timeout (15 s by default), so a missed renewal or two (a Redis blip) does not
+    hand a running batch out again."""
+    job_retention: int = 7 * 24 * 3600
+    """Seconds a finished job's state (records, counters) stays in Redis for ``status``; every
+    job key gets this expiry when the job is finalized. The results live in storage."""
+
+    storage_patience: int = 600
+    """Seconds a cluster batch waits out a storage outage (connection refused, timeouts, 5xx),
+    retrying with backoff up to a minute apart, before its images are recorded as failed."""
+
+    requeue_after: int = 30
+    """Seconds a running job may go without a recorded image before `wait` and the control
+    worker look for batches lost with a machine (neither queued nor held) and queue them again."""
+
+    queue_high_water: int = 5000
+    """Batches the queue may hold before `submit` waits for workers to drain it (back-pressure):
+    a 10M-image submission otherwise puts every batch into Redis at once. 0 = no limit."""
+
+    metrics_port: int = 0
+    """Port of a model worker's Prometheus endpoint (``/metrics``), served by its main
+    process; 0 = off."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port: expected 0 to 65535, got {self.metrics_port}")
+        if self.queue_high_water < 0:
+            raise ConfigError(f"queue_high_water: expected >= 0, got {self.queue_high_water}")
+        if not 1 <= self.requeue_after <= 24 * 3600:
+            raise ConfigError(f"requeue_after: expected 1 to 86400 seconds, got "
+                              f"{self.requeue_after}")
+        if not 0 <= self.storage_patience <= 24 * 3600:
+            raise ConfigError("storage_patience: expected 0 to 86400 seconds, got "
+                              f"{self.storage_patience}")
+        if not 2 <= self.visibility_timeout <= 24 * 3600:
+            raise ConfigError("visibility_timeout: expected 2 to 86400 seconds, got "
+                              f"{self.visibility_timeout}")
+        if self.lease_renew != 0 and not 0.1 <= self.lease_renew <= self.visibility_timeout / 2:
+            raise ConfigError(f"lease_renew: expected 0.1 s to half the visibility timeout "
+                              f"({self.visibility_timeout / 2:g} s), got {self.lease_renew}")
+        if self.job_retention < 60:
+            raise ConfigError(f"job_retention: expected >= 60 seconds, got {self.job_retention}")
+
+    @property
+    def renew_seconds(self) -> float:
+        return self.lease_renew or self.visibility_timeout / 4
+
+
 def from_env(cls: type, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None):
     """Build ``cls`` from defaults < ``POSEBATCH_<FIELD>`` variables < explicit overrides (flags).
 

@@ -20,6 +20,7 @@ class MemoryJobState:
         self.deliveries: Counter[tuple[str, str]] = Counter()
         self.total = total
         self.finalized = 0
+        self.waiting = ""
         self.down = 0
         """How many calls still fail with StateUnavailable (an outage), -1 for forever."""
 
@@ -41,12 +42,17 @@ class MemoryJobState:
         self._call()
         return [k in self.records[job_id] for k in keys]
 
-    def add_records(self, job_id: str, records: list[Record]) -> bool:
+    def add_records(self, job_id: str, records: list[Record],
+                    batch_id: str | None = None) -> bool:
         self._call()
         if job_id not in self.jobs:
             return False
         self.records[job_id].update((r.key, r) for r in records)
         return True
+
+    def note_waiting(self, job_id: str, why: str) -> None:
+        self._call()
+        self.waiting = why
 
     def maybe_finalize(self, job_id: str) -> bool:
         self._call()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from posebatch.settings import JobSettings
 from posebatch.testing.cluster import (
     WorkerProcess,
     comparable_summary,
@@ -51,11 +52,16 @@ def stack(redis_server, s3_server, tmp_path_factory):
     local_out = tmp_path_factory.mktemp("local")
     run_cli("run", str(src), "--out", str(local_out), "--no-progress", env=env)
     workdir = tmp_path_factory.mktemp("workers")
-    workers = [WorkerProcess(workdir, env, i) for i in range(2)]
+    from posebatch.testing.servers import free_ports
+
+    ports = free_ports(2)
+    workers = [WorkerProcess(workdir, {**env, "POSEBATCH_METRICS_PORT": str(ports[i])}, i)
+               for i in range(2)]
     for w in workers:
         w.start()
     yield {"env": env, "bucket": bucket, "client": client, "keys": keys, "src": src,
-           "local": local_out, "workers": workers, "redis": redis_server}
+           "local": local_out, "workers": workers, "redis": redis_server,
+           "metrics_ports": ports}
     for w in workers:
         w.stop()
 
@@ -109,11 +115,50 @@ def test_both_workers_took_batches(stack, first_job):
         w.log_tail() for w in stack["workers"]]
 
 
+def scrape(port: int) -> dict[str, float]:
+    """``curl http://127.0.0.1:PORT/metrics``, parsed by prometheus-client's own parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            values[f"{s.name}{{{labels}}}"] = values.get(f"{s.name}{{{labels}}}", 0) + s.value
+    return values
+
+
+def total(samples: list[dict[str, float]], prefix: str) -> float:
+    return sum(v for s in samples for k, v in s.items() if k.startswith(prefix))
+
+
+def test_worker_metrics_count_images_and_move_with_the_next_job(stack, first_job):
+    before = [scrape(p) for p in stack["metrics_ports"]]
+    n = len(stack["keys"])
+    # The first job: every image processed once across both workers, two of them failed.
+    assert total(before, "posebatch_images_total{code=,status=ok}") == n - 2
+    assert total(before, "posebatch_images_total{code=216200,status=error}") == 1  # empty.jpg
+    assert total(before, "posebatch_images_total{code=216201,status=error}") == 1  # fake.png
+    assert total(before, "posebatch_batch_seconds_count") >= n // 4
+    assert total(before, "posebatch_model_load_seconds") > 0
+    assert total(before, "posebatch_batches_in_flight") == 0
+    job = submit(stack, "--force", out="metrics-out/")
+    wait(stack, job)
+    after = [scrape(p) for p in stack["metrics_ports"]]
+    assert total(after, "posebatch_images_total") == total(before, "posebatch_images_total") + n
+
+
 def test_status_reports_the_finished_job(stack, first_job):
     proc = run_cli("status", first_job, env=stack["env"])
     assert f"job {first_job}: done" in proc.stdout
     n = len(stack["keys"])
     assert f"{n}/{n} images done, 2 failed" in proc.stdout
+    # Redis stays bounded: every key the finished job left behind expires.
+    r = stack["redis"].client()
+    keys = list(r.scan_iter(f"posebatch:job:{first_job}*"))
+    assert len(keys) >= 3 and all(r.ttl(k) > 0 for k in keys), {k: r.ttl(k) for k in keys}
 
 
 def test_resubmission_processes_nothing_and_force_reprocesses_with_exact_counts(stack,
@@ -171,6 +216,44 @@ def test_watcher_restarted_between_uploads_submits_each_image_once(stack, tmp_pa
     assert {"a.jpg.json", "sub/b.png.json", "c.jpg.json"} <= set(res)
 
 
+@pytest.mark.parametrize("where", ["s3", "folder"])
+def test_watch_reprocesses_an_image_replaced_under_the_same_name(stack, tmp_path, where):
+    """Issue 11 row 10: a drop-folder image overwritten with new bytes is processed again."""
+    import os
+
+    client, bucket, env = stack["client"], stack["bucket"], stack["env"]
+    if where == "s3":
+        drop, out = f"s3://{bucket}/redrop/", f"s3://{bucket}/redrop-out/"
+
+        def put(name: str, data: bytes) -> None:
+            client.put_object(Bucket=bucket, Key=f"redrop/{name}", Body=data)
+
+        def result(name: str) -> dict:
+            body = client.get_object(Bucket=bucket, Key=f"redrop-out/{name}.json")["Body"]
+            return json.loads(body.read())
+    else:
+        drop, out = str(tmp_path / "drop"), str(tmp_path / "out")
+        os.makedirs(drop)
+
+        def put(name: str, data: bytes) -> None:
+            Path(drop, name).write_bytes(data)
+
+        def result(name: str) -> dict:
+            return json.loads(Path(out, f"{name}.json").read_text())
+
+    put("x.jpg", jpeg(64, 48))
+    put("y.jpg", jpeg(64, 48))
+    (first,) = run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split()
+    wait(stack, first)
+    before = {n: result(n)["log_id"] for n in ("x.jpg", "y.jpg")}
+    put("x.jpg", b"not an image any more")  # replaced: same name, new bytes
+    (second,) = run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split()
+    wait(stack, second)
+    assert result("x.jpg")["error_code"] == 216201  # the new bytes were processed
+    assert result("y.jpg")["log_id"] == before["y.jpg"]  # the unchanged one was not
+    assert run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split() == []
+
+
 def test_scheduled_submit_task_creates_a_job(stack, tmp_path):
     """What a beat entry sends (posebatch.submit_job) runs on the control worker, and the model
     workers complete the job."""
@@ -178,12 +261,59 @@ def test_scheduled_submit_task_creates_a_job(stack, tmp_path):
 
     from posebatch.testing.cluster import ControlProcess
 
-    control = ControlProcess(tmp_path, stack["env"])
+    control = ControlProcess(tmp_path, {**stack["env"], "POSEBATCH_REQUEUE_AFTER": "2"})
     control.start()
     try:
-        _scheduled_job_completes(stack, Celery(broker=stack["env"]["POSEBATCH_BROKER_URL"]))
+        app = Celery(broker=stack["env"]["POSEBATCH_BROKER_URL"])
+        _scheduled_job_completes(stack, app)
+        _scheduled_run_skipped_while_the_previous_one_runs(stack, app, control)
+        _control_worker_requeues_a_lost_batch(stack)
     finally:
         control.stop()
+
+
+def _scheduled_run_skipped_while_the_previous_one_runs(stack, app, control) -> None:
+    from posebatch.jobstate import JobStore
+    from posebatch.testing.cluster import wait_until, worker_log
+    from producer.control import schedule_key
+
+    bucket = stack["bucket"]
+    src, dst = f"s3://{bucket}/in/odd names/", f"s3://{bucket}/sched2-out/"
+    store = JobStore(stack["redis"].client())
+    store.create("previous-run", {"input": src, "output": dst, "settings": {}})
+    store.mark_submitted("previous-run", 10, 1)  # running: never finishes in this test
+    store.r.set(f"{schedule_key(src, dst)}:last", "previous-run")
+    app.send_task("posebatch.submit_job", queue="posebatch-control",
+                  kwargs={"input_url": src, "output_url": dst})
+    wait_until(lambda: "is still running; this run is skipped" in worker_log(control), 60,
+               "the control worker to skip the overlapping run")
+    assert store.recent(50).count("previous-run") == 1
+    assert not any(store.meta(j)["output"] == dst for j in store.recent(50)
+                   if j != "previous-run")
+    store.discard("previous-run")
+
+
+def _control_worker_requeues_a_lost_batch(stack) -> None:
+    """A job whose only batch has no message anywhere (lost with a machine): nobody runs
+    `wait`, the control worker's watchdog queues it again and the job completes."""
+    from posebatch.jobstate import JobStore
+    from posebatch.testing.cluster import wait_until
+
+    bucket = stack["bucket"]
+    store = JobStore(stack["redis"].client())
+    meta = {"input": f"s3://{bucket}/in/odd names/", "output": f"s3://{bucket}/lost-out/",
+            "settings": JobSettings().to_dict(), "force": False, "summary_prefix": ""}
+    store.create("lost-batch", meta)
+    store.add_batches("lost-batch", {"00000000": ["straße café.jpg", "x.bmp"]})
+    store.mark_submitted("lost-batch", 2, 1)
+
+    def done() -> bool:
+        p = store.progress("lost-batch")
+        return p is not None and p.state == "done"
+
+    wait_until(done, 90, "the watchdog to queue the lost batch again and the job to finish")
+    res = download_results(stack["client"], bucket, "lost-out/")
+    assert res["_summary.json"]["images_seen"] == 2
 
 
 def _scheduled_job_completes(stack, app) -> None:

@@ -16,14 +16,15 @@ import yaml
 
 from posebatch.cli import make_argument_parser
 from posebatch.queue import QUEUE
-from posebatch.settings import JobSettings, RuntimeSettings, ServeSettings
+from posebatch.settings import ClusterSettings, JobSettings, RuntimeSettings, ServeSettings
 from producer.schedule import load_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRA_VARS = {"POSEBATCH_VISIBILITY_TIMEOUT", "POSEBATCH_CACHE", "POSEBATCH_BUILD_PYTHON",
+EXTRA_VARS = {"POSEBATCH_CACHE", "POSEBATCH_BUILD_PYTHON", "POSEBATCH_LOG_JSON",
               "POSEBATCH_SSL_CERT_REQS"}
-KNOWN_VARS = EXTRA_VARS | {f"POSEBATCH_{f.name.upper()}" for cls in (JobSettings, RuntimeSettings,
-                                                                   ServeSettings)
+KNOWN_VARS = EXTRA_VARS | {f"POSEBATCH_{f.name.upper()}"
+                           for cls in (JobSettings, RuntimeSettings, ServeSettings,
+                                       ClusterSettings)
                            for f in fields(cls)}
 K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -134,12 +135,16 @@ class Cluster:
         self.out = f"out-{test_name.replace('_', '-')[5:25]}-{uuid.uuid4().hex[:6]}/"
         self.workers: list[WorkerProcess] = []
         self.client = s3.client()
+        self.visibility_timeout: int | None = VISIBILITY_TIMEOUT
+        """None: the defaults of ClusterSettings (what a deployment gets)."""
+        self.extra_env: dict[str, str] = {}
 
     @property
     def env(self) -> dict[str, str]:
+        timeout = "" if self.visibility_timeout is None else str(self.visibility_timeout)
         return {**self.s3.env(), "POSEBATCH_BROKER_URL": self.redis.url,
-                "POSEBATCH_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
-                "POSEBATCH_BATCH_SIZE": str(MODEL_BATCH)}
+                "POSEBATCH_VISIBILITY_TIMEOUT": timeout,
+                "POSEBATCH_BATCH_SIZE": str(MODEL_BATCH), **self.extra_env}
 
     def start_workers(self, n: int) -> list[WorkerProcess]:
         new = [WorkerProcess(self.workdir, self.env, len(self.workers) + i) for i in range(n)]
@@ -223,6 +228,67 @@ def test_worker_killed_mid_batch_another_worker_finishes(cluster: Cluster):
     cluster.check("worker SIGKILLed mid-batch")
 
 
+def test_machine_lost_mid_job_with_default_settings_the_job_finishes_within_two_minutes(
+        cluster: Cluster):
+    """Spot reclaim with the settings a deployment gets (60 s lease): the lost batch returns
+    by itself and another worker runs it; `wait` needs no help and no human resubmits."""
+    cluster.visibility_timeout = None
+    lost, _survivor = cluster.start_workers(2)
+    job_id = cluster.submit()
+    def holding_a_batch() -> bool:  # after the first record, while it runs a batch
+        p = cluster.store().progress(job_id)
+        return (p is not None and p.state != "done" and p.done >= 1
+                and batches_in_flight(lost) > 0)
+
+    wait_until(holding_a_batch, 90, "the first worker running a batch after the first record")
+    lost.kill()  # the whole process group: nothing renews its batch any more
+    p = cluster.store().progress(job_id)
+    assert p is not None and p.state != "done"
+    proc = cluster.wait(job_id, timeout=120)  # exit 4 if not done two minutes after the loss
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    deliveries = cluster.store().r.hgetall(f"posebatch:job:{job_id}:deliveries")
+    assert max(int(v) for v in deliveries.values()) == 2  # the lost batch, run once more
+    cluster.check("machine lost mid-job, default 60 s lease")
+
+
+LEASE_TIMEOUT = 2  # visibility timeout of the long-batch test; renewed every 0.5 s
+
+
+def test_batch_running_three_times_the_visibility_timeout_on_a_live_worker_runs_once(
+        cluster: Cluster):
+    """The lease, not the timeout, decides: one batch much longer than the visibility timeout,
+    an idle second worker that would take it if it were handed out again: it runs once."""
+    cluster.visibility_timeout = LEASE_TIMEOUT
+    cluster.start_workers(2)
+    n = len(cluster.stack["keys"])
+    job_id = run_cli("submit", cluster.stack["input"], "--out",
+                     f"s3://{cluster.bucket}/{cluster.out}", "--batch-images", str(n),
+                     "--imgsz", "1280",  # 4x the pixels: long enough on a fast engine too
+                     env=cluster.env).stdout.split()[-1]
+    proc = cluster.wait(job_id)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    took = [float(m) for w in cluster.workers
+            for m in re.findall(r"process_batch\[[^\]]+\] succeeded in ([0-9.]+)s",
+                                worker_log(w))]
+    assert len(took) == 1, took
+    if took[0] < 3 * LEASE_TIMEOUT:
+        pytest.fail(f"the batch took {took[0]:.1f} s, too short to test a lease of "
+                    f"{LEASE_TIMEOUT} s: make it longer")
+    deliveries = cluster.store().r.hgetall(f"posebatch:job:{job_id}:deliveries")
+    assert {k.decode(): int(v) for k, v in deliveries.items()} == {"00000000": 1}
+    received = sum(len(re.findall(r"process_batch\[[^\]]+\] received", worker_log(w)))
+                   for w in cluster.workers)
+    assert received == 1  # never handed to the idle worker, not even to wait in its prefetch
+    results = download_results(cluster.client, cluster.bucket, cluster.out)
+    assert results["_summary.json"]["images_seen"] == n  # (no reference run at this size)
+    assert len(result_keys(cluster.client, cluster.bucket, cluster.out)) == n
+    record_figures("batch running 3x the visibility timeout on a live worker",
+                   {"images": n, "lost": 0, "duplicated": 0,
+                    "rerun_batches": rerun_batches(cluster.redis.client())},
+                   f"pytest {THIS}::test_batch_running_three_times_the_visibility_timeout_on_"
+                   "a_live_worker_runs_once")
+
+
 def test_all_workers_killed_then_restarted_later(cluster: Cluster):
     workers = cluster.start_workers(2)
     job_id = cluster.submit()
@@ -244,7 +310,8 @@ def broker_lost(worker: WorkerProcess) -> bool:
 
 
 def state_unreachable(worker: WorkerProcess) -> bool:
-    return "job state Redis unreachable" in worker_log(worker)
+    # workers.policy.patiently logs the translated error (posebatch.jobstate.redis_errors)
+    return "cannot reach the broker/Redis" in worker_log(worker)
 
 
 def outage_felt(workers: list[WorkerProcess]) -> bool:
@@ -329,6 +396,51 @@ def test_s3_unreachable_for_seconds_mid_job(cluster: Cluster):
         proc = cluster.wait(cluster.submit())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cluster.check("S3 server unreachable for seconds")
+
+
+def test_batch_lost_between_queue_and_worker_is_queued_again_and_wait_ends(cluster: Cluster):
+    """kombu's gap: a message popped off the queue by a machine that died before kombu copied
+    it into ``unacked`` exists nowhere. The job state still has the batch outstanding; `wait`
+    sees the job stop moving, finds the batch neither queued nor held, and queues it again."""
+    cluster.extra_env = {"POSEBATCH_REQUEUE_AFTER": "5"}
+    job_id = cluster.submit()
+    r = cluster.redis.client()
+    batches = -(-len(cluster.stack["keys"]) // BATCH_IMAGES)
+    assert r.llen("posebatch") == batches
+    gone = json.loads(r.rpop("posebatch"))["headers"]["id"]  # the next one a worker would take
+    cluster.start_workers(1)
+    proc = cluster.wait(job_id, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "queued them again" in proc.stderr and gone.split(".")[-1] in proc.stderr
+    deliveries = cluster.store().r.hgetall(f"posebatch:job:{job_id}:deliveries")
+    assert len(deliveries) == batches and all(int(v) == 1 for v in deliveries.values())
+    assert r.hlen(f"posebatch:job:{job_id}:batches") == 0  # nothing outstanding
+    cluster.check("batch message lost between queue and worker (kombu's gap)")
+
+
+OUTAGE_SECONDS = 25  # longer than the 1+2+4+8 s of retries that used to fail every image
+
+
+def test_s3_outage_of_half_a_minute_is_waited_out_and_fails_no_image(cluster: Cluster):
+    """Issue 11 row 8: the batches wait out the outage (bounded by POSEBATCH_STORAGE_PATIENCE,
+    600 s) with backoff, and `status` says why the job is not moving."""
+    cluster.start_workers(2)
+    job_id = cluster.submit()
+    wait_until(lambda: cluster.mid_batch(job_id), 60, "a worker half way through a batch")
+    cluster.s3.kill()
+    down_at = time.monotonic()
+
+    def says_waiting() -> bool:
+        out = run_cli("status", job_id, env=cluster.env).stdout
+        return "waiting: storage unreachable" in out
+
+    wait_until(says_waiting, 60, "status to say the job waits out a storage outage")
+    time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))  # the fault's length
+    cluster.s3.start()
+    proc = cluster.wait(job_id)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # 0: no image failed
+    assert "waiting" not in run_cli("status", job_id, env=cluster.env).stdout
+    cluster.check("S3 server down for half a minute mid-job")
 
 
 # -- the producer -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from posebatch.errors import (
     ModelError,
     StateUnavailable,
     StorageError,
+    StorageUnreachable,
 )
 from posebatch.records import Record
 from tests.stubs import MemoryJobState
@@ -54,6 +55,29 @@ def test_a_batch_ends_recorded_retried_or_requeued(work, retries, outcome, recor
     if not recorded_ok:
         assert all(r.error_code == INTERNAL_ERROR and "batch 00000000" in r.error_msg
                    for r in recs.values())
+
+
+OUTAGE = StorageUnreachable("S3 read failed: EndpointConnectionError")
+
+
+@pytest.mark.parametrize(("retries", "outcome"), [
+    (0, 1), (4, 16), (6, 60), (14, 60),  # countdowns until the patience is spent
+    (policy.MAX_RETRIES, 16),  # an outage is not bounded by the count of other errors
+    (15, "failed"),  # 1+2+...+32 + 9 x 60 = 603 s waited: past the 600 s patience
+], ids=["first", "fifth", "capped", "last", "beyond-max-retries", "patience-spent"])
+def test_a_storage_outage_is_waited_out_for_minutes_then_fails(retries, outcome):
+    """Issue 11 row 8: retries of 1+2+4+8 s failed every image of a 20 s outage."""
+    state = MemoryJobState(total=2)
+    attempt = policy.Attempt("job", "00000000", KEYS, retries)
+    if outcome == "failed":
+        assert policy.outage_waited(retries) >= policy.STORAGE_PATIENCE
+        assert policy.run_batch(state, attempt, raises(OUTAGE), patience=0.01) == 0
+        assert all("storage unreachable for" in r.error_msg for r in state.records["job"].values())
+        return
+    with pytest.raises(policy.Retry) as info:
+        policy.run_batch(state, attempt, raises(OUTAGE), patience=0.01)
+    assert info.value.countdown == outcome
+    assert "storage unreachable" in state.waiting and state.records["job"] == {}
 
 
 def test_retry_backs_off_exponentially_up_to_a_cap():

@@ -159,8 +159,10 @@ def test_escaping_keys_are_refused_by_the_cluster_in_local_mode(secure, tmp_path
         assert "refused key" in rows[key]["error_msg"]
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
                      if p.is_file())
-    assert written == ["in/ok.jpg", "out/_counts.csv", "out/_posebatch.json",
-                       "out/_summary.json", "out/ok.jpg.json", "outside.jpg"]
+    jobs = f"out/_jobs/{job_id}/"  # the job's record and own figures (README "Several jobs")
+    assert written == ["in/ok.jpg", "out/_counts.csv", f"{jobs}_counts.csv", f"{jobs}_job.json",
+                       f"{jobs}_summary.json", "out/_posebatch.json", "out/_summary.json",
+                       "out/ok.jpg.json", "outside.jpg"]
 
 
 def test_escaping_keys_are_refused_by_the_local_batch_function(tmp_path):

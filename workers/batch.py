@@ -10,6 +10,7 @@ import json
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from typing import Any
 
 from PIL import Image
@@ -35,6 +36,7 @@ from workers.engine.decode import DecodedImage
 from workers.engine.pipeline import PoseEngine
 
 LOOKUP_WINDOW = 64  # existence checks in flight; bounded so a huge listing streams
+LIST_WINDOW = 256  # keys whose results are looked up with one listing of the output
 _FOREIGN = {"foreign": True}  # marks a file at the result path that posebatch did not write
 
 
@@ -158,18 +160,42 @@ def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
             return None  # unreadable before: permissions or an archive may be fixed since
         return result
 
-    window: deque[tuple[str, Future[dict[str, Any] | None]]] = deque()
-    for key in keys:
-        window.append((key, pool.submit(existing, key)))
-        if len(window) >= LOOKUP_WINDOW:
-            yield from _settle(window.popleft(), done, dst)
+    window: deque[tuple[str, Future[dict[str, Any] | None] | None]] = deque()
+    it = iter(keys)
+    while chunk := list(islice(it, LIST_WINDOW)):
+        present = listed_results(dst, chunk)
+        for key in chunk:
+            known_absent = present is not None and result_key(key) not in present
+            window.append((key, None if known_absent else pool.submit(existing, key)))
+            if len(window) >= LOOKUP_WINDOW:
+                yield from _settle(window.popleft(), done, dst)
     while window:
         yield from _settle(window.popleft(), done, dst)
 
 
+def listed_results(dst: Storage, keys: list[str]) -> set[str] | None:
+    """The result files of ``keys`` that exist, from one listing of the key range they span
+    (one LIST request for a batch instead of a GET per image, 404 for every new one); None
+    when the range holds too many other objects to be worth listing (then: a GET per key)."""
+    wanted = sorted(result_key(k) for k in keys)
+    lo, hi = wanted[0], wanted[-1]
+    limit = 4 * len(wanted) + 1000
+    found: set[str] = set()
+    try:
+        for n, key in enumerate(dst.iter_keys(start_after=lo[:-1])):
+            if key > hi:
+                return found
+            if n >= limit:
+                return None
+            found.add(key)
+    except StorageNotFound:  # the output does not exist yet: nothing is done
+        return set()
+    return found
+
+
 def _settle(entry, done, dst: Storage) -> Iterator[str]:
     key, fut = entry
-    result = fut.result()
+    result = None if fut is None else fut.result()
     if result is None:
         yield key
     elif result is _FOREIGN:

@@ -8,9 +8,25 @@ from __future__ import annotations
 
 from celery import signals
 
+from posebatch.lease import LeaseRenewal
 from posebatch.queue import make_app
 
 app = make_app(include=["workers.tasks"])
+
+
+class MeteredLease(LeaseRenewal):
+    """The lease of ``posebatch.lease``, counting renewals in the worker's metrics."""
+
+    def tick(self) -> int:
+        from workers import metrics
+
+        n = super().tick()
+        metrics.lease_renewed(n)
+        return n
+
+
+app.steps["consumer"].discard(LeaseRenewal)
+app.steps["consumer"].add(MeteredLease)
 
 
 @signals.worker_process_init.connect

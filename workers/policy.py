@@ -14,13 +14,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from posebatch.errors import INTERNAL_ERROR, PermanentError, RetryableError, StateUnavailable
+from posebatch.errors import (
+    INTERNAL_ERROR,
+    PermanentError,
+    RetryableError,
+    StateUnavailable,
+    StorageUnreachable,
+)
 from posebatch.records import Record
 
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 4
-"""Storage errors: retried with exponential backoff, then the batch's images are failed."""
+"""Storage errors other than outages: retried with exponential backoff, then the batch's images
+are failed."""
+STORAGE_PATIENCE = 600.0
+"""Seconds of backoff a batch spends waiting out a storage outage before it gives up (the
+default of ``ClusterSettings.storage_patience``)."""
+OUTAGE_BACKOFF_CAP = 60
 MAX_DELIVERIES = 8
 """Starts of one batch, retries and redeliveries after worker loss included (poison batches)."""
 STATE_PATIENCE = 60.0
@@ -34,8 +45,10 @@ class JobState(Protocol):
     def has_job(self, job_id: str) -> bool: ...
     def count_delivery(self, job_id: str, batch_id: str) -> int: ...
     def has_record(self, job_id: str, keys: list[str]) -> list[bool]: ...
-    def add_records(self, job_id: str, records: list[Record]) -> bool: ...
+    def add_records(self, job_id: str, records: list[Record],
+                    batch_id: str | None = None) -> bool: ...
     def maybe_finalize(self, job_id: str) -> bool: ...
+    def note_waiting(self, job_id: str, why: str) -> None: ...
 
 
 class Retry(Exception):  # noqa: N818 - an outcome, like Celery's own Retry
@@ -64,6 +77,15 @@ def backoff(retries: int) -> int:
     return min(2 ** retries, 30)
 
 
+def outage_backoff(retries: int) -> int:
+    return min(2 ** retries, OUTAGE_BACKOFF_CAP)
+
+
+def outage_waited(retries: int) -> int:
+    """Seconds of countdown spent before retry number ``retries`` of an outage."""
+    return sum(outage_backoff(i) for i in range(retries))
+
+
 def patiently(call: Callable[..., _T], *args: object, patience: float = STATE_PATIENCE,
               sleep: Callable[[float], None] = time.sleep) -> _T:
     """Run one job-state call, waiting out a Redis outage (restart, failover) for a while.
@@ -87,7 +109,8 @@ def patiently(call: Callable[..., _T], *args: object, patience: float = STATE_PA
 
 def run_batch(state: JobState, attempt: Attempt, work: Callable[[], list[Record]], *,
               max_retries: int = MAX_RETRIES, max_deliveries: int = MAX_DELIVERIES,
-              patience: float = STATE_PATIENCE) -> int:
+              patience: float = STATE_PATIENCE,
+              storage_patience: float = STORAGE_PATIENCE) -> int:
     """Run ``work`` for one batch under the policy; return how many images were recorded.
 
     Raises ``Retry`` (storage hiccup, retries left) or ``Requeue`` (job state unreachable).
@@ -113,6 +136,21 @@ def run_batch(state: JobState, attempt: Attempt, work: Callable[[], list[Record]
         raise
     except StateUnavailable as err:
         raise Requeue(str(err)) from err
+    except StorageUnreachable as err:
+        # An outage: wait it out for minutes (the README promises that transient storage errors
+        # never fail images), bounded, and say so in the job's status meanwhile.
+        waited = outage_waited(attempt.retries)
+        if waited >= storage_patience:
+            return fail_missing(state, attempt, f"batch {batch_id} failed: storage unreachable "
+                                f"for {waited} s ({attempt.retries + 1} attempts): {err}",
+                                patience)
+        countdown = outage_backoff(attempt.retries)
+        state_call(state.note_waiting, job_id,
+                   f"storage unreachable, batches retry for up to {storage_patience:.0f} s "
+                   f"(waited {waited} s so far): {err}")
+        log.warning("batch %s of job %s: %s; storage outage, retry in %s s", batch_id, job_id,
+                    err, countdown)
+        raise Retry(err, countdown) from err
     except RetryableError as err:
         if attempt.retries >= max_retries:
             return fail_missing(state, attempt, f"batch {batch_id} failed after "
@@ -127,7 +165,7 @@ def run_batch(state: JobState, attempt: Attempt, work: Callable[[], list[Record]
         return fail_missing(state, attempt, f"batch {batch_id} failed: {type(err).__name__}: "
                             f"{err}", patience)
     # Results are written; recording them twice (a redelivery) is idempotent.
-    if not state_call(state.add_records, job_id, records):
+    if not state_call(state.add_records, job_id, records, batch_id):
         log.error("job %s disappeared from Redis while batch %s ran (restarted without "
                   "persistence?); its results are written, resubmit the job to count them",
                   job_id, batch_id)
@@ -152,7 +190,7 @@ def fail_missing(state: JobState, attempt: Attempt, reason: str,
     missing = [Record(k, False, INTERNAL_ERROR, 0, 0, reason)
                for k, h in zip(attempt.keys, have, strict=True) if not h]
     log.error("job %s: %s (%d images recorded as failed)", attempt.job_id, reason, len(missing))
-    patiently(state.add_records, attempt.job_id, missing, patience=patience)
+    patiently(state.add_records, attempt.job_id, missing, attempt.batch_id, patience=patience)
     try:
         patiently(state.maybe_finalize, attempt.job_id, patience=patience)
     except RetryableError as err:

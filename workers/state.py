@@ -7,10 +7,12 @@ here. Any other process (tests, the local run) never touches this module.
 from __future__ import annotations
 
 import logging
+import time
 
 from posebatch.jobstate import JobStore
 from posebatch.modelstore import ModelRef
 from posebatch.settings import RuntimeSettings, from_env
+from workers import metrics
 from workers.engine.backends import Runner
 from workers.engine.topdown import TopDownModel
 from workers.loading import open_model, select_model
@@ -32,9 +34,11 @@ def load_model() -> tuple[Runner | TopDownModel, ModelRef]:
     global _model, _model_ref
     if _model is None:
         rt = runtime()
+        start = time.perf_counter()
         sel = select_model(rt)
         _model_ref = sel.ref
         _model = open_model(rt, sel.ref, sel.trt_present, sel.backend)
+        metrics.model_loaded(time.perf_counter() - start)
         log.warning("worker model %s (%s) on %s", _model_ref.name, _model_ref.sha256[:12],
                     _model.info.provider)
     assert _model_ref is not None

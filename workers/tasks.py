@@ -17,9 +17,9 @@ from posebatch.errors import PermanentError
 from posebatch.manifest import claim_output, manifest
 from posebatch.queue import PROCESS_BATCH
 from posebatch.records import Record
-from posebatch.settings import JobSettings
+from posebatch.settings import ClusterSettings, JobSettings, from_env
 from posebatch.storage import Storage, open_storage
-from workers import policy, state
+from workers import metrics, policy, state
 from workers.batch import process_keys
 from workers.celery_app import app
 from workers.engine.pipeline import PoseEngine
@@ -31,21 +31,34 @@ class ModelMismatch(PermanentError):
     """Two workers of one job run different models: their results must not mix."""
 
 
-@app.task(name=PROCESS_BATCH, bind=True, acks_late=True, max_retries=policy.MAX_RETRIES)
+@app.task(name=PROCESS_BATCH, bind=True, acks_late=True, max_retries=None)
 def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: str,
-                  keys: list[str], settings: dict[str, Any], force: bool = False) -> int:
+                  settings: dict[str, Any], force: bool = False,
+                  keys: list[str] | None = None) -> int:
     """Process one batch; the message is acknowledged only once every image has a record.
 
-    ``max_retries`` must equal the policy's: with Celery's default (3) the last retry raised the
-    storage error instead of recording the images as failed, and the job never completed.
+    ``max_retries=None``: the policy alone bounds retries (a count for storage errors, a time
+    for storage outages). With Celery's default (3) the last retry raised the storage error
+    instead of recording the images as failed, and the job never completed.
     """
+    if keys is None:  # the message names the batch; its keys are in the job state
+        try:
+            keys = policy.patiently(state.job_store().batch_keys, job_id, batch_id)
+        except policy.Requeue as err:
+            raise Reject(str(err), requeue=True) from err
+        if keys is None:
+            log.info("batch %s of job %s is recorded already (or its job is gone): nothing "
+                     "to do", batch_id, job_id)
+            return 0
     attempt = policy.Attempt(job_id, batch_id, keys, self.request.retries)
 
     def work() -> list[Record]:
         return _run(job_id, input_url, output_url, keys, JobSettings.from_dict(settings), force)
 
     try:
-        return policy.run_batch(state.job_store(), attempt, work)
+        with metrics.batch():
+            return policy.run_batch(state.job_store(), attempt, work,
+                                    storage_patience=from_env(ClusterSettings).storage_patience)
     except policy.Requeue as err:
         # Not acknowledged: back to the queue (or, if the broker is down too, redelivered after
         # the visibility timeout). Recording nothing now loses nothing: records are idempotent.
@@ -69,7 +82,9 @@ def _run(job_id: str, input_url: str, output_url: str, keys: list[str], job: Job
     _claim(job_id, dst, manifest(job, ref.sha256, ref.name), force)
     rt = state.runtime()
     engine = PoseEngine(model, job, rt.batch_size, rt.io_threads)
-    return process_keys(engine, src, dst, keys, skip_existing=not force)
+    records = process_keys(engine, src, dst, keys, skip_existing=not force)
+    metrics.images(records)
+    return records
 
 
 def _claim(job_id: str, dst: Storage, wanted: dict[str, Any], force: bool) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from posebatch.cli import (
     evaluate,
     exitcodes,
     exports,
+    jobs,
     model,
     recount,
     run,
@@ -27,7 +29,7 @@ from posebatch.cli import (
     worker,
 )
 
-COMMAND_GROUPS = (run, recount, model, evaluate, cluster, worker, exports, serve)
+COMMAND_GROUPS = (run, recount, model, evaluate, cluster, worker, exports, serve, jobs)
 
 
 def make_argument_parser() -> argparse.ArgumentParser:
@@ -40,6 +42,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"posebatch {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--log-json", action="store_true",
+                        default=os.environ.get("POSEBATCH_LOG_JSON", "") in ("1", "true", "yes"),
+                        help="log one JSON object per line (also POSEBATCH_LOG_JSON=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in COMMAND_GROUPS:
         group.register(sub)
@@ -52,6 +57,11 @@ def main(args: Sequence[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(ns.verbose, 2),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if ns.log_json:
+        from posebatch.logjson import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     try:
         return int(ns.handler(ns))
     except (KeyboardInterrupt, Exception) as err:

@@ -126,11 +126,15 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
 def cmd_wait(ns: argparse.Namespace) -> int:
     from posebatch.errors import RetryableError
+    from posebatch.settings import ClusterSettings
+    from producer.reaper import Reaper
     from producer.status import describe, wait
 
+    store, rt, cluster = _store(ns), _runtime(ns), from_env(ClusterSettings)
     try:
-        p = wait(_store(ns), ns.job_id, timeout=ns.timeout,
-                 progress=False if ns.no_progress else None)
+        p = wait(store, ns.job_id, timeout=ns.timeout,
+                 progress=False if ns.no_progress else None,
+                 reaper=Reaper(store, rt.broker_url), requeue_after=cluster.requeue_after)
     except TimeoutError as err:
         raise RetryableError(str(err)) from err
     print(describe(p))

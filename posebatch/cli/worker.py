@@ -62,6 +62,10 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     # Fail now, with a clear message, not later in each child process; and make the fp16 copy
     # here, once, before the children start.
     select_model(rt)
+    from posebatch.settings import ClusterSettings
+    from workers import metrics
+
+    metrics.enable(from_env(ClusterSettings).metrics_port)  # before the pool forks
     app.worker_main(_celery_argv(ns, ns.concurrency, "prefork"))
     return exitcodes.OK
 
@@ -70,5 +74,5 @@ def cmd_control(ns: argparse.Namespace) -> int:
     _export_runtime(ns)
     from producer.control import app
 
-    app.worker_main(_celery_argv(ns, 1, "solo"))
+    app.worker_main(_celery_argv(ns, 1, "threads"))  # main thread: lease + watchdog
     return exitcodes.OK

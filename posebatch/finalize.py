@@ -1,0 +1,165 @@
+"""The end of a job, streamed: records sorted on disk, tables written to files, files uploaded.
+
+Why: a job's aggregates used to be built in memory (every record in a list, the CSV as one
+string, one PUT): ~0.5 KB of RAM per image, an OOM kill from ~2M images in a 1 GiB pod. Here
+memory is bounded by ``CHUNK`` records whatever the job size: records are sorted in runs spilled
+to a temporary folder and merged (``heapq.merge``), each ``_counts.csv`` is written to a file
+while its summary is tallied, and the file is uploaded in parts (S3 multipart upload via
+``Storage.upload``).
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import json
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from operator import attrgetter
+from pathlib import Path
+from typing import Any
+
+from posebatch.aggregate import (
+    COUNTS_NAME,
+    CSV_COLUMNS,
+    SUMMARY_NAME,
+    Tally,
+    csv_row,
+    header_size,
+    row_record,
+    summary_json,
+)
+from posebatch.errors import StorageNotFound
+from posebatch.records import Record
+
+CHUNK = 200_000
+"""Records held in memory at once while sorting (~60 MB of Python objects)."""
+PROGRESS_EVERY = 50_000
+_by_key = attrgetter("key")
+
+
+def external_sort(records: Iterable[Record], workdir: Path, chunk: int = CHUNK,
+                  on_progress: Callable[[], None] = lambda: None) -> Iterator[Record]:
+    """``records`` sorted by key, holding at most ``chunk`` of them in memory."""
+    runs: list[Path] = []
+    buf: list[Record] = []
+    for n, r in enumerate(records, 1):
+        buf.append(r)
+        if n % PROGRESS_EVERY == 0:
+            on_progress()
+        if len(buf) >= chunk:
+            runs.append(_spill(buf, workdir, len(runs)))
+            buf = []
+    buf.sort(key=_by_key)
+    if not runs:
+        yield from buf
+        return
+    runs.append(_spill(buf, workdir, len(runs)))
+    yield from heapq.merge(*(_read_run(p) for p in runs), key=_by_key)
+
+
+def _spill(buf: list[Record], workdir: Path, n: int) -> Path:
+    buf.sort(key=_by_key)
+    path = workdir / f"run-{n:05d}.jsonl"
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+        for r in buf:
+            f.write(json.dumps([r.key, r.ok, r.error_code, r.person_num, r.valid_persons,
+                                r.error_msg, r.width, r.height], ensure_ascii=False) + "\n")
+    return path
+
+
+def _read_run(path: Path) -> Iterator[Record]:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            yield Record(*json.loads(line))
+
+
+def iter_counts_csv(path: Path) -> Iterator[Record]:
+    """Stream a ``_counts.csv`` (sorted by key, as written) back as records."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for r in csv.DictReader(f):
+            yield row_record(r)
+
+
+class Table:
+    """One ``_counts.csv`` being written to a local file, and its summary being tallied."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        self.file.write("\ufeff")  # UTF-8 with BOM so spreadsheets detect it
+        self.writer = csv.writer(self.file, lineterminator="\r\n")
+        self.writer.writerow(CSV_COLUMNS)
+        self.tally = Tally()
+
+    def add(self, r: Record) -> None:
+        self.writer.writerow(csv_row(r))
+        self.tally.add(r)
+
+    def publish(self, dst: Any, prefix: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """Upload the table, then the summary (last: its presence means both are complete)."""
+        self.file.close()
+        dst.upload(prefix + COUNTS_NAME, str(self.path), "text/csv")
+        summary = self.tally.summary(meta)
+        dst.write(prefix + SUMMARY_NAME, summary_json(summary), "application/json")
+        return summary
+
+
+def with_header_size(r: Record, src: Any) -> Record:
+    """A record of an image skipped because its result exists carries no size; when no earlier
+    table had it (a worker died after writing results but before recording them, so its batch was
+    redelivered and skipped them) it is read from the image's header. Rare by construction."""
+    if not r.ok or r.width is not None or src is None:
+        return r
+    size = header_size(src, r.key)
+    return r if size is None else replace(r, width=size[0], height=size[1])
+
+
+def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: str,
+             merge_root: bool, on_progress: Callable[[], None] = lambda: None,
+             src: Any = None) -> dict[str, Any]:
+    """Write the job's aggregates to ``dst`` at ``prefix``; with ``merge_root`` (a job writing
+    to the output's root) also to ``_jobs/<job id>/``, and the root tables merge the previous
+    root table (earlier jobs' rows) with this job's, the newest record of an image winning.
+    ``src`` (the job's input) gives the sizes no earlier table knows (``with_header_size``)."""
+    with tempfile.TemporaryDirectory(prefix="posebatch-finalize-") as tmp:
+        work = Path(tmp)
+        mine = external_sort(records, work, on_progress=on_progress)
+        if not merge_root:
+            table = Table(work / "counts.csv")
+            for n, r in enumerate(mine, 1):
+                table.add(with_header_size(r, src))
+                if n % PROGRESS_EVERY == 0:
+                    on_progress()
+            return table.publish(dst, prefix, meta)
+        earlier_path = work / "earlier.csv"
+        try:
+            dst.download(COUNTS_NAME, str(earlier_path))
+            earlier: Iterator[Record] = iter_counts_csv(earlier_path)
+        except StorageNotFound:
+            earlier = iter(())
+        own, root = Table(work / "own.csv"), Table(work / "root.csv")
+        kept = 0
+        pending = next(earlier, None)
+        for n, r in enumerate(mine, 1):
+            while pending is not None and pending.key < r.key:
+                root.add(pending)
+                kept += 1
+                pending = next(earlier, None)
+            if pending is not None and pending.key == r.key:
+                if r.ok and r.width is None and pending.width is not None:
+                    # skipped (result exists): its size is in the table being replaced
+                    r = replace(r, width=pending.width, height=pending.height)
+                pending = next(earlier, None)  # replaced by this job's record
+            r = with_header_size(r, src)
+            own.add(r)
+            root.add(r)
+            if n % PROGRESS_EVERY == 0:
+                on_progress()
+        while pending is not None:
+            root.add(pending)
+            kept += 1
+            pending = next(earlier, None)
+        own.publish(dst, f"_jobs/{meta['job_id']}/", meta)
+        return root.publish(dst, prefix, {**meta, **({"earlier_results": kept} if kept else {})})
