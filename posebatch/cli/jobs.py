@@ -17,9 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "are never touched.")
     sub2 = p.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
     prune = sub2.add_parser("prune", help="delete finished jobs' state now",
-                            description="Delete the Redis state of jobs that finished more than "
-                            "--older-than seconds ago (default 0: every finished job), and "
-                            "drop expired jobs from the job list. Running jobs are kept.")
+                            description=cmd_prune.__doc__)
     prune.add_argument("--older-than", type=float, default=0.0,
                        help="only jobs finished at least this many seconds ago (default 0)")
     prune.add_argument("--stale-submitting", type=float, metavar="SECONDS",
@@ -30,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prune(ns: argparse.Namespace) -> int:
+    """Delete the Redis state of jobs that finished more than --older-than seconds ago (default 0:
+    every finished job), and drop expired jobs from the job list. Running jobs are kept."""
     from posebatch.errors import ConfigError
     from posebatch.jobstate import JobStore
 

@@ -10,16 +10,16 @@ from posebatch.cli.flags import add_validity_flags
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recount", help="rebuild _summary.json/_counts.csv with new thresholds",
-                       description="Read every per-image result in OUTPUT (no model runs) and "
-                       "write _summary.json and _counts.csv again, counting valid persons with "
-                       "the thresholds given here; thresholds not given keep the output's own "
-                       "(from _posebatch.json).")
+                       description=cmd_recount.__doc__)
     p.add_argument("output", help="folder or s3://bucket/prefix that `run` or `submit` wrote")
     add_validity_flags(p, ("the output's",) * 3)
     p.set_defaults(handler=cmd_recount)
 
 
 def cmd_recount(ns: argparse.Namespace) -> int:
+    """Read every per-image result in OUTPUT (no model runs) and write _summary.json and
+    _counts.csv again, counting valid persons with the thresholds given here; thresholds not
+    given keep the output's own (from _posebatch.json)."""
     from posebatch.recount import recount
     from posebatch.storage import open_storage
 
