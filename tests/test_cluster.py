@@ -30,7 +30,7 @@ pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
-def stack(redis_server, s3_server, tmp_path_factory):
+def cluster_stack(redis_server, s3_server, tmp_path_factory):
     """Servers, a bucket with the input uploaded, the local reference run, two workers."""
     dev = require_dev_data()
     redis_server.start()
@@ -66,53 +66,54 @@ def stack(redis_server, s3_server, tmp_path_factory):
         w.stop()
 
 
-def submit(stack, *extra: str, out: str = "out/") -> str:
-    proc = run_cli("submit", f"s3://{stack['bucket']}/in/", "--out",
-                   f"s3://{stack['bucket']}/{out}", "--batch-images", "4", *extra,
-                   env=stack["env"])
+def submit(cluster_stack, *extra: str, out: str = "out/") -> str:
+    proc = run_cli("submit", f"s3://{cluster_stack['bucket']}/in/", "--out",
+                   f"s3://{cluster_stack['bucket']}/{out}", "--batch-images", "4", *extra,
+                   env=cluster_stack["env"])
     return proc.stdout.strip().splitlines()[-1]
 
 
-def wait(stack, job_id: str) -> int:
-    proc = run_cli("wait", job_id, "--timeout", "240", "--no-progress", env=stack["env"],
+def wait(cluster_stack, job_id: str) -> int:
+    proc = run_cli("wait", job_id, "--timeout", "240", "--no-progress", env=cluster_stack["env"],
                    check=False)
     assert proc.returncode in (0, 1), proc.stderr
     return proc.returncode
 
 
-def local_results(stack) -> dict[str, dict]:
-    out: Path = stack["local"]
+def local_results(cluster_stack) -> dict[str, dict]:
+    out: Path = cluster_stack["local"]
     return {p.relative_to(out).as_posix(): json.loads(p.read_text())
             for p in out.rglob("*.json")}
 
 
 @pytest.fixture(scope="module")
-def first_job(stack):
-    job_id = submit(stack)
-    assert wait(stack, job_id) == 1  # the bad files failed: wait says so
+def first_job(cluster_stack):
+    job_id = submit(cluster_stack)
+    assert wait(cluster_stack, job_id) == 1  # the bad files failed: wait says so
     return job_id
 
 
-def test_cluster_results_equal_the_local_run(stack, first_job):
-    remote = download_results(stack["client"], stack["bucket"], "out/")
-    local = local_results(stack)
+def test_cluster_results_equal_the_local_run(cluster_stack, first_job):
+    remote = download_results(cluster_stack["client"], cluster_stack["bucket"], "out/")
+    local = local_results(cluster_stack)
     assert without_log_id(remote) == without_log_id(local)
-    assert len(without_log_id(remote)) == len(stack["keys"])
+    assert len(without_log_id(remote)) == len(cluster_stack["keys"])
 
 
-def test_cluster_summary_equals_the_local_summary(stack, first_job):
-    remote = download_results(stack["client"], stack["bucket"], "out/")["_summary.json"]
-    local = local_results(stack)["_summary.json"]
+def test_cluster_summary_equals_the_local_summary(cluster_stack, first_job):
+    client, bucket = cluster_stack["client"], cluster_stack["bucket"]
+    remote = download_results(client, bucket, "out/")["_summary.json"]
+    local = local_results(cluster_stack)["_summary.json"]
     assert comparable_summary(remote) == comparable_summary(local)
     assert remote["job_id"] == first_job
-    assert remote["images_seen"] == len(stack["keys"]) and remote["failed"] == 2
-    csv = stack["client"].get_object(Bucket=stack["bucket"], Key="out/_counts.csv")["Body"].read()
-    assert csv == (stack["local"] / "_counts.csv").read_bytes()
+    assert remote["images_seen"] == len(cluster_stack["keys"]) and remote["failed"] == 2
+    csv = client.get_object(Bucket=bucket, Key="out/_counts.csv")["Body"].read()
+    assert csv == (cluster_stack["local"] / "_counts.csv").read_bytes()
 
 
-def test_both_workers_took_batches(stack, first_job):
-    assert all(w.processed_batches() > 0 for w in stack["workers"]), [
-        w.log_tail() for w in stack["workers"]]
+def test_both_workers_took_batches(cluster_stack, first_job):
+    assert all(w.processed_batches() > 0 for w in cluster_stack["workers"]), [
+        w.log_tail() for w in cluster_stack["workers"]]
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -134,9 +135,9 @@ def total(samples: list[dict[str, float]], prefix: str) -> float:
     return sum(v for s in samples for k, v in s.items() if k.startswith(prefix))
 
 
-def test_worker_metrics_count_images_and_move_with_the_next_job(stack, first_job):
-    before = [scrape(p) for p in stack["metrics_ports"]]
-    n = len(stack["keys"])
+def test_worker_metrics_count_images_and_move_with_the_next_job(cluster_stack, first_job):
+    before = [scrape(p) for p in cluster_stack["metrics_ports"]]
+    n = len(cluster_stack["keys"])
     # The first job: every image processed once across both workers, two of them failed.
     assert total(before, "posebatch_images_total{code=,status=ok}") == n - 2
     assert total(before, "posebatch_images_total{code=216200,status=error}") == 1  # empty.jpg
@@ -144,29 +145,29 @@ def test_worker_metrics_count_images_and_move_with_the_next_job(stack, first_job
     assert total(before, "posebatch_batch_seconds_count") >= n // 4
     assert total(before, "posebatch_model_load_seconds") > 0
     assert total(before, "posebatch_batches_in_flight") == 0
-    job = submit(stack, "--force", out="metrics-out/")
-    wait(stack, job)
-    after = [scrape(p) for p in stack["metrics_ports"]]
+    job = submit(cluster_stack, "--force", out="metrics-out/")
+    wait(cluster_stack, job)
+    after = [scrape(p) for p in cluster_stack["metrics_ports"]]
     assert total(after, "posebatch_images_total") == total(before, "posebatch_images_total") + n
 
 
-def test_status_reports_the_finished_job(stack, first_job):
-    proc = run_cli("status", first_job, env=stack["env"])
+def test_status_reports_the_finished_job(cluster_stack, first_job):
+    proc = run_cli("status", first_job, env=cluster_stack["env"])
     assert f"job {first_job}: done" in proc.stdout
-    n = len(stack["keys"])
+    n = len(cluster_stack["keys"])
     assert f"{n}/{n} images done, 2 failed" in proc.stdout
     # Redis stays bounded: every key the finished job left behind expires.
-    r = stack["redis"].client()
+    r = cluster_stack["redis"].client()
     keys = list(r.scan_iter(f"posebatch:job:{first_job}*"))
     assert len(keys) >= 3 and all(r.ttl(k) > 0 for k in keys), {k: r.ttl(k) for k in keys}
 
 
-def test_resubmission_processes_nothing_and_force_reprocesses_with_exact_counts(stack,
+def test_resubmission_processes_nothing_and_force_reprocesses_with_exact_counts(cluster_stack,
                                                                                first_job):
-    before = download_results(stack["client"], stack["bucket"], "out/")
-    job2 = submit(stack)
-    wait(stack, job2)
-    after = download_results(stack["client"], stack["bucket"], "out/")
+    before = download_results(cluster_stack["client"], cluster_stack["bucket"], "out/")
+    job2 = submit(cluster_stack)
+    wait(cluster_stack, job2)
+    after = download_results(cluster_stack["client"], cluster_stack["bucket"], "out/")
     # Same log_ids: no image was processed again.
     assert {k: v for k, v in after.items() if not k.startswith("_")} == {
         k: v for k, v in before.items() if not k.startswith("_")}
@@ -174,29 +175,29 @@ def test_resubmission_processes_nothing_and_force_reprocesses_with_exact_counts(
         before["_summary.json"])
     assert after["_summary.json"]["job_id"] == job2
 
-    job3 = submit(stack, "--force")
-    wait(stack, job3)
-    forced = download_results(stack["client"], stack["bucket"], "out/")
+    job3 = submit(cluster_stack, "--force")
+    wait(cluster_stack, job3)
+    forced = download_results(cluster_stack["client"], cluster_stack["bucket"], "out/")
     changed = [k for k in before if not k.startswith("_")
                and forced[k]["log_id"] != before[k]["log_id"]]
-    assert len(changed) == len(stack["keys"])  # every image redone
+    assert len(changed) == len(cluster_stack["keys"])  # every image redone
     assert comparable_summary(forced["_summary.json"]) == comparable_summary(
         before["_summary.json"])
 
 
-def test_a_finished_force_job_with_new_settings_leaves_a_complete_output(stack, first_job):
+def test_a_finished_force_job_with_new_settings_leaves_a_complete_output(cluster_stack, first_job):
     """The manifest is marked unfinished while a --force job replaces results (issue 11), and
     complete once the job is done: a later submit with those settings is accepted."""
-    wait(stack, submit(stack, out="forced/"))
-    wait(stack, submit(stack, "--force", "--det-conf", "0.3", out="forced/"))
-    manifest = json.loads(stack["client"].get_object(
-        Bucket=stack["bucket"], Key="forced/_posebatch.json")["Body"].read())
+    wait(cluster_stack, submit(cluster_stack, out="forced/"))
+    wait(cluster_stack, submit(cluster_stack, "--force", "--det-conf", "0.3", out="forced/"))
+    manifest = json.loads(cluster_stack["client"].get_object(
+        Bucket=cluster_stack["bucket"], Key="forced/_posebatch.json")["Body"].read())
     assert manifest["complete"] is True and manifest["settings"]["det_conf"] == 0.3
-    assert wait(stack, submit(stack, "--det-conf", "0.3", out="forced/")) in (0, 1)
+    assert wait(cluster_stack, submit(cluster_stack, "--det-conf", "0.3", out="forced/")) in (0, 1)
 
 
-def test_watcher_restarted_between_uploads_submits_each_image_once(stack, tmp_path):
-    client, bucket, env = stack["client"], stack["bucket"], stack["env"]
+def test_watcher_restarted_between_uploads_submits_each_image_once(cluster_stack, tmp_path):
+    client, bucket, env = cluster_stack["client"], cluster_stack["bucket"], cluster_stack["env"]
     drop, out = f"s3://{bucket}/drop/", f"s3://{bucket}/drop-out/"
     client.put_object(Bucket=bucket, Key="drop/a.jpg", Body=jpeg(64, 48))
     client.put_object(Bucket=bucket, Key="drop/sub/b.png", Body=encode(gradient(40, 30), "PNG"))
@@ -208,7 +209,7 @@ def test_watcher_restarted_between_uploads_submits_each_image_once(stack, tmp_pa
     third = run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split()
     assert len(first) == 1 and len(second) == 1 and third == []
     for job_id in first + second:
-        wait(stack, job_id)
+        wait(cluster_stack, job_id)
     res = download_results(client, bucket, "drop-out/")
     s1 = res[f"_jobs/{first[0]}/_summary.json"]
     s2 = res[f"_jobs/{second[0]}/_summary.json"]
@@ -217,11 +218,11 @@ def test_watcher_restarted_between_uploads_submits_each_image_once(stack, tmp_pa
 
 
 @pytest.mark.parametrize("where", ["s3", "folder"])
-def test_watch_reprocesses_an_image_replaced_under_the_same_name(stack, tmp_path, where):
+def test_watch_reprocesses_an_image_replaced_under_the_same_name(cluster_stack, tmp_path, where):
     """Issue 11 row 10: a drop-folder image overwritten with new bytes is processed again."""
     import os
 
-    client, bucket, env = stack["client"], stack["bucket"], stack["env"]
+    client, bucket, env = cluster_stack["client"], cluster_stack["bucket"], cluster_stack["env"]
     if where == "s3":
         drop, out = f"s3://{bucket}/redrop/", f"s3://{bucket}/redrop-out/"
 
@@ -244,42 +245,42 @@ def test_watch_reprocesses_an_image_replaced_under_the_same_name(stack, tmp_path
     put("x.jpg", jpeg(64, 48))
     put("y.jpg", jpeg(64, 48))
     (first,) = run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split()
-    wait(stack, first)
+    wait(cluster_stack, first)
     before = {n: result(n)["log_id"] for n in ("x.jpg", "y.jpg")}
     put("x.jpg", b"not an image any more")  # replaced: same name, new bytes
     (second,) = run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split()
-    wait(stack, second)
+    wait(cluster_stack, second)
     assert result("x.jpg")["error_code"] == 216201  # the new bytes were processed
     assert result("y.jpg")["log_id"] == before["y.jpg"]  # the unchanged one was not
     assert run_cli("watch", drop, "--out", out, "--once", env=env).stdout.split() == []
 
 
-def test_scheduled_submit_task_creates_a_job(stack, tmp_path):
+def test_scheduled_submit_task_creates_a_job(cluster_stack, tmp_path):
     """What a beat entry sends (posebatch.submit_job) runs on the control worker, and the model
     workers complete the job."""
     from celery import Celery
 
     from posebatch.testing.cluster import ControlProcess
 
-    control = ControlProcess(tmp_path, {**stack["env"], "POSEBATCH_REQUEUE_AFTER": "2"})
+    control = ControlProcess(tmp_path, {**cluster_stack["env"], "POSEBATCH_REQUEUE_AFTER": "2"})
     control.start()
     try:
-        app = Celery(broker=stack["env"]["POSEBATCH_BROKER_URL"])
-        _scheduled_job_completes(stack, app)
-        _scheduled_run_skipped_while_the_previous_one_runs(stack, app, control)
-        _control_worker_requeues_a_lost_batch(stack)
+        app = Celery(broker=cluster_stack["env"]["POSEBATCH_BROKER_URL"])
+        _scheduled_job_completes(cluster_stack, app)
+        _scheduled_run_skipped_while_the_previous_one_runs(cluster_stack, app, control)
+        _control_worker_requeues_a_lost_batch(cluster_stack)
     finally:
         control.stop()
 
 
-def _scheduled_run_skipped_while_the_previous_one_runs(stack, app, control) -> None:
+def _scheduled_run_skipped_while_the_previous_one_runs(cluster_stack, app, control) -> None:
     from posebatch.jobstate import JobStore
     from posebatch.testing.cluster import wait_until, worker_log
     from producer.control import schedule_key
 
-    bucket = stack["bucket"]
+    bucket = cluster_stack["bucket"]
     src, dst = f"s3://{bucket}/in/odd names/", f"s3://{bucket}/sched2-out/"
-    store = JobStore(stack["redis"].client())
+    store = JobStore(cluster_stack["redis"].client())
     store.create("previous-run", {"input": src, "output": dst, "settings": {}})
     store.mark_submitted("previous-run", 10, 1)  # running: never finishes in this test
     store.r.set(f"{schedule_key(src, dst)}:last", "previous-run")
@@ -293,14 +294,14 @@ def _scheduled_run_skipped_while_the_previous_one_runs(stack, app, control) -> N
     store.discard("previous-run")
 
 
-def _control_worker_requeues_a_lost_batch(stack) -> None:
+def _control_worker_requeues_a_lost_batch(cluster_stack) -> None:
     """A job whose only batch has no message anywhere (lost with a machine): nobody runs
     `wait`, the control worker's watchdog queues it again and the job completes."""
     from posebatch.jobstate import JobStore
     from posebatch.testing.cluster import wait_until
 
-    bucket = stack["bucket"]
-    store = JobStore(stack["redis"].client())
+    bucket = cluster_stack["bucket"]
+    store = JobStore(cluster_stack["redis"].client())
     meta = {"input": f"s3://{bucket}/in/odd names/", "output": f"s3://{bucket}/lost-out/",
             "settings": JobSettings().to_dict(), "force": False, "summary_prefix": ""}
     store.create("lost-batch", meta)
@@ -312,12 +313,12 @@ def _control_worker_requeues_a_lost_batch(stack) -> None:
         return p is not None and p.state == "done"
 
     wait_until(done, 90, "the watchdog to queue the lost batch again and the job to finish")
-    res = download_results(stack["client"], bucket, "lost-out/")
+    res = download_results(cluster_stack["client"], bucket, "lost-out/")
     assert res["_summary.json"]["images_seen"] == 2
 
 
-def _scheduled_job_completes(stack, app) -> None:
-    bucket = stack["bucket"]
+def _scheduled_job_completes(cluster_stack, app) -> None:
+    bucket = cluster_stack["bucket"]
     app.send_task("posebatch.submit_job", queue="posebatch-control",
                   kwargs={"input_url": f"s3://{bucket}/in/odd names/",
                           "output_url": f"s3://{bucket}/sched-out/", "batch_images": 4})
@@ -325,11 +326,11 @@ def _scheduled_job_completes(stack, app) -> None:
 
     def summary_written() -> bool:
         try:
-            stack["client"].head_object(Bucket=bucket, Key="sched-out/_summary.json")
+            cluster_stack["client"].head_object(Bucket=bucket, Key="sched-out/_summary.json")
             return True
         except Exception:
             return False
 
     wait_until(summary_written, 120, "the scheduled job's summary")
-    res = download_results(stack["client"], bucket, "sched-out/")
+    res = download_results(cluster_stack["client"], bucket, "sched-out/")
     assert res["_summary.json"]["images_seen"] == 2

@@ -87,15 +87,15 @@ def make_corpus(dst: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+def fault_corpus(tmp_path_factory) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("fault-corpus")
     return root, make_corpus(root)
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory) -> dict:
+def reference(fault_corpus, tmp_path_factory) -> dict:
     """The undisturbed run: ``posebatch run`` of the corpus in one process."""
-    root, _keys = corpus
+    root, _keys = fault_corpus
     out = tmp_path_factory.mktemp("fault-reference")
     run_cli("run", str(root), "--out", str(out), "--no-progress", env={
         "POSEBATCH_BATCH_SIZE": str(MODEL_BATCH), "POSEBATCH_INTRA_THREADS": "1"})
@@ -114,9 +114,9 @@ def fault_redis(tmp_path_factory) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def stack(fault_redis, s3_server: S3Server, corpus, reference) -> dict:
+def fault_stack(fault_redis, s3_server: S3Server, fault_corpus, reference) -> dict:
     """The corpus uploaded once; each test writes to its own output prefix."""
-    root, keys = corpus
+    root, keys = fault_corpus
     bucket = s3_server.make_bucket(f"f-{uuid.uuid4().hex[:12]}")
     uploaded = upload_tree(s3_server.client(), bucket, "in/", root)
     assert uploaded == keys
@@ -202,9 +202,9 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(request, stack, fault_redis, s3_server, tmp_path) -> Iterator[Cluster]:
+def cluster(request, fault_stack, fault_redis, s3_server, tmp_path) -> Iterator[Cluster]:
     fault_redis.client().flushall()
-    c = Cluster(stack, s3_server, fault_redis, tmp_path, request.node.name)
+    c = Cluster(fault_stack, s3_server, fault_redis, tmp_path, request.node.name)
     try:
         yield c
     finally:
