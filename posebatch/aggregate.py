@@ -137,21 +137,22 @@ def keep_known_sizes(dst: Any, records: list[Record], prefix: str = "",
         if row.get("key") in missing and (row.get("width") or "").isdigit() and (
                 row.get("height") or "").isdigit():
             sizes[row["key"]] = (int(row["width"]), int(row["height"]))
-    if src is not None:
-        for key in sorted(missing - sizes.keys()):
-            size = header_size(src, key)
-            if size is not None:
-                sizes[key] = size
-    return [replace(r, width=sizes[r.key][0], height=sizes[r.key][1])
-            if r.width is None and r.key in sizes else r for r in records]
+    return [with_header_size(replace(r, width=sizes[r.key][0], height=sizes[r.key][1])
+                             if r.width is None and r.key in sizes else r, src)
+            for r in records]
 
 
-def header_size(src: Any, key: str) -> tuple[int, int] | None:
-    """The upright size of ``key`` in ``src`` from its header, or None when it cannot be read."""
+def with_header_size(r: Record, src: Any) -> Record:
+    """A record of an image skipped because its result exists carries no size; when no earlier
+    table had it (a worker died after writing results but before recording them, so its batch was
+    redelivered and skipped them) it is read from the image's header. Rare by construction."""
+    if not r.ok or r.width is not None or src is None:
+        return r
     try:
-        return upright_size(src.read(key))
+        width, height = upright_size(src.read(r.key))
     except (PosebatchError, OSError):  # gone or unreadable since: the size stays unknown
-        return None
+        return r
+    return replace(r, width=width, height=height)
 
 
 # Fields of the summary that describe one run rather than the results; comparisons ignore them.

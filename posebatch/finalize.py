@@ -26,9 +26,9 @@ from posebatch.aggregate import (
     SUMMARY_NAME,
     Tally,
     csv_row,
-    header_size,
     row_record,
     summary_json,
+    with_header_size,
 )
 from posebatch.errors import StorageNotFound
 from posebatch.records import Record
@@ -104,16 +104,6 @@ class Table:
         summary = self.tally.summary(meta)
         dst.write(prefix + SUMMARY_NAME, summary_json(summary), "application/json")
         return summary
-
-
-def with_header_size(r: Record, src: Any) -> Record:
-    """A record of an image skipped because its result exists carries no size; when no earlier
-    table had it (a worker died after writing results but before recording them, so its batch was
-    redelivered and skipped them) it is read from the image's header. Rare by construction."""
-    if not r.ok or r.width is not None or src is None:
-        return r
-    size = header_size(src, r.key)
-    return r if size is None else replace(r, width=size[0], height=size[1])
 
 
 def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: str,
