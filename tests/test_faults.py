@@ -328,7 +328,7 @@ def test_redis_killed_mid_job_with_persistence_the_job_finishes(cluster: Cluster
     wait_until(lambda: cluster.mid_batch(job_id), 60, "a worker half way through a batch")
     cluster.redis.kill()  # SIGKILL, a crash; AOF with fsync always: every acknowledged write
     # is on disk (with `appendfsync everysec` only a machine crash could lose the last second)
-    wait_until(lambda: outage_felt(workers), 60, "the running batches to hit the outage")
+    wait_until(lambda: outage_felt(workers), 120, "the running batches to hit the outage")
     cluster.redis.start()
     proc = cluster.wait(job_id)
     assert proc.returncode == 0, proc.stdout + proc.stderr
