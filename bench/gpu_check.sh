@@ -18,6 +18,11 @@ SITE=${SITE:-/tmp/posebatch-site}
   --target "$SITE" "$g"/pack/wheels/*.whl
 export PYTHONPATH="$SITE:$PWD" PATH="$SITE/bin:$PWD/$g/pack/bin:$PATH"
 export LD_LIBRARY_PATH="$PWD/$g/pack/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The image's CUDA 13 / cuDNN 9 libraries are pip wheels (nvidia-*, for PyTorch): onnxruntime's
+# preload_dlls() finds them; their folders on the library path are the fallback if it does not.
+nv=$("$PY" -c "import glob, os, site; print(':'.join(sorted({os.path.dirname(p) for s in site.getsitepackages() for p in glob.glob(s + '/nvidia/**/lib*.so*', recursive=True)})))" || true)
+export LD_LIBRARY_PATH="$LD_LIBRARY_PATH${nv:+:$nv}"
+if [ -d "$g/pack/dev" ]; then export POSEBATCH_DEV_DATA="$PWD/$g/pack/dev"; fi
 export POSEBATCH_CACHE=${POSEBATCH_CACHE:-/tmp/posebatch-cache} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
