@@ -97,3 +97,39 @@ def test_run_settings_make_the_fp16_copy_once_and_auto_stays_fp32_on_cpu(tmp_pat
     made = first.ref.path.stat().st_mtime_ns
     assert select_model(wanted).ref.path.stat().st_mtime_ns == made  # converted once
     assert first.ref.sha256 != auto.ref.sha256  # the manifest tells fp16 results apart
+
+
+def _graph_with_two_casts(second_to: int):
+    from onnx import TensorProto, helper
+
+    def cast(to: int):
+        return helper.make_node("Cast", ["h"], ["h_fp32"], name="h_cast", to=to)
+
+    return helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["h"], name="id"), cast(TensorProto.FLOAT),
+         cast(second_to), helper.make_node("Relu", ["h_fp32"], ["y"], name="relu")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+
+
+def test_a_cast_the_converter_inserted_twice_is_kept_once():
+    # onnxruntime(-gpu) 1.31.1's converter wrote 15 such pairs into YOLO11's fp16 copy, which
+    # ONNX Runtime then refused to load ("two nodes with same node name"), seen on an H100.
+    from onnx import TensorProto, checker, helper
+
+    from workers.tools.fp16 import drop_repeated_nodes
+
+    graph = _graph_with_two_casts(TensorProto.FLOAT)
+    assert drop_repeated_nodes(graph) == 1
+    assert [n.name for n in graph.node] == ["id", "h_cast", "relu"]
+    checker.check_model(helper.make_model(graph), full_check=True)
+
+
+def test_two_different_nodes_writing_one_tensor_are_an_error_not_a_silent_pick():
+    from onnx import TensorProto
+
+    from posebatch.errors import ModelError
+    from workers.tools.fp16 import drop_repeated_nodes
+
+    with pytest.raises(ModelError, match="defines 'h_fp32' twice"):
+        drop_repeated_nodes(_graph_with_two_casts(TensorProto.DOUBLE))

@@ -46,6 +46,32 @@ def decode_tail(graph) -> list[str]:  # noqa: ANN001 - an onnx GraphProto
     return sorted(tail)
 
 
+def drop_repeated_nodes(graph) -> int:  # noqa: ANN001 - an onnx GraphProto
+    """Remove nodes that repeat an earlier node exactly (same op, inputs, outputs, attributes),
+    in place; return how many were removed.
+
+    onnxruntime 1.31.1's converter inserts one Cast per float32 consumer of a float16 tensor,
+    all with the same name and output, and ONNX Runtime refuses that model ("two nodes with same
+    node name"), seen on an H100; 1.32's converter does not. One of them computes the same tensor.
+    """
+    kept: dict[str, object] = {}
+    repeated = []
+    for node in graph.node:
+        for out in node.output:
+            first = kept.get(out)
+            if first is None:
+                kept[out] = node
+            elif first.SerializeToString() == node.SerializeToString():
+                repeated.append(node)
+                break
+            else:
+                raise ModelError(f"the fp16 graph defines {out!r} twice with different nodes; "
+                                 "convert with another onnxruntime version or run FP32")
+    for node in repeated:
+        graph.node.remove(node)
+    return len(repeated)
+
+
 def convert_fp16(fp32: Path, out: Path | None = None) -> Path:
     """Write the float16 copy of ``fp32`` (atomically: workers may start side by side)."""
     try:
@@ -61,6 +87,7 @@ def convert_fp16(fp32: Path, out: Path | None = None) -> Path:
                                         node_block_list=decode_tail(model.graph))
     except Exception as err:  # the converter raises plain exceptions on graphs it cannot take
         raise ModelError(f"cannot convert {fp32} to fp16: {err}") from err
+    drop_repeated_nodes(half.graph)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
