@@ -80,14 +80,18 @@ def decode_image(data: bytes, limits: Limits = Limits(), target: int | None = No
         )
     orientation = _exif_orientation(im)
     if im.format == "JPEG" and im.mode in ("RGB", "L"):
-        rgb_im = Image.fromarray(_decode_jpeg_scaled(data, w, h, target))
+        # Kept as the array simplejpeg returns: a round trip through a Pillow image costs a
+        # copy made while holding the GIL (Image.tobytes), which capped a 16-core GPU host.
+        arr = _decode_jpeg_scaled(data, w, h, target)
+        if orientation in _TRANSPOSES:
+            arr = np.asarray(_apply_orientation(Image.fromarray(arr), orientation))
     else:
         rgb_im = _decode_with_pillow(im, target)
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
-        rgb_im = _apply_orientation(rgb_im, orientation)
+        if orientation in _TRANSPOSES:
+            rgb_im = _apply_orientation(rgb_im, orientation)
+        arr = np.asarray(rgb_im)
     rotated = orientation in (5, 6, 7, 8)
     up_w, up_h = (h, w) if rotated else (w, h)
-    arr = np.asarray(rgb_im)
     sx = up_w / arr.shape[1]
     sy = up_h / arr.shape[0]
     return DecodedImage(rgb=arr, width=up_w, height=up_h, scale_xy=(sx, sy))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
-from PIL import Image
 
 PAD_GRAY = 114
 """The grey Ultralytics pads with in training; also the background under transparent pixels."""
@@ -39,24 +39,53 @@ def letterbox_params(src_hw: tuple[int, int], out_hw: tuple[int, int]) -> Letter
     return Letterbox(scale=scale, pad_x=(ow - new_w) / 2, pad_y=(oh - new_h) / 2, out_hw=out_hw)
 
 
-def letterbox(rgb_hw3: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
-    """Resize ``rgb (h, w, 3) uint8`` into a gray canvas ``(H, W, 3) uint8``; return both."""
+def fit(rgb_hw3: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """Resize ``rgb (h, w, 3) uint8`` to its size inside ``out_hw``: ``(nh, nw, 3) uint8``, and
+    the Letterbox that places it there (integer offsets, so the inverse is exact).
+
+    OpenCV's INTER_LINEAR, as Ultralytics' own LetterBox: it releases the GIL and took 0.55 ms for
+    960x540 -> 640x360 where Pillow's bilinear took 6.3 ms (2-core AMD EPYC, 2026-11-26).
+    """
     if rgb_hw3.ndim != 3 or rgb_hw3.shape[2] != 3:
         raise ValueError(f"expected rgb of shape (h, w, 3), got {rgb_hw3.shape}")
     lb = letterbox_params(rgb_hw3.shape[:2], out_hw)
-    oh, ow = out_hw
     new_w, new_h = round(rgb_hw3.shape[1] * lb.scale), round(rgb_hw3.shape[0] * lb.scale)
     if (new_w, new_h) != (rgb_hw3.shape[1], rgb_hw3.shape[0]):
-        resized = np.asarray(
-            Image.fromarray(rgb_hw3).resize((new_w, new_h), Image.Resampling.BILINEAR)
-        )
+        resized = cv2.resize(rgb_hw3, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     else:
         resized = rgb_hw3
-    canvas = np.full((oh, ow, 3), PAD_GRAY, dtype=np.uint8)
+    return resized, Letterbox(scale=lb.scale, pad_x=float(int(lb.pad_x)),
+                              pad_y=float(int(lb.pad_y)), out_hw=out_hw)
+
+
+def letterbox(rgb_hw3: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """Resize ``rgb (h, w, 3) uint8`` into a gray canvas ``(H, W, 3) uint8``; return both."""
+    resized, lb = fit(rgb_hw3, out_hw)
+    canvas = np.full((*out_hw, 3), PAD_GRAY, dtype=np.uint8)
     top, left = int(lb.pad_y), int(lb.pad_x)
-    canvas[top : top + new_h, left : left + new_w] = resized
-    # Store the integer offsets actually used, so the inverse is exact.
-    return canvas, Letterbox(scale=lb.scale, pad_x=float(left), pad_y=float(top), out_hw=out_hw)
+    canvas[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
+    return canvas, lb
+
+
+def write_input(resized_hw3: np.ndarray, lb: Letterbox, out_3hw: np.ndarray) -> None:
+    """Write a ``fit`` result as model input into ``out (3, H, W) float32`` (a slot of a batch):
+    the pixels scaled to [0, 1], the bands around them gray.
+
+    Straight into the batch: no canvas, no per-image tensor, no stacking, and numpy releases the
+    GIL for both steps, so decode threads run it side by side.
+    """
+    oh, ow = lb.out_hw
+    if out_3hw.shape != (3, oh, ow):
+        raise ValueError(f"expected an input slot of shape (3, {oh}, {ow}), got {out_3hw.shape}")
+    top, left = int(lb.pad_y), int(lb.pad_x)
+    h, w = resized_hw3.shape[:2]
+    gray = np.float32(PAD_GRAY / 255.0)
+    out_3hw[:, :top] = gray
+    out_3hw[:, top + h:] = gray
+    out_3hw[:, top:top + h, :left] = gray
+    out_3hw[:, top:top + h, left + w:] = gray
+    np.multiply(resized_hw3.transpose(2, 0, 1), np.float32(1.0 / 255.0),
+                out=out_3hw[:, top:top + h, left:left + w])
 
 
 def to_source_xy(xy: np.ndarray, lb: Letterbox) -> np.ndarray:

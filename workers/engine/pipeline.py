@@ -20,16 +20,11 @@ from posebatch.errors import INTERNAL_ERROR, ConfigError, ImageError, RetryableE
 from posebatch.schema import PoseResult, error_result
 from posebatch.settings import JobSettings
 from workers.engine.backends import Runner
+from workers.engine.batches import Batch, BatchPool
 from workers.engine.decode import DecodedImage, Limits, decode_image
 from workers.engine.keypoints import to_api21
 from workers.engine.layouts import Detections
-from workers.engine.letterbox import (
-    Letterbox,
-    input_shape_for,
-    letterbox,
-    to_input_tensor,
-    to_source_xy,
-)
+from workers.engine.letterbox import Letterbox, fit, input_shape_for, to_source_xy, write_input
 from workers.engine.topdown import TopDownModel
 from workers.engine.tta import decode_side, infer_best, passes
 
@@ -44,32 +39,51 @@ Loader = Callable[[], bytes]
 
 @dataclass
 class Prepared:
-    """One image after the I/O thread: a model input ``tensor (3, H, W) float32`` or an error."""
+    """One image after its decode thread: its model input, or an error.
+
+    The input is either ``tensor (3, H, W) float32`` of its own (``prepare``) or row ``slot`` of
+    ``batch`` (the engine's own path, ``PoseEngine.run_images``).
+    """
 
     key: str
     tensor: np.ndarray | None = None
     image: DecodedImage | None = None
     box: Letterbox | None = None
     error: dict[str, Any] | None = None
+    batch: Batch | None = None
+    slot: int = -1
+
+
+def _input_hw(image: DecodedImage, job: JobSettings,
+              fixed_hw: tuple[int, int] | None) -> tuple[int, int]:
+    if fixed_hw is not None:
+        return fixed_hw
+    if job.rect:
+        return input_shape_for(image.rgb.shape[:2], job.imgsz)
+    return (job.imgsz, job.imgsz)
 
 
 def prepare(key: str, load: Loader, job: JobSettings,
-            fixed_hw: tuple[int, int] | None) -> Prepared:
-    """Fetch, validate, decode and letterbox one image; never raises for a bad image."""
+            fixed_hw: tuple[int, int] | None, pool: BatchPool | None = None) -> Prepared:
+    """Fetch, validate, decode and letterbox one image; never raises for a bad image.
+
+    With ``pool`` the model input goes into a slot of one of its batches, else into a tensor of
+    its own (for callers that batch themselves: ``posebatch serve``).
+    """
     try:
         data = load()
         image = decode_image(
             data, Limits(job.max_image_bytes, job.min_side, job.max_side),
             target=decode_side(job.quality, job.imgsz),
         )
-        if fixed_hw is not None:
-            out_hw = fixed_hw
-        elif job.rect:
-            out_hw = input_shape_for(image.rgb.shape[:2], job.imgsz)
-        else:
-            out_hw = (job.imgsz, job.imgsz)
-        canvas, box = letterbox(image.rgb, out_hw)
-        return Prepared(key, tensor=to_input_tensor(canvas), image=image, box=box)
+        resized, box = fit(image.rgb, _input_hw(image, job, fixed_hw))
+        if pool is None:
+            tensor = np.empty((3, *box.out_hw), np.float32)
+            write_input(resized, box, tensor)
+            return Prepared(key, tensor=tensor, image=image, box=box)
+        batch, slot = pool.claim(box.out_hw)
+        write_input(resized, box, batch.array[slot])
+        return Prepared(key, image=image, box=box, batch=batch, slot=slot)
     except ImageError as err:
         return Prepared(key, error=error_result(err.code, err.message))
     except (RetryableError, ConfigError):  # the storage's problem, not this image's
@@ -122,8 +136,9 @@ class PoseEngine:
         """Like ``run``, plus the decoded image (None for an error result): its upright size goes
         to the count table, its pixels to an optional overlay."""
         ahead = self.batch_size * 2 + self.io_threads
-        pending: dict[tuple[int, int], list[Prepared]] = {}
-        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="decode") as pool:
+        pool = BatchPool(self.batch_size)
+        open_batches: list[Batch] = []
+        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="decode") as threads:
             futures: deque[Future[Prepared]] = deque()
             source = iter(items)
             exhausted = False
@@ -134,25 +149,39 @@ class PoseEngine:
                         exhausted = True
                         break
                     key, load = nxt
-                    futures.append(pool.submit(prepare, key, load, self.job,
-                                               self.model.info.fixed_hw))
+                    futures.append(threads.submit(prepare, key, load, self.job,
+                                                  self.model.info.fixed_hw, pool))
                 if not futures:
                     break
                 item = futures.popleft().result()
                 if item.error is not None:
                     yield item.key, item.error, None
                     continue
-                assert item.tensor is not None
-                group = pending.setdefault(item.tensor.shape[1:], [])
-                group.append(item)
-                if len(group) >= self.batch_size:
-                    yield from self._infer(pending.pop(item.tensor.shape[1:]))
-            for group in pending.values():
-                yield from self._infer(group)
+                assert item.batch is not None
+                batch = item.batch
+                if not batch.seen:
+                    open_batches.append(batch)
+                batch.seen.append(item)
+                # Any batch may have become ready: its last slot can be claimed after this one.
+                for ready in [b for b in open_batches if b.ready()]:
+                    open_batches.remove(ready)
+                    yield from self._infer_batch(ready, pool)
+            for batch in open_batches:
+                yield from self._infer_batch(batch, pool)
 
-    def _infer(self, group: list[Prepared]
+    def _infer_batch(self, batch: Batch, pool: BatchPool
+                     ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
+        group = sorted(batch.seen, key=lambda p: p.slot)
+        try:
+            results = list(self._infer(group, batch.array[:len(group)]))
+        finally:
+            pool.release(batch)
+        yield from results
+
+    def _infer(self, group: list[Prepared], batch: np.ndarray | None = None
                ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
-        batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
+        if batch is None:
+            batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
         images = [p.image.rgb for p in group if p.image is not None]
         boxes = [p.box for p in group if p.box is not None]
         flip, scale = passes(self.job.quality)
