@@ -146,3 +146,41 @@ def test_auto_without_openvino_is_ort(model_path, monkeypatch):
     assert sel.backend == "ort"
     assert open_model(RuntimeSettings(model=model_path, providers="cpu")).info.provider == \
         "CPUExecutionProvider"
+
+
+INTERRUPTED_BATCH = """
+import sys
+import numpy as np
+from workers.engine.runner_openvino import OpenVinoModel
+
+class CtrlCOnce:  # OpenVINO's wait_all, as a Ctrl-C ends it: early, requests still running
+    def __init__(self, queue):
+        self.queue, self.fired = queue, False
+    def __getattr__(self, name):
+        return getattr(self.queue, name)
+    def wait_all(self):
+        if not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        self.queue.wait_all()
+
+model = OpenVinoModel(sys.argv[1], "fp32")
+model._compiled[(640, 640)] = CtrlCOnce(model._queue_for((640, 640)))
+try:
+    model.run_raw(np.zeros((8, 3, 640, 640), np.float32))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_during_an_openvino_batch_exits_130_not_sigabrt(model_path):
+    # Before: requests still running called back into the exiting interpreter from OpenVINO's
+    # threads and the process died with SIGABRT ("FATAL: exception not rethrown"); seen in 3 of
+    # 12 Ctrl-Cs of `posebatch run --backend openvino` at random moments.
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_BATCH, model_path], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-2000:]

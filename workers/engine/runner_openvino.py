@@ -117,9 +117,13 @@ class OpenVinoModel:
                               for k in range(len(self._out_names))]
 
         queue.set_callback(done)
-        for i, chunk in enumerate(chunks):
-            queue.start_async({0: chunk}, i)
-        queue.wait_all()
+        try:
+            for i, chunk in enumerate(chunks):
+                queue.start_async({0: chunk}, i)
+            queue.wait_all()
+        except BaseException:
+            _drain(queue)
+            raise
         return [np.concatenate([r[k] for r in results if r is not None])
                 for k in range(len(self._out_names))]
 
@@ -129,6 +133,21 @@ class OpenVinoModel:
             batch = np.ascontiguousarray(batch[:, ::-1] * 255.0)
         return decode_outputs(self.info.layout, self._out_names, self.run_raw(batch), conf, iou,
                               max_det)
+
+
+def _drain(queue: Any) -> None:
+    """Wait for the requests still running before an exception leaves ``run_raw``.
+
+    A Ctrl-C ends OpenVINO's ``wait_all`` early with requests in flight; if the process then
+    exits, their callbacks try to enter the finalizing interpreter from OpenVINO's threads and
+    the process aborts (SIGABRT, "FATAL: exception not rethrown") instead of exiting 130.
+    """
+    while True:
+        try:
+            queue.wait_all()
+            return
+        except KeyboardInterrupt:  # another Ctrl-C: the requests finish within a batch's time
+            continue
 
 
 def _dims(port: Any) -> list[int | None]:
