@@ -53,6 +53,7 @@ def test_cuda_uses_heuristic_cudnn_search_no_tf32_and_graphs_only_when_asked():
     plain = options(choose_providers("cuda", GPU_BUILD), CUDA)
     assert plain["cudnn_conv_algo_search"] == "HEURISTIC"
     assert plain["use_tf32"] == "0"  # FP32 stays FP32 (TF32 moved keypoints ~1 px on an H100)
+    assert "use_tf32" not in options(choose_providers("cuda", GPU_BUILD, precision="fp16"), CUDA)
     assert "enable_cuda_graph" not in plain
     graph = options(choose_providers("cuda", GPU_BUILD, cuda_graph=True), CUDA)
     assert graph["enable_cuda_graph"] == "1"
