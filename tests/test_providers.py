@@ -80,10 +80,11 @@ def test_demanding_a_missing_gpu_provider_is_a_clear_model_error(wanted, availab
         choose_kind(wanted, available, trt)
 
 
-def test_precision_auto_is_fp16_on_a_gpu_only_when_the_copy_can_exist():
-    assert choose_precision("auto", "cuda", fp16_possible=True) == "fp16"
-    assert choose_precision("auto", "tensorrt", fp16_possible=True) == "fp16"
-    assert choose_precision("auto", "cuda", fp16_possible=False) == "fp32"
+def test_precision_auto_is_fp32_everywhere_and_fp16_is_asked_for():
+    # fp16 moved a confident keypoint 8.6 px on an H100 and bought no end-to-end speed there.
+    assert choose_precision("auto", "cuda", fp16_possible=True) == "fp32"
+    assert choose_precision("auto", "tensorrt", fp16_possible=True) == "fp32"
+    assert choose_precision("fp16", "cuda", fp16_possible=True) == "fp16"
     assert choose_precision("auto", "cpu", fp16_possible=True) == "fp32"
     assert choose_precision("fp16", "cpu", fp16_possible=True) == "fp16"
     with pytest.raises(ModelError, match="OpenVINO"):

@@ -106,8 +106,8 @@ def cuda_options(cuda_graph: bool, fp16: bool = False) -> dict[str, str]:
     graph replays fixed device addresses, which needs I/O binding to preallocated buffers.
     No TF32 for the FP32 model: with ORT's default (on) it moved a confident keypoint 0.95 model
     pixels from the CPU's FP32 result on an H100, 0.003 without; FP32 must mean FP32, and fp16
-    is the fast path. The fp16 model keeps the default: with TF32 off, cuDNN's frontend found no
-    plan for its mixed convolutions and its worst keypoint moved 8.6 px instead of 1.2."""
+    is the fast path. The fp16 model keeps the default: TF32 touches only its float32 tail, and
+    with TF32 off cuDNN's frontend logged "No execution plans support the graph" for it."""
     opts = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
     if not fp16:
         opts["use_tf32"] = "0"
@@ -165,9 +165,12 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 def choose_precision(wanted: str, kind: str, fp16_possible: bool) -> str:
     """``fp32`` or ``fp16``: which model file this ONNX Runtime session runs.
 
-    ``auto``: fp16 on a GPU provider when the fp16 copy exists or can be made (it halves memory
-    traffic and uses tensor cores), fp32 otherwise: on CPUs fp16 is not measured as a speed
-    option (ONNX Runtime's CPU provider lacks many fp16 kernels and casts around them).
+    ``auto`` is fp32, on GPUs too: on an H100 (bench/results/2026-11-26-vm-gpu-auto-run3.md) the
+    fp16 copy ran 1.6x faster on the device (3188 vs 1937 img/s at batch 32) but moved one
+    confident dev-set keypoint 8.6 model pixels where FP32 matched the CPU within 0.003, and
+    ``posebatch run`` was CPU-bound at ~200 img/s either way, so fp16 bought no speed. fp16 is
+    there on request (``--precision fp16``). On CPUs fp16 is not a speed option (ONNX Runtime's
+    CPU provider lacks many fp16 kernels and casts around them).
     ``bf16`` is a CPU format for the OpenVINO runner; this runner refuses it rather than
     silently running fp32.
     """
@@ -177,7 +180,7 @@ def choose_precision(wanted: str, kind: str, fp16_possible: bool) -> str:
         raise ModelError("precision bf16 is not supported by the ONNX Runtime runner "
                          "(use fp32 or fp16, or the OpenVINO runner on CPUs with AMX/AVX512-BF16)")
     if wanted == "auto":
-        return "fp16" if kind != "cpu" and fp16_possible else "fp32"
+        return "fp32"
     if wanted == "fp16" and kind == "cpu":
         log.warning("precision fp16 on the CPU provider: meant for checking the fp16 model; its "
                     "speed on CPUs is not measured (ONNX Runtime casts where it lacks fp16 "
