@@ -89,8 +89,11 @@ def measure_cluster(images: Path, files: list[Path], ns: argparse.Namespace,
                                            "1800"], stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True, env=base_env,
                                           cwd=ROOT)
+                seen: list[tuple[float, int]] = []  # (time, images done) at each change
                 while True:  # poll more finely than `wait` (1 s) for the done time
                     p = store.progress(job_id)
+                    if p is not None and (not seen or p.done != seen[-1][1]):
+                        seen.append((time.perf_counter() - t0, p.done))
                     if (p is not None and p.state == "done") or waiter.poll() is not None:
                         break
                     time.sleep(0.05)
@@ -110,7 +113,14 @@ def measure_cluster(images: Path, files: list[Path], ns: argparse.Namespace,
             child_hwm = max((v for pid, v in hwm.items() if pid != root), default=0)
             summary = json.loads(client.get_object(
                 Bucket=bucket, Key=f"{out_prefix}_summary.json")["Body"].read())
-            return {"img_per_s": p.done / done, "seconds": done, "submit_s": submitted,
+            # Steady state: from the first task's records to the last's, without the job's fixed
+            # costs (the submit command's start, listing, the first task's fill, finalizing).
+            moved = [(t, n) for t, n in seen if n > 0]
+            steady = ((moved[-1][1] - moved[0][1]) / (moved[-1][0] - moved[0][0])
+                      if len(moved) >= 2 and moved[-1][0] > moved[0][0] else None)
+            return {"img_per_s": p.done / done, "steady_img_per_s": steady,
+                    "first_done_s": moved[0][0] if moved else None,
+                    "seconds": done, "submit_s": submitted,
                     "wait_cli_s": wait_done, "done": p.done, "failed": p.failed,
                     "persons": summary.get("valid_persons_total"),
                     "tasks": math.ceil(len(files) / ns.task_images),

@@ -77,6 +77,12 @@ def throughput_rows(r: dict[str, Any]) -> list[str]:
             f"`posebatch wait` returned at {c['wait_cli_s']:.1f} s); CPU s in that time: "
             + ", ".join(f"{k} {v}" for k, v in c["cpu_s_by_process"].items()),
             c.get("all_img_per_s"))
+        if c.get("steady_img_per_s"):
+            row("(c) cluster, steady state: first task's records -> last task's",
+                c["steady_img_per_s"],
+                f"without the job's fixed costs (submit command, listing, the first task "
+                f"until its records at {c['first_done_s']:.1f} s, finalizing); the ratio a "
+                "job of millions of images approaches")
     for name, p in (r.get("d") or {}).items():
         ms = p["ms_per_image"]
         row(f"(d) Ultralytics predict ({name}: torch threads {p['torch_threads']})",
