@@ -19,10 +19,26 @@ def render(r: dict[str, Any]) -> str:
     lines = [*header_lines(r), "", *headline_lines(r["headline"]), "",
              "## Throughput", "",
              "| measurement | images/s | vs (a) | notes |", "| --- | --- | --- | --- |",
-             *throughput_rows(r), "", *memory_lines(r), *compute_lines(r)]
+             *throughput_rows(r), "", *size_lines(r), *memory_lines(r), *compute_lines(r)]
     if r.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {k}: {v}" for k, v in r["errors"].items()]
     return "\n".join(lines) + "\n"
+
+
+def size_lines(r: dict[str, Any]) -> list[str]:
+    """(b) against (d) per image size, from the same run."""
+    sizes = r.get("by_size") or {}
+    if not sizes:
+        return []
+    lines = ["## By image size", "",
+             "| size | images | (b) `posebatch run` img/s | (d) Ultralytics img/s (faster) | b/d |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, v in sizes.items():
+        b = (v.get("b") or {}).get("img_per_s")
+        d = max((p["img_per_s"] for p in (v.get("d") or {}).values()), default=None)
+        lines.append(f"| {name} | {v['images']} | {fmt(b)} | {fmt(d)} | "
+                     f"{fmt(ratio(b, d), 2)} |")
+    return [*lines, ""]
 
 
 def throughput_rows(r: dict[str, Any]) -> list[str]:

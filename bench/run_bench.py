@@ -67,7 +67,8 @@ def parse_args() -> argparse.Namespace:
                     help="(a): seconds of session.run per input shape, each time")
     ap.add_argument("--peer-python", default=str(HERE / ".venv-peer/bin/python"))
     ap.add_argument("--skip", action="append", default=[],
-                    choices=["a", "decode", "b", "c", "d", "probe"], help="repeatable")
+                    choices=["a", "decode", "b", "c", "d", "sizes", "probe"],
+                    help="repeatable; sizes: (b) and (d) per image size")
     ap.add_argument("--results", default=str(HERE / "results"))
     return ap.parse_args()
 
@@ -152,6 +153,7 @@ def run_stages(r: dict[str, Any], ns: argparse.Namespace, model_path: Path, imag
         r["c"] = stage("c", measure_cluster, images, files, ns, work)
         if peer_python:
             r["d"] = stage("d", measure_peer, peer_python, files, ns, work)
+            r["by_size"] = by_size(stage, ns, images, files, peer_python, work)
         a2 = stage("a", measure_model, *a_args, ns.backend, ns.precision)  # drift check
         if a1 and a2:  # the ceiling: the faster of the two (other load only slows it down)
             best = a1 if a1["img_per_s"] >= a2["img_per_s"] else a2
@@ -166,6 +168,27 @@ def run_stages(r: dict[str, Any], ns: argparse.Namespace, model_path: Path, imag
                                   for k in ("torch", "ultralytics")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def by_size(stage, ns: argparse.Namespace, images: Path, files: list[Path],
+            peer_python: str, work: Path) -> dict[str, Any]:
+    """(b) and (d) again on each size folder of the corpus (1080p frames, 12 MP photos): the
+    ratio to Ultralytics depends on the size, since decoding a 12 MP photo costs more than the
+    model."""
+    out: dict[str, Any] = {}
+    if "sizes" in ns.skip:
+        return out
+    for folder in sorted(p for p in images.iterdir() if p.is_dir()):
+        sized = [f for f in files if f.parent == folder]
+        if not sized or len(sized) == len(files):
+            continue  # one size only: the rows above are it
+        out[folder.name] = {
+            "images": len(sized),
+            "b": stage(f"b-{folder.name}", best_of, ns.repeat, measure_cli_run, folder,
+                       len(sized), ns, work),
+            "d": stage(f"d-{folder.name}", measure_peer, peer_python, sized, ns, work),
+        }
+    return out
 
 
 def model_backends() -> dict[str, tuple[str, str]]:
