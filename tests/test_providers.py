@@ -82,13 +82,13 @@ def test_demanding_a_missing_gpu_provider_is_a_clear_model_error(wanted, availab
 
 def test_precision_auto_is_fp32_everywhere_and_fp16_is_asked_for():
     # fp16 moved a confident keypoint 8.6 px on an H100 and bought no end-to-end speed there.
-    assert choose_precision("auto", "cuda", fp16_possible=True) == "fp32"
-    assert choose_precision("auto", "tensorrt", fp16_possible=True) == "fp32"
-    assert choose_precision("fp16", "cuda", fp16_possible=True) == "fp16"
-    assert choose_precision("auto", "cpu", fp16_possible=True) == "fp32"
-    assert choose_precision("fp16", "cpu", fp16_possible=True) == "fp16"
+    assert choose_precision("auto", "cuda") == "fp32"
+    assert choose_precision("auto", "tensorrt") == "fp32"
+    assert choose_precision("fp16", "cuda") == "fp16"
+    assert choose_precision("auto", "cpu") == "fp32"
+    assert choose_precision("fp16", "cpu") == "fp16"
     with pytest.raises(ModelError, match="OpenVINO"):
-        choose_precision("bf16", "cpu", fp16_possible=True)
+        choose_precision("bf16", "cpu")
 
 
 def test_settings_check_providers_and_precision():

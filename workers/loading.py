@@ -53,18 +53,13 @@ def select_model(rt: RuntimeSettings) -> Selection:
             return Selection(fp32, kind, trt_present, backend)
     elif rt.backend == "openvino":
         choose_backend(rt.backend, rt.precision, kind, "", "", 0, None)  # raises
-    from workers.tools.fp16 import convert_fp16, fp16_convertible
+    from workers.tools.fp16 import convert_fp16
 
     fp32 = resolve_model(rt.model, rt.cache_dir)
-    have_fp16 = fp16_path(fp32.path).is_file()
-    precision = choose_precision(rt.precision, kind, have_fp16 or fp16_convertible())
-    if precision == "fp16" and not have_fp16:
+    precision = choose_precision(rt.precision, kind)
+    if precision == "fp16" and not fp16_path(fp32.path).is_file():
         log.warning("making the fp16 copy of %s (once)", fp32.path)
         convert_fp16(fp32.path)
-    if rt.precision == "auto" and kind != "cpu" and precision == "fp32":
-        log.warning("precision auto: no fp16 copy of %s and no onnx package to make one; "
-                    "running fp32 (pip install 'posebatch[fp16]' or `posebatch model fp16`)",
-                    fp32.path)
     return Selection(resolve_model(rt.model, rt.cache_dir, precision=precision), kind,
                      trt_present)
 

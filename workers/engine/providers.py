@@ -162,7 +162,7 @@ def choose_providers(wanted: str, available: list[str], *, trt_present: bool = F
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
-def choose_precision(wanted: str, kind: str, fp16_possible: bool) -> str:
+def choose_precision(wanted: str, kind: str) -> str:
     """``fp32`` or ``fp16``: which model file this ONNX Runtime session runs.
 
     ``auto`` is fp32, on GPUs too: on an H100 (bench/results/2026-11-26-vm-gpu-auto-run3.md) the

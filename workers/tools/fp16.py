@@ -98,10 +98,3 @@ def convert_fp16(fp32: Path, out: Path | None = None) -> Path:
         raise ModelError(f"cannot write the fp16 model {out}: {err}; make its folder writable "
                          "or run `posebatch model fp16` where it is") from err
     return out
-
-
-def fp16_convertible() -> bool:
-    """Whether this environment can make the fp16 copy (the onnx package is installed)."""
-    import importlib.util
-
-    return importlib.util.find_spec("onnx") is not None
