@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_CANDIDATES = 3000  # cap before NMS; a 640x640 YOLO grid has 8400 anchors
+BATCH_NMS_CELLS = 4_000_000
+"""Largest images x candidates^2 suppressed as one padded block (``nms_batch``); beyond it each
+image runs ``nms`` on its own (the same answer, less memory)."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,51 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+
+@dataclass(frozen=True)
+class PersonBatch:
+    """The persons of a batch of images, in one set of arrays: persons of image 0 first, each
+    image's by descending score. ``image (m,)`` index per person, ``counts (B,)`` per image;
+    boxes_xyxy (m, 4), scores (m,), kpts (m, 17, 3) as in Detections.
+
+    Why: per-image arrays made the model's thread loop over images and persons in Python; this
+    lets decoding, back-projection and the 21 keypoints run once per batch.
+    """
+
+    image: np.ndarray
+    counts: np.ndarray
+    boxes_xyxy: np.ndarray
+    scores: np.ndarray
+    kpts: np.ndarray
+
+    @classmethod
+    def from_list(cls, dets: list[Detections]) -> PersonBatch:
+        counts = np.array([len(d) for d in dets], np.int64)
+        if not len(dets):
+            return cls(np.zeros(0, np.int64), counts, np.zeros((0, 4), np.float32),
+                       np.zeros(0, np.float32), np.zeros((0, 17, 3), np.float32))
+        return cls(np.repeat(np.arange(len(dets)), counts), counts,
+                   np.concatenate([d.boxes_xyxy.reshape(-1, 4) for d in dets]),
+                   np.concatenate([d.scores.reshape(-1) for d in dets]),
+                   np.concatenate([d.kpts.reshape(-1, 17, 3) for d in dets]))
+
+    @classmethod
+    def concat(cls, parts: list[PersonBatch]) -> PersonBatch:
+        """The persons of consecutive batches as one (image indices follow on)."""
+        offsets = np.cumsum([0] + [len(p.counts) for p in parts[:-1]])
+        return cls(np.concatenate([p.image + o for p, o in zip(parts, offsets, strict=True)]),
+                   np.concatenate([p.counts for p in parts]),
+                   np.concatenate([p.boxes_xyxy for p in parts]),
+                   np.concatenate([p.scores for p in parts]),
+                   np.concatenate([p.kpts for p in parts]))
+
+    def split(self) -> list[Detections]:
+        """One Detections per image (views)."""
+        cuts = np.cumsum(self.counts)[:-1]
+        return [Detections(b, s, k) for b, s, k in zip(
+            np.split(self.boxes_xyxy, cuts), np.split(self.scores, cuts),
+            np.split(self.kpts, cuts), strict=True)]
 
 
 def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -46,6 +94,86 @@ def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.
         iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-9)
         order = rest[iou <= iou_threshold]
     return np.asarray(keep, dtype=np.int64)
+
+
+def nms_batch(boxes_xyxy: np.ndarray, scores: np.ndarray, image: np.ndarray, images: int,
+              iou_threshold: float) -> np.ndarray:
+    """``nms`` for every image at once: candidates ``(m, ...)`` of image ``image (m,)`` (sorted
+    by image); returns the kept indices, image by image, each image's by descending score,
+    exactly as ``nms`` per image would (same float32 arithmetic, same tie order).
+
+    Greedy NMS keeps candidate j (in score order) when no kept candidate before it overlaps it
+    by more than the threshold. Iterating ``keep = no kept earlier one suppresses me`` from "all
+    kept" fixes one more candidate per round and stops at the only solution of that rule, in a
+    few rounds for real detections; each round is one array operation over all images.
+    """
+    m = len(scores)
+    if m == 0:
+        return np.zeros((0,), np.int64)
+    order = np.lexsort((-scores, image))  # stable: ties keep anchor order, as in ``nms``
+    counts = np.bincount(image, minlength=images)
+    g = int(counts.max())
+    if images * g * g > BATCH_NMS_CELLS:
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        return np.concatenate([
+            starts[b] + nms(boxes_xyxy[starts[b]:starts[b + 1]], scores[starts[b]:starts[b + 1]],
+                            iou_threshold)
+            for b in range(images) if counts[b]])
+    sorted_image = image[order]
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.arange(m) - first[sorted_image]  # rank within its image
+    slots = np.full((images, g), -1, np.int64)
+    slots[sorted_image, pos] = order
+    valid = slots >= 0
+    b = boxes_xyxy[np.where(valid, slots, 0)]  # (images, g, 4)
+    x1, y1, x2, y2 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+    areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    w = np.clip(np.minimum(x2[:, :, None], x2[:, None, :])
+                - np.maximum(x1[:, :, None], x1[:, None, :]), 0, None)
+    h = np.clip(np.minimum(y2[:, :, None], y2[:, None, :])
+                - np.maximum(y1[:, :, None], y1[:, None, :]), 0, None)
+    inter = w * h
+    iou = inter / np.maximum(areas[:, :, None] + areas[:, None, :] - inter, 1e-9)
+    # suppress[b, i, j]: i (earlier) would remove j; NaN removes, as ``iou <= t`` is False.
+    earlier = np.triu(np.ones((g, g), bool), 1)
+    suppress = ~(iou <= iou_threshold) & earlier & valid[:, :, None] & valid[:, None, :]
+    by = suppress.astype(np.float32)
+    keep = valid.copy()
+    while True:  # counts of kept suppressors: exact in float32 (g <= MAX_CANDIDATES)
+        nxt = valid & (np.matmul(keep[:, None, :].astype(np.float32), by)[:, 0] == 0)
+        if np.array_equal(nxt, keep):
+            break
+        keep = nxt
+    return slots[keep]
+
+
+def decode_yolo_raw_batch(out: np.ndarray, conf: float, iou: float, max_det: int,
+                          nk: int = 17) -> PersonBatch:
+    """``decode_yolo_raw`` for a whole batch ``out (B, 4+1+nk*3, N)`` in array operations: the
+    same persons in the same order (the tests compare them), without a loop over images."""
+    expected_rows = 5 + nk * 3
+    if out.ndim != 3 or out.shape[1] != expected_rows:
+        raise ValueError(f"expected raw YOLO-pose output (B, {expected_rows}, N), got "
+                         f"{out.shape}")
+    images, anchors = out.shape[0], out.shape[2]
+    flat = np.flatnonzero(out[:, 4, :] >= conf)
+    b_idx, a_idx = np.divmod(flat, anchors)
+    if len(flat) > MAX_CANDIDATES and np.bincount(b_idx).max() > MAX_CANDIDATES:
+        # rare: the per-image cap keeps each image's top candidates, as decode_yolo_raw does
+        return PersonBatch.from_list([decode_yolo_raw(o, conf, iou, max_det, nk) for o in out])
+    sel = out[b_idx, :, a_idx]  # (m, rows), image by image, anchors ascending
+    cx, cy, w, h = sel[:, 0], sel[:, 1], sel[:, 2], sel[:, 3]
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    keep = nms_batch(boxes, sel[:, 4], b_idx, images, iou)
+    kept_image = b_idx[keep]
+    if max_det < len(keep):
+        starts = np.searchsorted(kept_image, kept_image, side="left")
+        top = np.arange(len(keep)) - starts < max_det
+        keep, kept_image = keep[top], kept_image[top]
+    return PersonBatch(
+        kept_image, np.bincount(kept_image, minlength=images).astype(np.int64),
+        boxes[keep].astype(np.float32), sel[keep, 4].astype(np.float32),
+        sel[keep, 5:].reshape(-1, nk, 3).astype(np.float32))
 
 
 def decode_yolo_raw(

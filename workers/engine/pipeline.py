@@ -23,8 +23,10 @@ from workers.engine.backends import Runner
 from workers.engine.batches import Batch, BatchPool
 from workers.engine.decode import DecodedImage, Limits, decode_image
 from workers.engine.keypoints import to_api21
-from workers.engine.layouts import Detections
-from workers.engine.letterbox import Letterbox, fit, input_shape_for, to_source_xy, write_input
+from workers.engine.layouts import Detections, PersonBatch, decode_yolo_raw_batch
+from workers.engine.letterbox import Letterbox, fit, input_shape_for, write_input
+from workers.engine.runner import LAYOUT_YOLO_RAW
+from workers.engine.stages import StageTimer, perf_counter
 from workers.engine.topdown import TopDownModel
 from workers.engine.tta import decode_side, infer_best, passes
 
@@ -64,19 +66,26 @@ def _input_hw(image: DecodedImage, job: JobSettings,
 
 
 def prepare(key: str, load: Loader, job: JobSettings,
-            fixed_hw: tuple[int, int] | None, pool: BatchPool | None = None) -> Prepared:
+            fixed_hw: tuple[int, int] | None, pool: BatchPool | None = None,
+            timer: StageTimer | None = None) -> Prepared:
     """Fetch, validate, decode and letterbox one image; never raises for a bad image.
 
     With ``pool`` the model input goes into a slot of one of its batches, else into a tensor of
-    its own (for callers that batch themselves: ``posebatch serve``).
+    its own (for callers that batch themselves: ``posebatch serve``). ``timer`` gets the
+    fetch, decode, resize and copy-in seconds.
     """
+    t0 = perf_counter()
+    t1 = t2 = t3 = t0
     try:
         data = load()
+        t1 = perf_counter()
         image = decode_image(
             data, Limits(job.max_image_bytes, job.min_side, job.max_side),
             target=decode_side(job.quality, job.imgsz),
         )
+        t2 = perf_counter()
         resized, box = fit(image.rgb, _input_hw(image, job, fixed_hw))
+        t3 = perf_counter()
         if pool is None:
             tensor = np.empty((3, *box.out_hw), np.float32)
             write_input(resized, box, tensor)
@@ -91,25 +100,77 @@ def prepare(key: str, load: Loader, job: JobSettings,
     except Exception as err:  # a decoder bug on one file must not take the batch down
         log.exception("unexpected error preparing %s", key)
         return Prepared(key, error=error_result(INTERNAL_ERROR, f"internal error: {err}"))
+    finally:
+        if timer is not None:
+            t4 = perf_counter()
+            timer.add("fetch", t1 - t0)
+            timer.add("decode", max(0.0, t2 - t1))
+            timer.add("resize", max(0.0, t3 - t2))
+            timer.add("copy_in", max(0.0, t4 - t3) if t3 > t0 else 0.0)
+
+
+def to_results(persons: PersonBatch, items: list[Prepared]) -> list[PoseResult]:
+    """Model pixels -> upright original pixels, then the 21 API keypoints, clamped: for every
+    person of a batch in one set of array operations, one PoseResult per item.
+
+    The arithmetic is the per-image one's (``(xy - pad) / scale`` in the keypoints' dtype, then
+    float32 times the decode scale), so the results are the same to the bit.
+    """
+    assert all(p.image is not None and p.box is not None for p in items)
+    boxes_lb = [p.box for p in items]
+    images = [p.image for p in items]
+    idx = persons.image
+    dt = persons.kpts.dtype
+    pad = np.array([(b.pad_x, b.pad_y) for b in boxes_lb], np.float64).astype(dt)[idx]
+    lb_scale = np.array([b.scale for b in boxes_lb], np.float64).astype(dt)[idx]
+    src_scale = np.array([im.scale_xy for im in images], np.float32)[idx]  # type: ignore[union-attr]
+    size = np.array([(im.width, im.height) for im in images], np.float32)[idx]  # type: ignore[union-attr]
+
+    kpts = persons.kpts.copy()
+    xy = ((persons.kpts[..., :2] - pad[:, None, :]) / lb_scale[:, None, None]).astype(np.float32)
+    kpts[..., :2] = xy * src_scale[:, None, :]
+    corners = persons.boxes_xyxy.reshape(-1, 2, 2)
+    bdt = corners.dtype
+    cxy = ((corners - pad.astype(bdt)[:, None, :]) / lb_scale.astype(bdt)[:, None, None]
+           ).astype(np.float32)
+    boxes = (cxy * src_scale[:, None, :]).reshape(-1, 4)
+
+    k = to_api21(kpts)  # float32 (m, 21, 3)
+    k[..., 0] = np.clip(k[..., 0], 0, size[:, None, 0] - 1)
+    k[..., 1] = np.clip(k[..., 1], 0, size[:, None, 1] - 1)
+    k[..., 2] = np.clip(k[..., 2], 0, 1)
+    b = boxes.copy()
+    b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, size[:, :1])
+    b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, size[:, 1:])
+    scores = np.clip(persons.scores, 0, 1)
+
+    cuts = np.cumsum(persons.counts)[:-1]
+    return [PoseResult(kk, bb, ss, im.width, im.height)  # type: ignore[union-attr]
+            for kk, bb, ss, im in zip(np.split(k, cuts), np.split(b, cuts),
+                                      np.split(scores, cuts), images, strict=True)]
 
 
 def to_result(det: Detections, item: Prepared) -> PoseResult:
     """Model pixels -> upright original pixels, then the 21 API keypoints, clamped."""
-    assert item.image is not None and item.box is not None
-    sx, sy = item.image.scale_xy
-    scale = np.array([sx, sy], dtype=np.float32)
-    kpts = det.kpts.copy()
-    kpts[..., :2] = to_source_xy(det.kpts[..., :2], item.box) * scale
-    corners = det.boxes_xyxy.reshape(-1, 2, 2)
-    boxes = (to_source_xy(corners, item.box) * scale).reshape(-1, 4)
-    return PoseResult(
-        kpts=to_api21(kpts), boxes_xyxy=boxes, box_scores=det.scores,
-        width=item.image.width, height=item.image.height,
-    ).clamped()
+    return to_results(PersonBatch.from_list([det]), [item])[0]
+
+
+Result = PoseResult | dict[str, Any]
+"""What the engine hands on per image: persons (``PoseResult``; ``api_result`` makes the API dict)
+or an error result dict. The dict and its JSON are made by whoever writes it, off the model's
+thread."""
+
+
+def api_result(result: Result) -> dict[str, Any]:
+    """The API dict of an engine result."""
+    return result.to_api() if isinstance(result, PoseResult) else result
 
 
 class PoseEngine:
-    """Batches prepared images by input shape and runs them through one model runner."""
+    """Batches prepared images by input shape and runs them through one model runner.
+
+    ``stages`` adds up the seconds of every stage of every run (workers.engine.stages).
+    """
 
     def __init__(self, model: Runner | TopDownModel, job: JobSettings, batch_size: int = 0,
                  io_threads: int = 4) -> None:
@@ -118,6 +179,7 @@ class PoseEngine:
         auto = CUDA_BATCH if model.on_cuda else CPU_BATCH
         self.batch_size = model.info.fixed_batch or batch_size or auto
         self.io_threads = io_threads
+        self.stages = StageTimer()
 
     def infer_group(self, group: list[Prepared]) -> list[tuple[str, dict[str, Any]]]:
         """One model call on prepared images of one input shape, at most ``batch_size`` of them.
@@ -125,16 +187,23 @@ class PoseEngine:
         For callers that gather their own batches (``posebatch serve``): the same inference and
         result code as ``run``, so both give the same persons for the same image.
         """
-        return [(key, result) for key, result, _image in self._infer(group)]
+        return [(item.key, result.to_api()) for item, result in self._infer(group)]
 
     def run(self, items: Iterable[tuple[str, Loader]]) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(key, api_result)`` for every item, in no particular order."""
-        return ((key, result) for key, result, _image in self.run_images(items))
+        return ((key, api_result(result)) for key, result, _image in self.run_results(items))
 
     def run_images(self, items: Iterable[tuple[str, Loader]]
                    ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
         """Like ``run``, plus the decoded image (None for an error result): its upright size goes
         to the count table, its pixels to an optional overlay."""
+        return ((key, api_result(result), image)
+                for key, result, image in self.run_results(items))
+
+    def run_results(self, items: Iterable[tuple[str, Loader]]
+                    ) -> Iterator[tuple[str, Result, DecodedImage | None]]:
+        """Like ``run_images``, with persons as ``PoseResult`` (``api_result`` makes the dict):
+        the caller makes dicts and JSON on its own threads, the model's thread only infers."""
         ahead = self.batch_size * 2 + self.io_threads
         pool = BatchPool(self.batch_size)
         open_batches: list[Batch] = []
@@ -150,7 +219,7 @@ class PoseEngine:
                         break
                     key, load = nxt
                     futures.append(threads.submit(prepare, key, load, self.job,
-                                                  self.model.info.fixed_hw, pool))
+                                                  self.model.info.fixed_hw, pool, self.stages))
                 if not futures:
                     break
                 item = futures.popleft().result()
@@ -170,45 +239,80 @@ class PoseEngine:
                 yield from self._infer_batch(batch, pool)
 
     def _infer_batch(self, batch: Batch, pool: BatchPool
-                     ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
+                     ) -> Iterator[tuple[str, Result, DecodedImage | None]]:
         group = sorted(batch.seen, key=lambda p: p.slot)
         try:
-            results = list(self._infer(group, batch.array[:len(group)]))
+            results = self._infer(group, batch.array[:len(group)])
         finally:
             pool.release(batch)
-        yield from results
+        for item, result in results:
+            yield item.key, result, item.image
 
     def _infer(self, group: list[Prepared], batch: np.ndarray | None = None
-               ) -> Iterator[tuple[str, dict[str, Any], DecodedImage | None]]:
+               ) -> list[tuple[Prepared, PoseResult]]:
         if batch is None:
             batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
-        images = [p.image.rgb for p in group if p.image is not None]
-        boxes = [p.box for p in group if p.box is not None]
         flip, scale = passes(self.job.quality)
-        if flip or scale:
-            # A graph with a fixed input size cannot run a second scale.
-            dets = infer_best(self._run, batch, images, boxes, self.job.imgsz, self.job.rect,
-                              self.job.max_persons, flip=flip,
-                              scale=scale and self.model.info.fixed_hw is None)
+        t0 = perf_counter()
+        if flip or scale or isinstance(self.model, TopDownModel):
+            images = [p.image.rgb for p in group if p.image is not None]
+            boxes = [p.box for p in group if p.box is not None]
+            if flip or scale:
+                # A graph with a fixed input size cannot run a second scale.
+                dets = infer_best(self._run, batch, images, boxes, self.job.imgsz,
+                                  self.job.rect, self.job.max_persons, flip=flip,
+                                  scale=scale and self.model.info.fixed_hw is None)
+            else:
+                dets = self._run(batch)
+            if isinstance(self.model, TopDownModel):
+                dets = self.model.refine(dets, images, boxes, flip=flip)
+            persons = PersonBatch.from_list(dets)
+            infer = perf_counter() - t0
         else:
-            dets = self._run(batch)
-        if isinstance(self.model, TopDownModel):
-            dets = self.model.refine(dets, images, boxes, flip=flip)
-        for det, item in zip(dets, group, strict=False):
-            yield item.key, to_result(det, item).to_api(), item.image
+            persons, infer = self._run_persons(batch)
+        results = to_results(persons, group)
+        self.stages.add_batch(len(group), infer, perf_counter() - t0 - infer)
+        return list(zip(group, results, strict=True))
 
-    def _run(self, batch: np.ndarray) -> list[Detections]:
-        """Model calls of at most ``batch_size`` images (padded where the model or the device
-        wants full batches), one Detections per image of ``batch``."""
+    def _chunks(self, batch: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
+        """Model-call inputs of at most ``batch_size`` images (padded where the model or the
+        device wants full batches), each with how many of its images are real."""
         full = self.model.info.fixed_batch or (
             self.batch_size if self.model.wants_fixed_batches else 0)
-        out: list[Detections] = []
         for start in range(0, len(batch), self.batch_size):
             chunk = batch[start:start + self.batch_size]
+            real = len(chunk)
             if full and len(chunk) < full:
                 fill = np.zeros((full - len(chunk), *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, fill])
+            yield chunk, real
+
+    def _run(self, batch: np.ndarray) -> list[Detections]:
+        """One Detections per image of ``batch``, through the runner's own ``infer``."""
+        out: list[Detections] = []
+        for chunk, real in self._chunks(batch):
             dets = self.model.infer(chunk, self.job.det_conf, self.job.nms_iou,
                                     self.job.max_persons)
-            out += dets[:min(len(chunk), len(batch) - start)]
+            out += dets[:real]
         return out
+
+    def _run_persons(self, batch: np.ndarray) -> tuple[PersonBatch, float]:
+        """The persons of ``batch`` and the seconds spent in the model itself. The raw YOLO-pose
+        head is decoded for the whole batch at once (``decode_yolo_raw_batch``); other layouts
+        through the runner's ``infer`` (their seconds count as inference)."""
+        raw = self.model.info.layout == LAYOUT_YOLO_RAW
+        parts: list[PersonBatch] = []
+        infer = 0.0
+        for chunk, real in self._chunks(batch):
+            t0 = perf_counter()
+            if raw:
+                out = self.model.run_raw(chunk)[0]
+                infer += perf_counter() - t0
+                parts.append(decode_yolo_raw_batch(out[:real], self.job.det_conf,
+                                                   self.job.nms_iou, self.job.max_persons))
+            else:
+                dets = self.model.infer(chunk, self.job.det_conf, self.job.nms_iou,
+                                        self.job.max_persons)
+                infer += perf_counter() - t0
+                parts.append(PersonBatch.from_list(dets[:real]))
+        return (parts[0] if len(parts) == 1 else PersonBatch.concat(parts)), infer

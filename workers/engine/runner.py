@@ -24,7 +24,7 @@ from workers.engine.layouts import (
     decode_rtmo,
     decode_yolo_det,
     decode_yolo_e2e,
-    decode_yolo_raw,
+    decode_yolo_raw_batch,
 )
 from workers.engine.providers import (
     CPU,
@@ -264,4 +264,4 @@ def decode_outputs(layout: str, names: list[str], outs: list[np.ndarray], conf: 
         return [decode_yolo_e2e(o, conf, max_det) for o in outs[0]]
     if layout == LAYOUT_YOLO_DET:
         return [decode_yolo_det(o, conf, iou, max_det) for o in outs[0]]
-    return [decode_yolo_raw(o, conf, iou, max_det) for o in outs[0]]
+    return decode_yolo_raw_batch(outs[0], conf, iou, max_det).split()
