@@ -135,9 +135,10 @@ def encode_result(result: dict[str, Any]) -> bytes:
     """The bytes written to ``<image>.json``: compact UTF-8, the same for local and cluster runs.
 
     orjson (when installed) writes the same bytes as ``json.dumps`` here 15x faster, except for
-    what it spells otherwise: NaN/infinity and None (``null``), floats below 1e-4 (positional
-    ``0.0000..``, json's ``1e-05``) and integers beyond 64 bits (it refuses): those results, and
-    any whose text merely contains such a spelling, go through ``json`` (tests/test_encode.py).
+    what it spells otherwise: NaN/infinity and None (``null``), floats below 1e-4 (``0.00001``
+    or ``3.2e-7``, json's ``1e-05`` and ``3.2e-07``) and integers beyond 64 bits (it refuses):
+    those results, and any whose text merely contains such a spelling (``null``, ``0.0000``,
+    ``e-``), go through ``json`` (tests/test_batched_results.py).
     """
     if _orjson is not None:
         try:
@@ -145,7 +146,7 @@ def encode_result(result: dict[str, Any]) -> bytes:
         except TypeError:  # numpy scalars, float subclasses, big integers, non-str keys
             pass
         else:
-            if b"null" not in data and b"0.0000" not in data:
+            if b"null" not in data and b"0.0000" not in data and b"e-" not in data:
                 return data
     return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 

@@ -145,6 +145,9 @@ def test_worker_metrics_count_images_and_move_with_the_next_job(cluster_stack, f
     assert total(before, "posebatch_batch_seconds_count") >= n // 4
     assert total(before, "posebatch_model_load_seconds") > 0
     assert total(before, "posebatch_batches_in_flight") == 0
+    # Stage timers: every batch task's seconds per stage (workers.engine.stages)
+    assert total(before, "posebatch_stage_seconds_total{stage=decode}") > 0
+    assert total(before, "posebatch_stage_seconds_per_image_count{stage=infer}") >= n // 4
     job = submit(cluster_stack, "--force", out="metrics-out/")
     wait(cluster_stack, job)
     after = [scrape(p) for p in cluster_stack["metrics_ports"]]

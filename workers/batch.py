@@ -33,10 +33,12 @@ from posebatch.schema import encode_result, error_result, is_api_result
 from posebatch.settings import JobSettings
 from posebatch.storage import Storage, safe_key
 from workers.engine.decode import DecodedImage
-from workers.engine.pipeline import PoseEngine
+from workers.engine.pipeline import PoseEngine, Result, api_result
+from workers.engine.stages import perf_counter
 
 LOOKUP_WINDOW = 64  # existence checks in flight; bounded so a huge listing streams
 LIST_WINDOW = 256  # keys whose results are looked up with one listing of the output
+WRITE_WINDOW_PER_THREAD = 16  # results handed to writers and not yet recorded, per thread
 _FOREIGN = {"foreign": True}  # marks a file at the result path that posebatch did not write
 
 
@@ -73,23 +75,49 @@ def process_keys(
         emit(rec)
         return rec
 
+    timer = engine.stages
+    window = WRITE_WINDOW_PER_THREAD * engine.io_threads
+
+    def handle(key: str, result: Result, image: DecodedImage | None) -> Record:
+        """On a writer thread: the API dict, its JSON, the write, the overlay, the record."""
+        t0 = perf_counter()
+        api = api_result(result)
+        data = encode_result(api)
+        t1 = perf_counter()
+        dst.write(result_key(key), data, "application/json")
+        timer.add("encode", t1 - t0)
+        timer.add("write", perf_counter() - t1)
+        if overlays and image is not None:
+            _write_overlay(dst, key, api, image, job)
+        return record_from_result(key, api, job,
+                                  (image.width, image.height) if image is not None else None)
+
+    def finish(fut: Future[Record]) -> None:
+        rec = fut.result()  # a write error (retryable) surfaces here, before the batch is done
+        records.append(rec)
+        emit(rec)
+
     with ThreadPoolExecutor(engine.io_threads, thread_name_prefix="write") as writers:
-        writes: list[Future[None]] = []
+        pending: deque[Future[Record]] = deque()
+        started = False
         # Unsafe keys are refused first: the existence check reads dst/<key>.json, and a
         # "../x" there raised UnsafeKeyError, failing every image of the batch instead of one.
         safe = _refuse_unsafe(keys, done)
         todo = _filter_existing(safe, dst, job, done, writers, redo=not skip_existing)
         loaders = ((k, _loader(src, k, job.max_image_bytes)) for k in todo)
-        for key, result, image in engine.run_images(loaders):
-            if before_first_write is not None and not writes:
+        for key, result, image in engine.run_results(loaders):
+            t0 = perf_counter()
+            if before_first_write is not None and not started:
                 before_first_write()
-            # Encoding too runs on the writer threads: the model's thread only hands results on.
-            writes.append(writers.submit(_write_result, dst, key, result))
-            if overlays and image is not None:
-                writes.append(writers.submit(_write_overlay, dst, key, result, image, job))
-            done(key, result, (image.width, image.height) if image is not None else None)
-        for fut in writes:
-            fut.result()  # surface write errors (retryable) before the batch counts as done
+            started = True
+            # The dict, JSON, write and record run on the writer threads: the model's thread
+            # only hands results on. Records are taken in order, as their writes finish.
+            pending.append(writers.submit(handle, key, result, image))
+            while pending and (pending[0].done() or len(pending) > window):
+                finish(pending.popleft())
+            timer.add("hand_on", perf_counter() - t0)
+        while pending:
+            finish(pending.popleft())
     return records
 
 
@@ -100,10 +128,6 @@ def _write_overlay(dst: Storage, key: str, result: dict[str, Any], image: Decode
                         [is_valid_person(p, job) for p in result.get("person_info", [])],
                         scale=(1.0 / sx, 1.0 / sy))
     dst.write(overlay_key(key), to_jpeg(over), "image/jpeg")
-
-
-def _write_result(dst: Storage, key: str, result: dict[str, Any]) -> None:
-    dst.write(result_key(key), encode_result(result), "application/json")
 
 
 def _loader(src: Storage, key: str, max_bytes: int) -> Callable[[], bytes]:

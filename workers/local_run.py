@@ -7,6 +7,8 @@ results are skipped) instead of starting over.
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +25,10 @@ from posebatch.settings import JobSettings, RuntimeSettings
 from posebatch.storage import Storage
 from workers.batch import process_keys
 from workers.engine.pipeline import PoseEngine
+from workers.engine.stages import summary as stage_summary
 from workers.loading import open_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
             on_record=lambda _r: bar.update(1), overlays=overlays,
             before_first_write=lambda: claim_output(dst, wanted, force),
         )
+    log.debug("stages: %s", json.dumps(stage_summary(engine.stages.snapshot())))
     complete_output(dst, wanted)
     meta = {"job_id": job_id, "input": src.url, "output": dst.url, "created": created,
             "finished": _now(), "model": {"name": model.name, "sha256": model.sha256},

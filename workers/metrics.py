@@ -22,6 +22,7 @@ from posebatch.records import Record
 log = logging.getLogger(__name__)
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 _metrics: dict[str, Any] | None = None
+STAGE_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
 def enable(port: int) -> None:
@@ -53,6 +54,11 @@ def _get() -> dict[str, Any] | None:
                                multiprocess_mode="livesum"),
             "renewals": Counter("posebatch_lease_renewals", "Held batches whose lease was "
                                 "renewed"),
+            "stage": Histogram("posebatch_stage_seconds_per_image", "Seconds per image of one "
+                               "pipeline stage in one batch task (workers.engine.stages)",
+                               ["stage"], buckets=STAGE_BUCKETS),
+            "stage_total": Counter("posebatch_stage_seconds", "Seconds spent per pipeline "
+                                   "stage, all threads added up", ["stage"]),
             "model_load": Gauge("posebatch_model_load_seconds", "Time to load the model",
                                 multiprocess_mode="max"),
         }
@@ -92,3 +98,14 @@ def model_loaded(seconds: float) -> None:
     m = _get()
     if m is not None:
         m["model_load"].set(seconds)
+
+
+def stages(snapshot: dict[str, Any]) -> None:
+    """One batch task's stage seconds (``StageTimer.snapshot``): per image into the histogram,
+    in total into the counter."""
+    m = _get()
+    if m is None or not snapshot["images"]:
+        return
+    for stage, seconds in snapshot["seconds"].items():
+        m["stage"].labels(stage).observe(seconds / snapshot["images"])
+        m["stage_total"].labels(stage).inc(seconds)

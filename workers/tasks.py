@@ -84,6 +84,7 @@ def _run(job_id: str, input_url: str, output_url: str, keys: list[str], job: Job
     engine = PoseEngine(model, job, rt.batch_size, rt.io_threads)
     records = process_keys(engine, src, dst, keys, skip_existing=not force)
     metrics.images(records)
+    metrics.stages(engine.stages.snapshot())
     return records
 
 

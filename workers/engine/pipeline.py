@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from time import thread_time
 from typing import Any
 
 import numpy as np
@@ -253,7 +254,7 @@ class PoseEngine:
         if batch is None:
             batch = np.stack([p.tensor for p in group])  # type: ignore[misc]
         flip, scale = passes(self.job.quality)
-        t0 = perf_counter()
+        t0, c0 = perf_counter(), thread_time()
         if flip or scale or isinstance(self.model, TopDownModel):
             images = [p.image.rgb for p in group if p.image is not None]
             boxes = [p.box for p in group if p.box is not None]
@@ -271,7 +272,8 @@ class PoseEngine:
         else:
             persons, infer = self._run_persons(batch)
         results = to_results(persons, group)
-        self.stages.add_batch(len(group), infer, perf_counter() - t0 - infer)
+        self.stages.add_batch(len(group), infer, perf_counter() - t0 - infer,
+                              cpu=thread_time() - c0)
         return list(zip(group, results, strict=True))
 
     def _chunks(self, batch: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
@@ -300,7 +302,7 @@ class PoseEngine:
         """The persons of ``batch`` and the seconds spent in the model itself. The raw YOLO-pose
         head is decoded for the whole batch at once (``decode_yolo_raw_batch``); other layouts
         through the runner's ``infer`` (their seconds count as inference)."""
-        raw = self.model.info.layout == LAYOUT_YOLO_RAW
+        raw = getattr(self.model.info, "layout", None) == LAYOUT_YOLO_RAW
         parts: list[PersonBatch] = []
         infer = 0.0
         for chunk, real in self._chunks(batch):

@@ -42,16 +42,22 @@ class StageTimer:
         self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self.images = 0
         self.batches = 0
+        self.model_cpu = 0.0
+        """CPU seconds of the model's thread in ``infer`` + ``post`` (``time.thread_time``):
+        below their wall seconds when that thread waits for the GIL or the cores."""
 
     def add(self, stage: str, seconds: float) -> None:
         with self._lock:
             self.seconds[stage] += seconds
 
-    def add_batch(self, images: int, infer: float, post: float, copy_out: float = 0.0) -> None:
-        """One model call's share: its images, inference, copy-out and post-processing."""
+    def add_batch(self, images: int, infer: float, post: float, copy_out: float = 0.0,
+                  cpu: float = 0.0) -> None:
+        """One model call's share: its images, inference, copy-out and post-processing, and the
+        model thread's CPU seconds for them."""
         with self._lock:
             self.images += images
             self.batches += 1
+            self.model_cpu += cpu
             self.seconds["infer"] += infer
             self.seconds["copy_out"] += copy_out
             self.seconds["post"] += post
@@ -60,13 +66,14 @@ class StageTimer:
         """``{"images", "batches", "seconds": {stage: s}}``, consistent at one instant."""
         with self._lock:
             return {"images": self.images, "batches": self.batches,
-                    "seconds": dict(self.seconds)}
+                    "model_thread_cpu": self.model_cpu, "seconds": dict(self.seconds)}
 
     def since(self, before: dict[str, Any]) -> dict[str, Any]:
         """What was added after ``before`` (a ``snapshot``): one task's share of a worker's."""
         now = self.snapshot()
         return {"images": now["images"] - before["images"],
                 "batches": now["batches"] - before["batches"],
+                "model_thread_cpu": now["model_thread_cpu"] - before["model_thread_cpu"],
                 "seconds": {k: v - before["seconds"].get(k, 0.0)
                             for k, v in now["seconds"].items()}}
 
@@ -76,4 +83,5 @@ def summary(snap: dict[str, Any]) -> dict[str, Any]:
     n = max(1, snap["images"])
     ms = {k: round(1000 * v / n, 4) for k, v in snap["seconds"].items()}
     model = sum(snap["seconds"][k] for k in MODEL_THREAD)
-    return {**snap, "ms_per_image": ms, "model_thread_ms_per_image": round(1000 * model / n, 4)}
+    return {**snap, "ms_per_image": ms, "model_thread_ms_per_image": round(1000 * model / n, 4),
+            "model_thread_cpu_ms_per_image": round(1000 * snap["model_thread_cpu"] / n, 4)}
