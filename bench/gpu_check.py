@@ -101,7 +101,7 @@ def model_alone(path: Path, precision: str, batch: int, ns: argparse.Namespace, 
     from workers.engine.runner import PoseModel
 
     model = PoseModel(str(path), ns.providers, precision=precision, fixed_shape_session=graph)
-    x = np.random.default_rng(0).random((batch, 3, 640, 640), dtype=np.float32)
+    x = model.as_input(np.random.default_rng(0).random((batch, 3, 640, 640), dtype=np.float32))
     for _ in range(3):  # warm-up: cuDNN algorithm choice, CUDA graph capture
         model.run_raw(x)
     cpu0 = os.times()

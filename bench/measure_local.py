@@ -48,7 +48,10 @@ def measure_model(model_path: str, shapes: Counter, batch: int, intra: int, prov
     rng = np.random.default_rng(0)
     rates, cpu_ms = {}, {}
     for (h, w), _count in sorted(shapes.items()):
-        x = rng.random((batch, 3, h, w), dtype=np.float32)
+        if getattr(model, "input_dtype", np.float32) == np.uint8:  # as the engine feeds it
+            x = rng.integers(0, 256, (batch, 3, h, w), dtype=np.uint8)
+        else:
+            x = rng.random((batch, 3, h, w), dtype=np.float32)
         for _ in range(2):
             model.run_raw(x)
         times = []

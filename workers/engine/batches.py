@@ -23,7 +23,8 @@ import numpy as np
 
 @dataclass(eq=False)
 class Batch:
-    """``array (size, 3, H, W) float32``; ``claimed`` slots are being or have been written."""
+    """``array (size, 3, H, W)`` (the model's input dtype: uint8 or float32); ``claimed`` slots
+    are being or have been written."""
 
     array: np.ndarray
     claimed: int = 0
@@ -46,10 +47,11 @@ class Batch:
 class BatchPool:
     """Hands out ``(batch, slot)`` per input shape; ``release`` returns a batch for reuse."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, dtype: type = np.float32) -> None:
         if size < 1:
             raise ValueError(f"expected a batch size >= 1, got {size}")
         self.size = size
+        self.dtype = dtype
         self._filling: dict[tuple[int, int], Batch] = {}
         self._free: dict[tuple[int, int], list[np.ndarray]] = {}
         self._lock = threading.Lock()
@@ -60,7 +62,7 @@ class BatchPool:
             batch = self._filling.get(hw)
             if batch is None or batch.claimed == batch.size:
                 free = self._free.get(hw)
-                array = free.pop() if free else np.empty((self.size, 3, *hw), np.float32)
+                array = free.pop() if free else np.empty((self.size, 3, *hw), self.dtype)
                 batch = self._filling[hw] = Batch(array)
             slot = batch.claimed
             batch.claimed += 1

@@ -22,7 +22,7 @@ class BoundRunner:
     """Runs batches of one fixed shape through ``session`` with preallocated buffers."""
 
     def __init__(self, session: Any, input_name: str, shape: tuple[int, ...],
-                 device: str = "cuda", device_id: int = 0) -> None:
+                 device: str = "cuda", device_id: int = 0, dtype: type = np.float32) -> None:
         import onnxruntime as ort
 
         self._ort = ort
@@ -30,8 +30,9 @@ class BoundRunner:
         self.shape = tuple(shape)
         self.device = device
         self.device_id = device_id
+        self.dtype = dtype
         self.input = ort.OrtValue.ortvalue_from_shape_and_type(
-            list(self.shape), np.float32, device, device_id)
+            list(self.shape), dtype, device, device_id)
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input(input_name, self.input)
         self.output_names = [o.name for o in session.get_outputs()]
@@ -46,7 +47,7 @@ class BoundRunner:
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         if batch.shape != self.shape:
             raise ValueError(f"batch {batch.shape} does not fit the bound shape {self.shape}")
-        self.input.update_inplace(np.ascontiguousarray(batch, dtype=np.float32))
+        self.input.update_inplace(np.ascontiguousarray(batch, dtype=self.dtype))
         self.calls += 1
         if self.outputs is None:
             return self._first_run()

@@ -36,11 +36,14 @@ from workers.engine.providers import (
     preload_cuda_libraries,
     tensorrt_libraries_present,
 )
+from workers.engine.uint8_input import fold_uint8_input
 
 __all__ = ["ModelInfo", "PoseModel", "choose_providers"]
 
 log = logging.getLogger(__name__)
 
+UINT8_ENV = "POSEBATCH_UINT8_INPUT"
+"""``0``: feed the graph float32 as it is (the engine's path before uint8 inputs, for checks)."""
 LAYOUT_YOLO_RAW = "yolo-raw"
 LAYOUT_YOLO_E2E = "yolo-e2e"
 LAYOUT_RTMO = "rtmo"
@@ -71,11 +74,14 @@ class PoseModel:
     def __init__(self, path: str, providers: str = "auto", intra_threads: int = 0, *,
                  precision: str = "fp32", cache_dir: Path | None = None,
                  io_binding: bool | None = None, fixed_shape_session: bool | None = None,
-                 trt_present: bool | None = None) -> None:
+                 trt_present: bool | None = None, uint8_input: bool | None = None) -> None:
         """``precision`` is the one of the file at ``path`` (``fp16`` also turns on TensorRT's
         fp16 kernels). ``io_binding`` (default: on a GPU) runs through preallocated buffers;
         ``fixed_shape_session`` (default: on the CUDA provider) opens a second session fixed to
-        the first full input shape, with CUDA graphs on CUDA (see ``_fixed_runner``)."""
+        the first full input shape, with CUDA graphs on CUDA (see ``_fixed_runner``).
+        ``uint8_input`` (default: on, unless ``POSEBATCH_UINT8_INPUT=0``): run the graph with a
+        uint8 input and its normalisation inside (workers.engine.uint8_input); ``input_dtype``
+        and ``input_order`` say what ``run_raw`` takes."""
         import onnxruntime as ort
 
         if not os.path.isfile(path):
@@ -84,6 +90,16 @@ class PoseModel:
             )
         self._ort = ort
         self._path = path
+        self._source: str | bytes = path
+        self.input_dtype: type = np.float32
+        """What ``run_raw`` takes without a conversion: uint8 (in ``input_order``) or float32."""
+        self.input_order = "rgb"
+        if uint8_input is None:
+            uint8_input = os.environ.get(UINT8_ENV, "1") not in ("0", "false", "no")
+        folded = fold_uint8_input(Path(path).read_bytes()) if uint8_input else None
+        if folded is not None:
+            self._source, _name, self.input_order = folded
+            self.input_dtype = np.uint8
         self._intra_threads = intra_threads
         available = ort.get_available_providers()
         preload_cuda_libraries(ort, available)
@@ -135,7 +151,7 @@ class PoseModel:
 
     def _open(self, chain: list[Any], opts: Any) -> Any:
         try:
-            return self._ort.InferenceSession(self._path, sess_options=opts, providers=chain)
+            return self._ort.InferenceSession(self._source, sess_options=opts, providers=chain)
         except Exception as err:  # onnxruntime raises its own untyped errors
             raise ModelError(f"cannot load ONNX model {self._path}: {err}") from err
 
@@ -152,7 +168,19 @@ class PoseModel:
         algorithms once and the memory arena is reused, instead of re-planning per shape."""
         return self.on_cuda
 
+    def as_input(self, batch: np.ndarray) -> np.ndarray:
+        """``batch`` as the graph takes it: a uint8 batch (in ``input_order``) as it is, a
+        float32 one (RGB in [0, 1], the documented input) converted to the graph's input."""
+        if batch.dtype == self.input_dtype:
+            return batch
+        if self.input_dtype == np.uint8:
+            rgb = np.rint(np.clip(batch, 0.0, 1.0) * 255.0).astype(np.uint8)
+            return np.ascontiguousarray(rgb[:, ::-1]) if self.input_order == "bgr" else rgb
+        return np.asarray(batch, np.float32) * np.float32(1.0 / 255.0)  # uint8 given, float graph
+
     def run_raw(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The graph's outputs for ``batch`` (see ``as_input`` for what it may be)."""
+        batch = self.as_input(batch)
         if not self.io_binding:
             return self.session.run(None, {self.info.input_name: batch})
         shape = tuple(batch.shape)
@@ -172,7 +200,8 @@ class PoseModel:
         """This shape's buffers on the main (dynamic-shape) session, kept for the next call."""
         runner = self._bound.get(shape)
         if runner is None:
-            runner = BoundRunner(self.session, self.info.input_name, shape, self.device)
+            runner = BoundRunner(self.session, self.info.input_name, shape, self.device,
+                                 dtype=self.input_dtype)
             self._bound[shape] = runner
             if len(self._bound) > self.MAX_BOUND_SHAPES:
                 self._bound.popitem(last=False)  # no graph was captured on these: safe to drop
@@ -205,14 +234,16 @@ class PoseModel:
         except ModelError as err:  # e.g. nodes left on the CPU: CUDA graphs refuse the session
             log.warning("no CUDA graph session for %s (%s); running without graphs", shape, err)
             return None
-        self._fixed = BoundRunner(session, self.info.input_name, shape, self.device)
+        self._fixed = BoundRunner(session, self.info.input_name, shape, self.device,
+                                  dtype=self.input_dtype)
         log.info("fixed-shape session for %s on %s%s", shape, session.get_providers()[0],
                  " with a CUDA graph" if graph else "")
         return self._fixed
 
     def infer(self, batch: np.ndarray, conf: float, iou: float, max_det: int) -> list[Detections]:
-        """Run ``batch (B, 3, H, W) float32 in [0, 1]`` and decode one Detections per image."""
-        if self.info.layout == LAYOUT_RTMO:
+        """Run ``batch (B, 3, H, W) float32 in [0, 1]`` (or uint8 in ``input_order``) and decode
+        one Detections per image."""
+        if self.info.layout == LAYOUT_RTMO and self.input_dtype != np.uint8:
             # RTMO is trained on BGR 0..255 without normalisation (MMPose's data preprocessor
             # with mean 0, std 1): same letterbox, other channel order and range.
             batch = np.ascontiguousarray(batch[:, ::-1] * 255.0)

@@ -1,0 +1,118 @@
+"""uint8 model input, the normalisation folded into the graph (issue 20)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from posebatch.evaluate import evaluate
+from posebatch.modelstore import resolve_model
+from posebatch.schema import encode_result
+from posebatch.settings import JobSettings, RuntimeSettings, from_env
+from tests import onnx_graphs as G
+from tests.devdata import require_dev_data
+from workers.engine.letterbox import fit, write_input
+from workers.engine.pipeline import PoseEngine
+from workers.engine.runner import PoseModel
+from workers.engine.uint8_input import fold_uint8_input
+
+GOLDEN = Path(__file__).parent / "data" / "golden_dev_ort_fp32.json"
+CLI = [sys.executable, "-m", "posebatch.cli"]
+
+
+def default_model() -> str:
+    rt = from_env(RuntimeSettings)
+    return str(resolve_model(rt.model, rt.cache_dir).path)
+
+
+def test_folded_default_model_gives_the_float_models_outputs_bit_for_bit():
+    path = default_model()
+    folded, name, order = fold_uint8_input(Path(path).read_bytes())
+    assert (name, order) == ("images_uint8", "rgb")
+    plain, u8 = ort.InferenceSession(path), ort.InferenceSession(folded)
+    assert u8.get_inputs()[0].type == "tensor(uint8)"
+    x = np.random.default_rng(0).integers(0, 256, (2, 3, 320, 480), dtype=np.uint8)
+    a = plain.run(None, {"images": x * np.float32(1 / 255)})[0]
+    b = u8.run(None, {name: x})[0]
+    assert np.array_equal(a, b)
+
+
+def test_rtmo_layout_takes_bgr_0_255_without_scaling(tmp_path: Path):
+    path = G.rtmo(tmp_path / "rtmo.onnx", np.array([[10.0, 20.0, 110.0, 220.0]]),
+                  np.array([0.9]), np.zeros((1, 17, 3)), score_from_input=True)
+    folded = fold_uint8_input(path.read_bytes())
+    assert folded is not None and folded[2] == "bgr"
+    model = PoseModel(str(path), "cpu")
+    assert model.input_dtype == np.uint8 and model.input_order == "bgr"
+    rgb = np.random.default_rng(1).random((1, 3, 64, 64), dtype=np.float32)
+    as_u8 = model.as_input(rgb)
+    assert as_u8.dtype == np.uint8
+    assert np.array_equal(as_u8[0, 0], np.rint(rgb[0, 2] * 255).astype(np.uint8))  # B first
+    float_model = PoseModel(str(path), "cpu", uint8_input=False)
+    # the same persons from the float path (BGR * 255 in numpy) and the folded one
+    a = float_model.infer(rgb, 0.05, 0.6, 10)[0]
+    b = model.infer(rgb, 0.05, 0.6, 10)[0]
+    assert np.allclose(a.scores, b.scores, atol=1e-2) and np.allclose(a.kpts, b.kpts, atol=1e-3)
+
+
+def test_graph_without_a_float_input_is_left_as_it_is(tmp_path: Path):
+    path = G.yolo_raw(tmp_path / "m.onnx", np.array([[50.0, 50.0, 20.0, 20.0]]),
+                      np.array([0.9]), np.zeros((1, 17, 3)))
+    folded, _name, _order = fold_uint8_input(path.read_bytes())
+    assert fold_uint8_input(folded) is None  # already uint8: nothing to fold
+
+
+def test_uint8_slot_holds_the_pixels_and_gray_bands():
+    rgb = np.random.default_rng(2).integers(0, 256, (36, 64, 3), dtype=np.uint8)
+    resized, box = fit(rgb, (64, 64))
+    slot = np.zeros((3, 64, 64), np.uint8)
+    write_input(resized, box, slot)
+    top = int(box.pad_y)
+    assert (slot[:, :top] == 114).all() and (slot[:, top + 36:] == 114).all()
+    assert np.array_equal(slot[:, top:top + 36], rgb.transpose(2, 0, 1))
+    bgr = np.zeros_like(slot)
+    write_input(resized, box, bgr, "bgr")
+    assert np.array_equal(bgr[:, top:top + 36], rgb.transpose(2, 0, 1)[::-1])
+    as_float = np.zeros((3, 64, 64), np.float32)
+    write_input(resized, box, as_float)
+    assert np.array_equal(as_float[:, top:top + 36], slot[:, top:top + 36] * np.float32(1 / 255))
+
+
+def test_engine_batches_are_uint8_for_the_default_model():
+    model = PoseModel(default_model(), "cpu")
+    engine = PoseEngine(model, JobSettings(), 4, 2)
+    assert engine.input_dtype == np.uint8
+    seen: list[np.dtype] = []
+    run_raw = model.run_raw
+    model.run_raw = lambda batch: (seen.append(batch.dtype), run_raw(batch))[1]  # type: ignore[method-assign]
+    dev = require_dev_data()
+    one = next(p for p in sorted((dev / "images").rglob("*.jpg")))
+    results = dict(engine.run([("a", one.read_bytes)]))
+    assert seen == [np.dtype(np.uint8)] and results["a"]["person_num"] >= 1
+
+
+def test_dev_set_accuracy_with_uint8_input_equals_mains(tmp_path: Path):
+    """The gray bands move one float32 step: AP and PCK stay within 0.005 of main's."""
+    dev = require_dev_data()
+    golden = json.loads(GOLDEN.read_text())
+    if resolve_model(None, from_env(RuntimeSettings).cache_dir).sha256 != golden["model_sha256"]:
+        pytest.skip("golden made with another model")
+    main_out = tmp_path / "main"
+    for key, result in golden["results"].items():
+        (main_out / key).parent.mkdir(parents=True, exist_ok=True)
+        (main_out / f"{key}.json").write_bytes(encode_result({**result, "log_id": 1}))
+    out = tmp_path / "out"
+    proc = subprocess.run([*CLI, "run", str(dev / "images"), "--out", str(out), "--backend",
+                           "ort", "--precision", "fp32", "--providers", "cpu", "--force",
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gt = str(dev / "annotations.json")
+    before, after = evaluate(gt, str(main_out)), evaluate(gt, str(out))
+    for metric in ("AP", "AP50", "AP17", "PCK21_05", "PCK21_10"):
+        assert abs(after[metric] - before[metric]) <= 0.005, (metric, before, after)
