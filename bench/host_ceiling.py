@@ -122,11 +122,15 @@ def main() -> int:
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--also", action="append", default=[], type=Path,
                     help="another checkout to run the same way, interleaved (e.g. main's)")
+    ap.add_argument("--uint8", action="store_true",
+                    help="null-u8.onnx: a uint8 input, so no scaling to float is counted")
     ap.add_argument("args", nargs="*", help="more flags for posebatch run (after --)")
     ns = ap.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in ns.sizes.split(",")]
     ns_ = [int(v) for v in ns.n.split(",")]
-    model = null_model.ensure()
+    model = (null_model.ensure(null_model.HERE / "null-u8.onnx", uint8=True) if ns.uint8
+             else null_model.ensure())
+    print(f"model: {model.name}")
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"host: {host()}\nuptime before: {load}")
     results = []

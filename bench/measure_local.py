@@ -48,10 +48,9 @@ def measure_model(model_path: str, shapes: Counter, batch: int, intra: int, prov
     rng = np.random.default_rng(0)
     rates, cpu_ms = {}, {}
     for (h, w), _count in sorted(shapes.items()):
-        if getattr(model, "input_dtype", np.float32) == np.uint8:  # as the engine feeds it
-            x = rng.integers(0, 256, (batch, 3, h, w), dtype=np.uint8)
-        else:
-            x = rng.random((batch, 3, h, w), dtype=np.float32)
+        x = rng.random((batch, 3, h, w), dtype=np.float32)
+        if hasattr(model, "as_input"):  # the batch the engine gives it (uint8 channels-last)
+            x = model.as_input(x)
         for _ in range(2):
             model.run_raw(x)
         times = []

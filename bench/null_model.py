@@ -7,7 +7,11 @@ copies, post-processing, JSON, writes) without the network in the way (issue 20)
 above the default threshold, non-overlapping so NMS keeps all of them; every other anchor 0),
 in model-input pixels inside the band a 16:9 image covers in a 640x640 letterbox.
 
-    python null_model.py [OUT.onnx]     # default: bench/null.onnx; prints the path
+``--uint8`` builds ``null-u8.onnx``, whose input is uint8 already: the engine folds nothing into
+it, so the pixels' scaling to float (which a real model's graph does, on a GPU on the device)
+is not counted either: the host side alone.
+
+    python null_model.py [--uint8] [OUT.onnx]   # default: bench/null.onnx; prints the path
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def null_output(persons: int = PERSONS, anchors: int = ANCHORS) -> np.ndarray:
     return out
 
 
-def build(path: Path) -> Path:
+def build(path: Path, uint8: bool = False) -> Path:
     """Write the null model to ``path`` (onnx package: in the dev extras)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -56,7 +60,7 @@ def build(path: Path) -> Path:
     ]
     graph = helper.make_graph(
         nodes, "null_pose",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+        [helper.make_tensor_value_info("images", TensorProto.UINT8 if uint8 else TensorProto.FLOAT,
                                        ["batch", 3, "height", "width"])],
         [helper.make_tensor_value_info("output0", TensorProto.FLOAT,
                                        ["batch", 56, ANCHORS])])
@@ -68,14 +72,17 @@ def build(path: Path) -> Path:
     return path
 
 
-def ensure(path: Path = HERE / "null.onnx") -> Path:
+def ensure(path: Path = HERE / "null.onnx", uint8: bool = False) -> Path:
     """The null model at ``path``, built when missing."""
-    return path if path.is_file() else build(path)
+    return path if path.is_file() else build(path, uint8)
 
 
 def main() -> int:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "null.onnx"
-    print(build(out))
+    args = sys.argv[1:]
+    uint8 = "--uint8" in args
+    args = [a for a in args if a != "--uint8"]
+    out = Path(args[0]) if args else HERE / ("null-u8.onnx" if uint8 else "null.onnx")
+    print(build(out, uint8))
     return 0
 
 

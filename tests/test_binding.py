@@ -31,17 +31,18 @@ def batch(seed: int, shape=SHAPE) -> np.ndarray:
 
 
 def test_bound_runner_reuses_its_buffers_and_matches_session_run(plain):
-    runner = BoundRunner(plain.session, plain.info.input_name, SHAPE, "cpu")
-    first = runner.run(batch(1))
+    shape = plain.as_input(batch(1)).shape  # the session's input: uint8 channels-last
+    runner = BoundRunner(plain.session, plain.info.input_name, shape, "cpu")
+    first = runner.run(plain.as_input(batch(1)))
     addresses = runner.buffer_addresses()
-    second = runner.run(batch(2))
-    third = runner.run(batch(3))
+    second = runner.run(plain.as_input(batch(2)))
+    third = runner.run(plain.as_input(batch(3)))
     assert runner.buffer_addresses() == addresses and len(addresses) == 2
     # Each result is its own array: the next call must not overwrite what the caller holds.
     for x, got in ((1, first), (2, second), (3, third)):
         np.testing.assert_array_equal(got[0], plain.run_raw(batch(x))[0])
     with pytest.raises(ValueError, match="bound shape"):
-        runner.run(batch(4, (1, *SHAPE[1:])))
+        runner.run(plain.as_input(batch(4, (1, *SHAPE[1:]))))
 
 
 def test_pose_model_binding_path_with_fixed_shape_session(model_path, plain):
@@ -50,10 +51,11 @@ def test_pose_model_binding_path_with_fixed_shape_session(model_path, plain):
     for seed, shape in ((1, SHAPE), (2, other), (3, SHAPE), (4, other)):
         np.testing.assert_allclose(bound.run_raw(batch(seed, shape))[0],
                                    plain.run_raw(batch(seed, shape))[0], rtol=1e-5, atol=1e-3)
-    assert bound._fixed is not None and bound._fixed.shape == SHAPE
+    taken = bound.as_input(batch(1)).shape  # what the graph takes: uint8 channels-last
+    assert bound._fixed is not None and bound._fixed.shape == taken
     assert bound._fixed.calls == 2  # both full batches went through the fixed-shape session
     assert bound._fixed.session is not bound.session
-    assert list(bound._bound) == [other]  # the partial batch ran on the main session
+    assert list(bound._bound) == [(1, *taken[1:])]  # the partial batch: on the main session
     # Detections decoded from the bound path equal the plain path's.
     x = batch(5)
     for a, b in zip(bound.infer(x, 0.05, 0.6, 100), plain.infer(x, 0.05, 0.6, 100), strict=True):
@@ -79,4 +81,4 @@ def test_a_fixed_shape_session_failing_early_is_dropped(model_path, plain, monke
     monkeypatch.setattr(bound._fixed, "run", capture_fails)
     got = bound.run_raw(batch(2))  # the fixed session fails on its second call
     np.testing.assert_allclose(got[0], plain.run_raw(batch(2))[0], rtol=1e-5, atol=1e-3)
-    assert bound._fixed is None and list(bound._bound) == [SHAPE]
+    assert bound._fixed is None and list(bound._bound) == [bound.as_input(batch(2)).shape]

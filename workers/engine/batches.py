@@ -23,10 +23,11 @@ import numpy as np
 
 @dataclass(eq=False)
 class Batch:
-    """``array (size, 3, H, W)`` (the model's input dtype: uint8 or float32); ``claimed`` slots
-    are being or have been written."""
+    """``array (size, 3, H, W)`` float32 or ``(size, H, W, 3)`` uint8 (the model's input);
+    ``claimed`` slots are being or have been written."""
 
     array: np.ndarray
+    hw: tuple[int, int]
     claimed: int = 0
     seen: list[Any] = field(default_factory=list)
     """What the caller has received for this batch's slots (filled by the caller's thread)."""
@@ -34,10 +35,6 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.array.shape[0])
-
-    @property
-    def hw(self) -> tuple[int, int]:
-        return int(self.array.shape[2]), int(self.array.shape[3])
 
     def ready(self, *, final: bool = False) -> bool:
         """All slots claimed (or, with ``final``, no more images coming) and all of them seen."""
@@ -47,11 +44,12 @@ class Batch:
 class BatchPool:
     """Hands out ``(batch, slot)`` per input shape; ``release`` returns a batch for reuse."""
 
-    def __init__(self, size: int, dtype: type = np.float32) -> None:
+    def __init__(self, size: int, dtype: type = np.float32, layout: str = "nchw") -> None:
         if size < 1:
             raise ValueError(f"expected a batch size >= 1, got {size}")
         self.size = size
         self.dtype = dtype
+        self.layout = layout
         self._filling: dict[tuple[int, int], Batch] = {}
         self._free: dict[tuple[int, int], list[np.ndarray]] = {}
         self._lock = threading.Lock()
@@ -62,8 +60,9 @@ class BatchPool:
             batch = self._filling.get(hw)
             if batch is None or batch.claimed == batch.size:
                 free = self._free.get(hw)
-                array = free.pop() if free else np.empty((self.size, 3, *hw), self.dtype)
-                batch = self._filling[hw] = Batch(array)
+                shape = (self.size, *hw, 3) if self.layout == "nhwc" else (self.size, 3, *hw)
+                array = free.pop() if free else np.empty(shape, self.dtype)
+                batch = self._filling[hw] = Batch(array, hw)
             slot = batch.claimed
             batch.claimed += 1
             return batch, slot

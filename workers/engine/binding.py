@@ -22,7 +22,7 @@ class BoundRunner:
     """Runs batches of one fixed shape through ``session`` with preallocated buffers."""
 
     def __init__(self, session: Any, input_name: str, shape: tuple[int, ...],
-                 device: str = "cuda", device_id: int = 0, dtype: type = np.float32) -> None:
+                 device: str = "cuda", device_id: int = 0, dtype: type | None = None) -> None:
         import onnxruntime as ort
 
         self._ort = ort
@@ -30,6 +30,9 @@ class BoundRunner:
         self.shape = tuple(shape)
         self.device = device
         self.device_id = device_id
+        if dtype is None:  # the session's own input type (uint8 for a folded model)
+            first = session.get_inputs()[0]
+            dtype = np.uint8 if first.type == "tensor(uint8)" else np.float32
         self.dtype = dtype
         self.input = ort.OrtValue.ortvalue_from_shape_and_type(
             list(self.shape), dtype, device, device_id)
@@ -47,6 +50,9 @@ class BoundRunner:
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         if batch.shape != self.shape:
             raise ValueError(f"batch {batch.shape} does not fit the bound shape {self.shape}")
+        if batch.dtype != self.dtype and self.dtype == np.uint8:
+            raise ValueError(f"this session takes uint8 batches, got {batch.dtype} (convert "
+                             "with PoseModel.as_input)")
         self.input.update_inplace(np.ascontiguousarray(batch, dtype=self.dtype))
         self.calls += 1
         if self.outputs is None:

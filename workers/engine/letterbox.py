@@ -67,33 +67,39 @@ def letterbox(rgb_hw3: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray,
     return canvas, lb
 
 
-def write_input(resized_hw3: np.ndarray, lb: Letterbox, out_3hw: np.ndarray,
-                order: str = "rgb") -> None:
-    """Write a ``fit`` result as model input into ``out (3, H, W)`` (a slot of a batch): the
-    pixels, the bands around them gray. A uint8 slot takes the pixels as they are (in ``order``:
-    ``bgr`` reverses the channels), the model scales them (workers.engine.uint8_input); a
-    float32 slot takes them scaled to [0, 1] (RGB).
+def write_input(resized_hw3: np.ndarray, lb: Letterbox, out: np.ndarray,
+                layout: str = "nchw") -> None:
+    """Write a ``fit`` result as model input into a slot of a batch: the pixels, the bands
+    around them gray. ``out (H, W, 3) uint8`` (layout ``nhwc``: a model whose uint8 input was
+    folded, workers.engine.uint8_input) takes the pixels as they are, row by row; ``out (3, H,
+    W) float32`` takes them scaled to [0, 1].
 
     Straight into the batch: no canvas, no per-image tensor, no stacking, and numpy releases the
     GIL for both steps, so decode threads run it side by side.
     """
     oh, ow = lb.out_hw
-    if out_3hw.shape != (3, oh, ow):
-        raise ValueError(f"expected an input slot of shape (3, {oh}, {ow}), got {out_3hw.shape}")
+    want = (oh, ow, 3) if layout == "nhwc" else (3, oh, ow)
+    if out.shape != want:
+        raise ValueError(f"expected an input slot of shape {want}, got {out.shape}")
     top, left = int(lb.pad_y), int(lb.pad_x)
     h, w = resized_hw3.shape[:2]
-    gray = PAD_GRAY if out_3hw.dtype == np.uint8 else np.float32(PAD_GRAY / 255.0)
-    out_3hw[:, :top] = gray
-    out_3hw[:, top + h:] = gray
-    out_3hw[:, top:top + h, :left] = gray
-    out_3hw[:, top:top + h, left + w:] = gray
+    if layout == "nhwc":
+        out[:top] = PAD_GRAY
+        out[top + h:] = PAD_GRAY
+        out[top:top + h, :left] = PAD_GRAY
+        out[top:top + h, left + w:] = PAD_GRAY
+        out[top:top + h, left:left + w] = resized_hw3
+        return
+    gray = np.float32(PAD_GRAY / 255.0) if out.dtype != np.uint8 else PAD_GRAY
+    out[:, :top] = gray
+    out[:, top + h:] = gray
+    out[:, top:top + h, :left] = gray
+    out[:, top:top + h, left + w:] = gray
     chw = resized_hw3.transpose(2, 0, 1)
-    if order == "bgr":
-        chw = chw[::-1]
-    if out_3hw.dtype == np.uint8:
-        out_3hw[:, top:top + h, left:left + w] = chw
+    if out.dtype == np.uint8:
+        out[:, top:top + h, left:left + w] = chw
     else:
-        np.multiply(chw, np.float32(1.0 / 255.0), out=out_3hw[:, top:top + h, left:left + w])
+        np.multiply(chw, np.float32(1.0 / 255.0), out=out[:, top:top + h, left:left + w])
 
 
 def to_source_xy(xy: np.ndarray, lb: Letterbox) -> np.ndarray:

@@ -68,13 +68,12 @@ def _input_hw(image: DecodedImage, job: JobSettings,
 
 def prepare(key: str, load: Loader, job: JobSettings,
             fixed_hw: tuple[int, int] | None, pool: BatchPool | None = None,
-            timer: StageTimer | None = None, order: str = "rgb") -> Prepared:
+            timer: StageTimer | None = None) -> Prepared:
     """Fetch, validate, decode and letterbox one image; never raises for a bad image.
 
     With ``pool`` the model input goes into a slot of one of its batches, else into a tensor of
     its own (for callers that batch themselves: ``posebatch serve``). ``timer`` gets the
-    fetch, decode, resize and copy-in seconds. ``order``: the channel order of a uint8 pool's
-    model (its ``input_order``).
+    fetch, decode, resize and copy-in seconds.
     """
     t0 = perf_counter()
     t1 = t2 = t3 = t0
@@ -93,7 +92,7 @@ def prepare(key: str, load: Loader, job: JobSettings,
             write_input(resized, box, tensor)
             return Prepared(key, tensor=tensor, image=image, box=box)
         batch, slot = pool.claim(box.out_hw)
-        write_input(resized, box, batch.array[slot], order)
+        write_input(resized, box, batch.array[slot], pool.layout)
         return Prepared(key, image=image, box=box, batch=batch, slot=slot)
     except ImageError as err:
         return Prepared(key, error=error_result(err.code, err.message))
@@ -182,10 +181,12 @@ class PoseEngine:
         self.batch_size = model.info.fixed_batch or batch_size or auto
         self.io_threads = io_threads
         self.stages = StageTimer()
-        # A runner with a uint8 input gets uint8 batches (4x less written per pixel); others,
-        # and any runner without the attributes, float32 RGB in [0, 1].
-        self.input_dtype: type = getattr(model, "input_dtype", np.float32)
-        self.input_order: str = getattr(model, "input_order", "rgb")
+        # A runner with a uint8 input gets uint8 channels-last batches (4x less written per
+        # pixel, row by row); others, any runner without the attributes, and the paths that
+        # transform batches themselves (best quality, top-down), float32 RGB (B, 3, H, W).
+        plain = not any(passes(job.quality)) and not isinstance(model, TopDownModel)
+        self.input_dtype: type = getattr(model, "input_dtype", np.float32) if plain else np.float32
+        self.input_layout: str = getattr(model, "input_layout", "nchw") if plain else "nchw"
 
     def infer_group(self, group: list[Prepared]) -> list[tuple[str, dict[str, Any]]]:
         """One model call on prepared images of one input shape, at most ``batch_size`` of them.
@@ -211,7 +212,7 @@ class PoseEngine:
         """Like ``run_images``, with persons as ``PoseResult`` (``api_result`` makes the dict):
         the caller makes dicts and JSON on its own threads, the model's thread only infers."""
         ahead = self.batch_size * 2 + self.io_threads
-        pool = BatchPool(self.batch_size, self.input_dtype)
+        pool = BatchPool(self.batch_size, self.input_dtype, self.input_layout)
         open_batches: list[Batch] = []
         with ThreadPoolExecutor(self.io_threads, thread_name_prefix="decode") as threads:
             futures: deque[Future[Prepared]] = deque()
@@ -225,8 +226,7 @@ class PoseEngine:
                         break
                     key, load = nxt
                     futures.append(threads.submit(prepare, key, load, self.job,
-                                                  self.model.info.fixed_hw, pool, self.stages,
-                                                  self.input_order))
+                                                  self.model.info.fixed_hw, pool, self.stages))
                 if not futures:
                     break
                 item = futures.popleft().result()

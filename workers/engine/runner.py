@@ -90,17 +90,18 @@ class PoseModel:
             )
         self._ort = ort
         self._path = path
+        self._intra_threads = intra_threads
         self._source: str | bytes = path
         self.input_dtype: type = np.float32
-        """What ``run_raw`` takes without a conversion: uint8 (in ``input_order``) or float32."""
-        self.input_order = "rgb"
+        """What ``run_raw`` takes without a conversion (``as_input``): uint8 channels-last RGB
+        (``input_layout`` nhwc) when the graph's input was folded, else float32 NCHW."""
+        self.input_layout = "nchw"
         if uint8_input is None:
             uint8_input = os.environ.get(UINT8_ENV, "1") not in ("0", "false", "no")
         folded = fold_uint8_input(Path(path).read_bytes()) if uint8_input else None
         if folded is not None:
-            self._source, _name, self.input_order = folded
-            self.input_dtype = np.uint8
-        self._intra_threads = intra_threads
+            self._source = folded[0]
+            self.input_dtype, self.input_layout = np.uint8, "nhwc"
         available = ort.get_available_providers()
         preload_cuda_libraries(ort, available)
         if trt_present is None:  # only probe for TensorRT where onnxruntime could use it
@@ -111,6 +112,10 @@ class PoseModel:
                                             "cache_dir": self._cache_dir}
         chain = choose_providers(providers, available, **self._chain_args)
         self.session = self._open(chain, self._options())
+        first = self.session.get_inputs()[0]
+        if first.type == "tensor(uint8)" and folded is None:  # a graph that takes 0..255 itself
+            self.input_dtype = np.uint8
+            self.input_layout = "nhwc" if len(first.shape) == 4 and first.shape[3] == 3 else "nchw"
         self.info = self._inspect(path)
         if self.kind != "cpu" and self.info.provider not in GPU_PROVIDERS:
             message = (f"providers={providers}: ONNX Runtime could not start "
@@ -156,8 +161,12 @@ class PoseModel:
             raise ModelError(f"cannot load ONNX model {self._path}: {err}") from err
 
     def _inspect(self, path: str) -> ModelInfo:
+        def nchw(shape: list[Any]) -> list[Any]:  # a channels-last input, as (B, 3, H, W)
+            return [shape[0], shape[3], shape[1], shape[2]] if len(shape) == 4 else shape
+
+        view = nchw if self.input_layout == "nhwc" else list
         return inspect_io(
-            path, [(i.name, i.shape) for i in self.session.get_inputs()],
+            path, [(i.name, view(i.shape)) for i in self.session.get_inputs()],
             [(o.name, o.shape) for o in self.session.get_outputs()],
             self.session.get_providers()[0],
         )
@@ -169,14 +178,18 @@ class PoseModel:
         return self.on_cuda
 
     def as_input(self, batch: np.ndarray) -> np.ndarray:
-        """``batch`` as the graph takes it: a uint8 batch (in ``input_order``) as it is, a
-        float32 one (RGB in [0, 1], the documented input) converted to the graph's input."""
-        if batch.dtype == self.input_dtype:
+        """``batch`` as the graph takes it. A batch already in ``input_dtype`` and
+        ``input_layout`` goes as it is; a float32 one ``(B, 3, H, W)`` RGB in [0, 1] (the
+        documented input: tests, the serve and best-quality paths) is converted."""
+        if batch.dtype == self.input_dtype and (batch.dtype != np.uint8 or batch.shape[
+                3 if self.input_layout == "nhwc" else 1] == 3):
             return batch
         if self.input_dtype == np.uint8:
-            rgb = np.rint(np.clip(batch, 0.0, 1.0) * 255.0).astype(np.uint8)
-            return np.ascontiguousarray(rgb[:, ::-1]) if self.input_order == "bgr" else rgb
-        return np.asarray(batch, np.float32) * np.float32(1.0 / 255.0)  # uint8 given, float graph
+            u8 = np.rint(np.clip(batch, 0.0, 1.0) * 255.0).astype(np.uint8)
+            return np.ascontiguousarray(u8.transpose(0, 2, 3, 1)) if (
+                self.input_layout == "nhwc") else u8
+        raise ValueError(f"this model takes float32 (B, 3, H, W) batches, got {batch.dtype} "
+                         f"{batch.shape}")
 
     def run_raw(self, batch: np.ndarray) -> list[np.ndarray]:
         """The graph's outputs for ``batch`` (see ``as_input`` for what it may be)."""
@@ -241,8 +254,8 @@ class PoseModel:
         return self._fixed
 
     def infer(self, batch: np.ndarray, conf: float, iou: float, max_det: int) -> list[Detections]:
-        """Run ``batch (B, 3, H, W) float32 in [0, 1]`` (or uint8 in ``input_order``) and decode
-        one Detections per image."""
+        """Run ``batch (B, 3, H, W) float32 in [0, 1]`` (or uint8 as ``as_input`` takes it) and
+        decode one Detections per image."""
         if self.info.layout == LAYOUT_RTMO and self.input_dtype != np.uint8:
             # RTMO is trained on BGR 0..255 without normalisation (MMPose's data preprocessor
             # with mean 0, std 1): same letterbox, other channel order and range.

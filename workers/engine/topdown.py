@@ -123,8 +123,6 @@ class TopDownModel:
         self.simcc = simcc
         self.info = detector.info
         self.on_cuda = detector.on_cuda
-        self.input_dtype = getattr(detector, "input_dtype", np.float32)
-        self.input_order = getattr(detector, "input_order", "rgb")
 
     @property
     def wants_fixed_batches(self) -> bool:

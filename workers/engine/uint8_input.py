@@ -4,13 +4,18 @@ Why: the decode threads wrote every pixel as a float32 (4.9 MB per 640x640 image
 and the model call copied that again; with a uint8 input they write 1.2 MB, and the scaling runs
 inside the model (ONNX Runtime's threads, without the GIL; on a GPU, on the device).
 
-How: the ModelProto is edited at the protobuf wire level (no ``onnx`` package needed, so CPU
-workers without it get the same model): the image input ``X`` becomes ``X_uint8 (uint8)``, and
-two nodes in front of the graph make ``X`` from it again, so no other node changes:
+The input is also channels-last, ``(B, H, W, 3)``: a decoded image is, so a decode thread
+writes it into the batch row by row (a transposing copy to ``(3, H, W)`` cost as much as the
+JPEG decode itself, in numpy's element-by-element strided loop, holding a core).
 
-- YOLO layouts (RGB in [0, 1]): ``X = Cast(X_uint8, float) * float32(1/255)``, the very product
-  the engine computed before (``uint8 * float32(1/255)``);
-- RTMO (BGR in 0..255, no scaling): ``X = Cast(X_uint8, float)``; the engine writes BGR.
+How: the ModelProto is edited at the protobuf wire level (no ``onnx`` package needed, so CPU
+workers without it get the same model): the image input ``X (B, 3, H, W) float`` becomes
+``X_uint8 (B, H, W, 3) uint8``, and nodes in front of the graph make ``X`` from it again, so no
+other node changes:
+
+- YOLO layouts (RGB in [0, 1]): ``X = Cast(Transpose(X_uint8), float) * float32(1/255)``, the
+  very product the engine computed before (``uint8 * float32(1/255)``);
+- RTMO (BGR in 0..255, no scaling): ``X = Cast(Gather(Transpose(X_uint8), [2, 1, 0]), float)``.
 
 The letterbox's gray (114) becomes ``114 * float32(1/255)`` there, one float32 step away from
 ``float32(114 / 255)`` before: results may move in their last digit (tests/test_uint8_input.py
@@ -35,6 +40,8 @@ GRAPH_NODE, GRAPH_INPUT, GRAPH_OUTPUT = 1, 11, 12
 VALUE_NAME, VALUE_TYPE = 1, 2
 TYPE_TENSOR = 1
 TENSOR_ELEM, TENSOR_SHAPE = 1, 2
+SHAPE_DIM = 1
+INT64 = 7
 
 
 def _varint(n: int) -> bytes:
@@ -119,8 +126,14 @@ def _retyped(value_info: bytes, name: str, elem: int) -> bytes:
             type_bytes = b""
             for n2, _w2, r2, tensor in _fields(value):
                 if n2 == TYPE_TENSOR and isinstance(tensor, bytes):
-                    t = b"".join(_int_field(TENSOR_ELEM, elem) if n3 == TENSOR_ELEM else r3
-                                 for n3, _w3, r3, _v3 in _fields(tensor))
+                    t = b""
+                    for n3, _w3, r3, v3 in _fields(tensor):
+                        if n3 == TENSOR_ELEM:
+                            t += _int_field(TENSOR_ELEM, elem)
+                        elif n3 == TENSOR_SHAPE and isinstance(v3, bytes):
+                            t += _len_field(TENSOR_SHAPE, _channels_last(v3))
+                        else:
+                            t += r3
                     type_bytes += _len_field(TYPE_TENSOR, t)
                 else:
                     type_bytes += r2
@@ -128,6 +141,16 @@ def _retyped(value_info: bytes, name: str, elem: int) -> bytes:
         else:
             out += raw
     return out
+
+
+def _channels_last(shape: bytes) -> bytes:
+    """A TensorShapeProto (N, C, H, W) -> (N, H, W, C)."""
+    fields = list(_fields(shape))
+    dims = [raw for n, _w, raw, _v in fields if n == SHAPE_DIM]
+    if len(dims) != 4:
+        raise ValueError(f"expected a 4-d image input, got {len(dims)} dimensions")
+    others = b"".join(raw for n, _w, raw, _v in fields if n != SHAPE_DIM)
+    return dims[0] + dims[2] + dims[3] + dims[1] + others
 
 
 def _node(op: str, inputs: list[str], outputs: list[str], attributes: bytes = b"") -> bytes:
@@ -142,14 +165,26 @@ def _int_attribute(name: str, value: int) -> bytes:
     return _len_field(5, _len_field(1, name.encode()) + _int_field(3, value) + _int_field(20, 2))
 
 
+def _ints_attribute(name: str, values: list[int]) -> bytes:
+    body = _len_field(1, name.encode()) + b"".join(_int_field(8, v) for v in values)
+    return _len_field(5, body + _int_field(20, 7))
+
+
+def _int64s_attribute(name: str, values: list[int]) -> bytes:
+    tensor = (_int_field(1, len(values)) + _int_field(2, INT64)
+              + _len_field(9, struct.pack(f"<{len(values)}q", *values)))
+    return _len_field(5, _len_field(1, name.encode()) + _len_field(5, tensor)
+                      + _int_field(20, 4))
+
+
 def _scalar_attribute(name: str, value: np.float32) -> bytes:
     tensor = _int_field(2, FLOAT) + _len_field(9, struct.pack("<f", float(value)))
     return _len_field(5, _len_field(1, name.encode()) + _len_field(5, tensor)
                       + _int_field(20, 4))
 
 
-def fold_uint8_input(model: bytes) -> tuple[bytes, str, str] | None:
-    """``(model bytes with a uint8 input, the new input's name, "rgb" or "bgr")``, or None when
+def fold_uint8_input(model: bytes) -> tuple[bytes, str] | None:
+    """``(model bytes with a uint8 (B, H, W, 3) RGB input, that input's name)``, or None when
     the graph has not exactly one float image input (nothing to fold: it runs as it is)."""
     graph_raw = None
     top: list[tuple[int, bytes, bytes | int]] = []
@@ -169,18 +204,21 @@ def fold_uint8_input(model: bytes) -> tuple[bytes, str, str] | None:
     index, value_info = inputs[0]
     name = _name(value_info)  # type: ignore[arg-type]
     new_name = name + INPUT_SUFFIX
+    nchw = f"{name}_posebatch_nchw"
+    nodes = _node("Transpose", [new_name], [nchw], _ints_attribute("perm", [0, 3, 1, 2]))
     if outputs >= RTMO_OUTPUTS:
-        order = "bgr"
-        nodes = _node("Cast", [new_name], [name], _int_attribute("to", FLOAT))
+        bgr, idx = f"{name}_posebatch_bgr", f"{name}_posebatch_bgr_index"
+        nodes += (_node("Constant", [], [idx], _int64s_attribute("value", [2, 1, 0]))
+                  + _node("Gather", [nchw, idx], [bgr], _int_attribute("axis", 1))
+                  + _node("Cast", [bgr], [name], _int_attribute("to", FLOAT)))
     else:
-        order = "rgb"
         scaled, inv = f"{name}_posebatch_f32", f"{name}_posebatch_inv255"
-        nodes = (_node("Constant", [], [inv], _scalar_attribute("value", np.float32(1 / 255)))
-                 + _node("Cast", [new_name], [scaled], _int_attribute("to", FLOAT))
-                 + _node("Mul", [scaled, inv], [name]))
+        nodes += (_node("Constant", [], [inv], _scalar_attribute("value", np.float32(1 / 255)))
+                  + _node("Cast", [nchw], [scaled], _int_attribute("to", FLOAT))
+                  + _node("Mul", [scaled, inv], [name]))
     body = nodes + b"".join(
         _len_field(GRAPH_INPUT, _retyped(v, new_name, UINT8)) if k == index else raw  # type: ignore[arg-type]
         for k, (_n, _w, raw, v) in enumerate(graph))
     out = b"".join(_len_field(MODEL_GRAPH, body) if n == MODEL_GRAPH else raw
                    for n, raw, _v in top)
-    return out, new_name, order
+    return out, new_name
