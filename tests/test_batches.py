@@ -111,3 +111,31 @@ def test_images_decoded_out_of_order_still_form_full_batches_and_none_is_lost():
     assert all(r["person_num"] == 0 for r in out.values())
     assert sorted(len(c) for c in model.calls) == [2, 3, 3]
     assert all(c.shape[1:] == (3, 64, 64) and np.isfinite(c).all() for c in model.calls)
+
+
+def test_an_engine_keeps_its_threads_and_batch_memory_from_run_to_run():
+    # A worker runs one engine for all its batch tasks (workers.state.engine): the second run
+    # must reuse the decode and writer threads and the batch arrays of the first.
+    model = RecordingModel()
+    engine = PoseEngine(model, JobSettings(imgsz=64), batch_size=2, io_threads=2)
+    blobs = {f"k{i}": jpeg(96, 64) for i in range(4)}
+    assert len(dict(engine.run((k, (lambda b=b: b)) for k, b in blobs.items()))) == 4
+    decoders, writers = engine.decoders(), engine.writers()
+    arrays = {id(a) for free in engine._pool._free.values() for a in free}
+    assert len(dict(engine.run((k, (lambda b=b: b)) for k, b in blobs.items()))) == 4
+    assert engine.decoders() is decoders and engine.writers() is writers
+    assert arrays <= {id(a) for free in engine._pool._free.values() for a in free}
+
+
+def test_a_run_left_early_leaves_the_engine_clean_for_the_next():
+    model = RecordingModel()
+    engine = PoseEngine(model, JobSettings(imgsz=64), batch_size=3, io_threads=2)
+    blobs = {f"k{i}": jpeg(96 + i, 64) for i in range(7)}
+    run = engine.run((k, (lambda b=b: b)) for k, b in blobs.items())
+    next(run)
+    run.close()  # e.g. a write error: the caller stops reading mid-batch
+    assert not engine._pool._filling
+    model.calls.clear()
+    out = dict(engine.run((k, (lambda b=b: b)) for k, b in blobs.items()))
+    assert sorted(out) == sorted(blobs)
+    assert sorted(len(c) for c in model.calls) == [1, 3, 3]

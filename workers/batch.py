@@ -97,8 +97,9 @@ def process_keys(
         records.append(rec)
         emit(rec)
 
-    with ThreadPoolExecutor(engine.io_threads, thread_name_prefix="write") as writers:
-        pending: deque[Future[Record]] = deque()
+    writers = engine.writers()  # the engine's: kept from batch to batch
+    pending: deque[Future[Record]] = deque()
+    try:
         started = False
         # Unsafe keys are refused first: the existence check reads dst/<key>.json, and a
         # "../x" there raised UnsafeKeyError, failing every image of the batch instead of one.
@@ -118,6 +119,12 @@ def process_keys(
             timer.add("hand_on", perf_counter() - t0)
         while pending:
             finish(pending.popleft())
+    finally:  # an error: let the writes in flight end before the caller retries the batch
+        for fut in pending:
+            fut.cancel()
+        for fut in pending:
+            if not fut.cancelled():
+                fut.exception()
     return records
 
 

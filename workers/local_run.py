@@ -63,6 +63,7 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
             on_record=lambda _r: bar.update(1), overlays=overlays,
             before_first_write=lambda: claim_output(dst, wanted, force),
         )
+    engine.close()
     log.debug("stages: %s", json.dumps(stage_summary(engine.stages.snapshot())))
     complete_output(dst, wanted)
     meta = {"job_id": job_id, "input": src.url, "output": dst.url, "created": created,

@@ -1,4 +1,5 @@
-"""The only process-wide state of a worker: its model session, job-store client and claimed jobs.
+"""The only process-wide state of a worker: its model session, engine, job-store client and
+claimed jobs.
 
 Why a module: Celery's ``worker_process_init`` loads the model once after fork; tasks fetch it
 here. Any other process (tests, the local run) never touches this module.
@@ -6,14 +7,17 @@ here. Any other process (tests, the local run) never touches this module.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections import OrderedDict
 
 from posebatch.jobstate import JobStore
 from posebatch.modelstore import ModelRef
-from posebatch.settings import RuntimeSettings, from_env
+from posebatch.settings import JobSettings, RuntimeSettings, from_env
 from workers import metrics
 from workers.engine.backends import Runner
+from workers.engine.pipeline import PoseEngine
 from workers.engine.topdown import TopDownModel
 from workers.loading import open_model, select_model
 
@@ -23,6 +27,9 @@ _model: Runner | TopDownModel | None = None
 _model_ref: ModelRef | None = None
 _store: JobStore | None = None
 _claimed: set[str] = set()  # jobs whose output manifest this process has checked and written
+_engines: OrderedDict[str, PoseEngine] = OrderedDict()
+MAX_ENGINES = 2
+"""Engines kept for as many distinct job settings (LRU): a worker usually serves one job."""
 
 
 def runtime() -> RuntimeSettings:
@@ -43,6 +50,21 @@ def load_model() -> tuple[Runner | TopDownModel, ModelRef]:
                     _model.info.provider)
     assert _model_ref is not None
     return _model, _model_ref
+
+
+def engine(job: JobSettings) -> PoseEngine:
+    """This process's engine for ``job``'s settings: its decode and writer threads and its batch
+    memory are made once and serve every batch task (each task made its own before)."""
+    key = json.dumps(job.to_dict(), sort_keys=True)
+    found = _engines.get(key)
+    if found is None:
+        model, _ref = load_model()
+        rt = runtime()
+        found = _engines[key] = PoseEngine(model, job, rt.batch_size, rt.io_threads)
+        if len(_engines) > MAX_ENGINES:
+            _engines.popitem(last=False)[1].close()
+    _engines.move_to_end(key)
+    return found
 
 
 def job_store() -> JobStore:

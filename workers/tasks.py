@@ -22,7 +22,6 @@ from posebatch.storage import Storage, open_storage
 from workers import metrics, policy, state
 from workers.batch import process_keys
 from workers.celery_app import app
-from workers.engine.pipeline import PoseEngine
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
 
 def _run(job_id: str, input_url: str, output_url: str, keys: list[str], job: JobSettings,
          force: bool) -> list[Record]:
-    model, ref = state.load_model()
+    _model, ref = state.load_model()
     store = state.job_store()
     on_record = policy.patiently(store.note_model, job_id,
                                  {"name": ref.name, "sha256": ref.sha256})
@@ -80,11 +79,11 @@ def _run(job_id: str, input_url: str, output_url: str, keys: list[str], job: Job
                             f"worker has {ref.sha256[:12]}; run one model per cluster")
     src, dst = _storage(input_url), _storage(output_url)
     _claim(job_id, dst, manifest(job, ref.sha256, ref.name), force)
-    rt = state.runtime()
-    engine = PoseEngine(model, job, rt.batch_size, rt.io_threads)
+    engine = state.engine(job)  # threads and batch memory kept from task to task
+    before = engine.stages.snapshot()
     records = process_keys(engine, src, dst, keys, skip_existing=not force)
     metrics.images(records)
-    metrics.stages(engine.stages.snapshot())
+    metrics.stages(engine.stages.since(before))
     return records
 
 

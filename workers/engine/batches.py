@@ -67,6 +67,13 @@ class BatchPool:
             batch.claimed += 1
             return batch, slot
 
+    def reset(self) -> None:
+        """Forget the batches being filled (a run ended early): their memory is free again."""
+        with self._lock:
+            for hw, batch in self._filling.items():
+                self._free.setdefault(hw, []).append(batch.array)
+            self._filling.clear()
+
     def release(self, batch: Batch) -> None:
         """``batch``'s inference is over: its memory serves a later batch of the same shape."""
         with self._lock:

@@ -187,6 +187,10 @@ class PoseEngine:
         plain = not any(passes(job.quality)) and not isinstance(model, TopDownModel)
         self.input_dtype: type = getattr(model, "input_dtype", np.float32) if plain else np.float32
         self.input_layout: str = getattr(model, "input_layout", "nchw") if plain else "nchw"
+        self._pool = BatchPool(self.batch_size, self.input_dtype, self.input_layout)
+        """Batch memory, reused by every run of this engine."""
+        self._decoders: ThreadPoolExecutor | None = None
+        self._writers: ThreadPoolExecutor | None = None
 
     def infer_group(self, group: list[Prepared]) -> list[tuple[str, dict[str, Any]]]:
         """One model call on prepared images of one input shape, at most ``batch_size`` of them.
@@ -212,10 +216,11 @@ class PoseEngine:
         """Like ``run_images``, with persons as ``PoseResult`` (``api_result`` makes the dict):
         the caller makes dicts and JSON on its own threads, the model's thread only infers."""
         ahead = self.batch_size * 2 + self.io_threads
-        pool = BatchPool(self.batch_size, self.input_dtype, self.input_layout)
+        pool = self._pool
+        threads = self.decoders()
         open_batches: list[Batch] = []
-        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="decode") as threads:
-            futures: deque[Future[Prepared]] = deque()
+        futures: deque[Future[Prepared]] = deque()
+        try:
             source = iter(items)
             exhausted = False
             while futures or not exhausted:
@@ -244,6 +249,37 @@ class PoseEngine:
                     yield from self._infer_batch(ready, pool)
             for batch in open_batches:
                 yield from self._infer_batch(batch, pool)
+        finally:
+            # Left early (an error, a closed generator): the decode threads outlive this run, so
+            # wait for what they still do and forget the half-filled batches, as leaving a
+            # ``with ThreadPoolExecutor`` did, before the next run uses the same pool.
+            for fut in futures:
+                fut.cancel()
+            for fut in futures:
+                if not fut.cancelled():
+                    fut.exception()
+            pool.reset()
+
+    def decoders(self) -> ThreadPoolExecutor:
+        """The decode threads, made on first use and kept for every later run (a worker runs
+        one engine for all its batch tasks: workers.state.engine)."""
+        if self._decoders is None:
+            self._decoders = ThreadPoolExecutor(self.io_threads, thread_name_prefix="decode")
+        return self._decoders
+
+    def writers(self) -> ThreadPoolExecutor:
+        """Threads for the results' dicts, JSON and writes (workers.batch), kept like
+        ``decoders``."""
+        if self._writers is None:
+            self._writers = ThreadPoolExecutor(self.io_threads, thread_name_prefix="write")
+        return self._writers
+
+    def close(self) -> None:
+        """Stop the engine's threads (they are daemon-like: a process may also just exit)."""
+        for pool in (self._decoders, self._writers):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._decoders = self._writers = None
 
     def _infer_batch(self, batch: Batch, pool: BatchPool
                      ) -> Iterator[tuple[str, Result, DecodedImage | None]]:
