@@ -36,7 +36,7 @@ from workers.engine.providers import (
     preload_cuda_libraries,
     tensorrt_libraries_present,
 )
-from workers.engine.uint8_input import fold_uint8_input
+from workers.engine.uint8_input import fold_uint8_input, uint8_nhwc
 
 __all__ = ["ModelInfo", "PoseModel", "choose_providers"]
 
@@ -185,9 +185,9 @@ class PoseModel:
                 3 if self.input_layout == "nhwc" else 1] == 3):
             return batch
         if self.input_dtype == np.uint8:
-            u8 = np.rint(np.clip(batch, 0.0, 1.0) * 255.0).astype(np.uint8)
-            return np.ascontiguousarray(u8.transpose(0, 2, 3, 1)) if (
-                self.input_layout == "nhwc") else u8
+            if self.input_layout == "nhwc":
+                return uint8_nhwc(batch)
+            return np.rint(np.clip(batch, 0.0, 1.0) * 255.0).astype(np.uint8)
         raise ValueError(f"this model takes float32 (B, 3, H, W) batches, got {batch.dtype} "
                          f"{batch.shape}")
 

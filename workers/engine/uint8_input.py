@@ -222,3 +222,12 @@ def fold_uint8_input(model: bytes) -> tuple[bytes, str] | None:
     out = b"".join(_len_field(MODEL_GRAPH, body) if n == MODEL_GRAPH else raw
                    for n, raw, _v in top)
     return out, new_name
+
+
+def uint8_nhwc(batch: np.ndarray) -> np.ndarray:
+    """A float32 ``(B, 3, H, W)`` RGB batch in [0, 1] (the engine's documented input) as the
+    folded graph takes it: uint8 ``(B, H, W, 3)``; a uint8 channels-last batch as it is."""
+    if batch.dtype == np.uint8 and batch.ndim == 4 and batch.shape[3] == 3:
+        return batch
+    u8 = np.rint(np.clip(batch, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.ascontiguousarray(u8.transpose(0, 2, 3, 1))
