@@ -31,7 +31,7 @@ def batch(seed: int, shape=SHAPE) -> np.ndarray:
 
 
 def test_bound_runner_reuses_its_buffers_and_matches_session_run(plain):
-    shape = plain.as_input(batch(1)).shape  # the session's input: uint8 channels-last
+    shape = plain.as_input(batch(1)).shape  # the session's input (uint8: folded)
     runner = BoundRunner(plain.session, plain.info.input_name, shape, "cpu")
     first = runner.run(plain.as_input(batch(1)))
     addresses = runner.buffer_addresses()
@@ -51,7 +51,7 @@ def test_pose_model_binding_path_with_fixed_shape_session(model_path, plain):
     for seed, shape in ((1, SHAPE), (2, other), (3, SHAPE), (4, other)):
         np.testing.assert_allclose(bound.run_raw(batch(seed, shape))[0],
                                    plain.run_raw(batch(seed, shape))[0], rtol=1e-5, atol=1e-3)
-    taken = bound.as_input(batch(1)).shape  # what the graph takes: uint8 channels-last
+    taken = bound.as_input(batch(1)).shape  # what the graph takes
     assert bound._fixed is not None and bound._fixed.shape == taken
     assert bound._fixed.calls == 2  # both full batches went through the fixed-shape session
     assert bound._fixed.session is not bound.session

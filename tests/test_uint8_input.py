@@ -37,10 +37,9 @@ def test_folded_default_model_gives_the_float_models_outputs_bit_for_bit():
     assert name == "images_uint8"
     plain, u8 = ort.InferenceSession(path), ort.InferenceSession(folded)
     assert u8.get_inputs()[0].type == "tensor(uint8)"
-    assert u8.get_inputs()[0].shape[1:] == ["height", "width", 3]  # channels-last
     x = np.random.default_rng(0).integers(0, 256, (2, 3, 320, 480), dtype=np.uint8)
     a = plain.run(None, {"images": x * np.float32(1 / 255)})[0]
-    b = u8.run(None, {name: np.ascontiguousarray(x.transpose(0, 2, 3, 1))})[0]
+    b = u8.run(None, {name: x})[0]
     assert np.array_equal(a, b)
 
 
@@ -48,11 +47,11 @@ def test_rtmo_layout_takes_bgr_0_255_without_scaling(tmp_path: Path):
     path = G.rtmo(tmp_path / "rtmo.onnx", np.array([[10.0, 20.0, 110.0, 220.0]]),
                   np.array([0.9]), np.zeros((1, 17, 3)), score_from_input=True)
     model = PoseModel(str(path), "cpu")
-    assert model.input_dtype == np.uint8 and model.input_layout == "nhwc"
+    assert model.input_dtype == np.uint8
     rgb = np.random.default_rng(1).random((1, 3, 64, 64), dtype=np.float32)
     rgb[0, 2] = np.float32(200 / 255)  # blue: the graph's first (B) channel peaks at 200
     as_u8 = model.as_input(rgb)
-    assert as_u8.dtype == np.uint8 and as_u8.shape == (1, 64, 64, 3)
+    assert as_u8.dtype == np.uint8 and as_u8.shape == (1, 3, 64, 64)
     assert np.allclose(model.infer(as_u8, 0.05, 0.6, 10)[0].scores, [0.2], atol=1e-6)
     float_model = PoseModel(str(path), "cpu", uint8_input=False)
     # the same persons from the float path (BGR * 255 in numpy) and the folded one
@@ -71,16 +70,19 @@ def test_graph_without_a_float_input_is_left_as_it_is(tmp_path: Path):
 def test_uint8_slot_holds_the_pixels_and_gray_bands():
     rgb = np.random.default_rng(2).integers(0, 256, (36, 64, 3), dtype=np.uint8)
     resized, box = fit(rgb, (64, 64))
-    slot = np.zeros((64, 64, 3), np.uint8)
-    write_input(resized, box, slot, "nhwc")
+    slot = np.zeros((3, 64, 64), np.uint8)
+    write_input(resized, box, slot)
     top = int(box.pad_y)
-    assert (slot[:top] == 114).all() and (slot[top + 36:] == 114).all()
-    assert np.array_equal(slot[top:top + 36], rgb)
+    assert (slot[:, :top] == 114).all() and (slot[:, top + 36:] == 114).all()
+    assert np.array_equal(slot[:, top:top + 36], rgb.transpose(2, 0, 1))
     as_float = np.zeros((3, 64, 64), np.float32)
     write_input(resized, box, as_float)
-    assert np.array_equal(as_float, slot.transpose(2, 0, 1) * np.float32(1 / 255)) is False
-    assert np.array_equal(as_float[:, top:top + 36],
-                          slot[top:top + 36].transpose(2, 0, 1) * np.float32(1 / 255))
+    assert np.array_equal(as_float[:, top:top + 36], slot[:, top:top + 36] * np.float32(1 / 255))
+    odd = np.ascontiguousarray(rgb[::2, ::2])[:, ::-1]  # a non-contiguous decoded array
+    resized, box = fit(odd, (32, 32))
+    small = np.zeros((3, 32, 32), np.uint8)
+    write_input(resized, box, small)
+    assert np.array_equal(small[:, int(box.pad_y):int(box.pad_y) + 18], odd.transpose(2, 0, 1))
 
 
 def test_engine_batches_are_uint8_for_the_default_model():

@@ -23,8 +23,8 @@ import numpy as np
 
 @dataclass(eq=False)
 class Batch:
-    """``array (size, 3, H, W)`` float32 or ``(size, H, W, 3)`` uint8 (the model's input);
-    ``claimed`` slots are being or have been written."""
+    """``array (size, 3, H, W)`` float32 or uint8 (the model's input); ``claimed`` slots are
+    being or have been written."""
 
     array: np.ndarray
     hw: tuple[int, int]
@@ -44,12 +44,11 @@ class Batch:
 class BatchPool:
     """Hands out ``(batch, slot)`` per input shape; ``release`` returns a batch for reuse."""
 
-    def __init__(self, size: int, dtype: type = np.float32, layout: str = "nchw") -> None:
+    def __init__(self, size: int, dtype: type = np.float32) -> None:
         if size < 1:
             raise ValueError(f"expected a batch size >= 1, got {size}")
         self.size = size
         self.dtype = dtype
-        self.layout = layout
         self._filling: dict[tuple[int, int], Batch] = {}
         self._free: dict[tuple[int, int], list[np.ndarray]] = {}
         self._lock = threading.Lock()
@@ -60,8 +59,7 @@ class BatchPool:
             batch = self._filling.get(hw)
             if batch is None or batch.claimed == batch.size:
                 free = self._free.get(hw)
-                shape = (self.size, *hw, 3) if self.layout == "nhwc" else (self.size, 3, *hw)
-                array = free.pop() if free else np.empty(shape, self.dtype)
+                array = free.pop() if free else np.empty((self.size, 3, *hw), self.dtype)
                 batch = self._filling[hw] = Batch(array, hw)
             slot = batch.claimed
             batch.claimed += 1

@@ -92,7 +92,7 @@ def prepare(key: str, load: Loader, job: JobSettings,
             write_input(resized, box, tensor)
             return Prepared(key, tensor=tensor, image=image, box=box)
         batch, slot = pool.claim(box.out_hw)
-        write_input(resized, box, batch.array[slot], pool.layout)
+        write_input(resized, box, batch.array[slot])
         return Prepared(key, image=image, box=box, batch=batch, slot=slot)
     except ImageError as err:
         return Prepared(key, error=error_result(err.code, err.message))
@@ -181,13 +181,13 @@ class PoseEngine:
         self.batch_size = model.info.fixed_batch or batch_size or auto
         self.io_threads = io_threads
         self.stages = StageTimer()
-        # A runner with a uint8 input gets uint8 channels-last batches (4x less written per
-        # pixel, row by row); others, any runner without the attributes, and the paths that
-        # transform batches themselves (best quality, top-down), float32 RGB (B, 3, H, W).
+        # A runner with a uint8 input gets uint8 batches (4x less written per pixel);
+        # others, any runner without the attributes, and the paths that transform batches
+        # themselves (best quality, top-down), float32 RGB in [0, 1].
         plain = not any(passes(job.quality)) and not isinstance(model, TopDownModel)
-        self.input_dtype: type = getattr(model, "input_dtype", np.float32) if plain else np.float32
-        self.input_layout: str = getattr(model, "input_layout", "nchw") if plain else "nchw"
-        self._pool = BatchPool(self.batch_size, self.input_dtype, self.input_layout)
+        uint8 = plain and getattr(model, "input_dtype", np.float32) == np.uint8
+        self.input_dtype: type = np.uint8 if uint8 else np.float32
+        self._pool = BatchPool(self.batch_size, self.input_dtype)
         """Batch memory, reused by every run of this engine."""
         self._decoders: ThreadPoolExecutor | None = None
         self._writers: ThreadPoolExecutor | None = None

@@ -36,7 +36,7 @@ from workers.engine.providers import (
     preload_cuda_libraries,
     tensorrt_libraries_present,
 )
-from workers.engine.uint8_input import fold_uint8_input, uint8_nhwc
+from workers.engine.uint8_input import as_uint8, fold_uint8_input
 
 __all__ = ["ModelInfo", "PoseModel", "choose_providers"]
 
@@ -93,15 +93,14 @@ class PoseModel:
         self._intra_threads = intra_threads
         self._source: str | bytes = path
         self.input_dtype: type = np.float32
-        """What ``run_raw`` takes without a conversion (``as_input``): uint8 channels-last RGB
-        (``input_layout`` nhwc) when the graph's input was folded, else float32 NCHW."""
-        self.input_layout = "nchw"
+        """What ``run_raw`` takes without a conversion (``as_input``), ``(B, 3, H, W)``: uint8
+        RGB when the graph's input was folded (or is uint8 itself), else float32 in [0, 1]."""
         if uint8_input is None:
             uint8_input = os.environ.get(UINT8_ENV, "1") not in ("0", "false", "no")
         folded = fold_uint8_input(Path(path).read_bytes()) if uint8_input else None
         if folded is not None:
             self._source = folded[0]
-            self.input_dtype, self.input_layout = np.uint8, "nhwc"
+            self.input_dtype = np.uint8
         available = ort.get_available_providers()
         preload_cuda_libraries(ort, available)
         if trt_present is None:  # only probe for TensorRT where onnxruntime could use it
@@ -112,10 +111,8 @@ class PoseModel:
                                             "cache_dir": self._cache_dir}
         chain = choose_providers(providers, available, **self._chain_args)
         self.session = self._open(chain, self._options())
-        first = self.session.get_inputs()[0]
-        if first.type == "tensor(uint8)" and folded is None:  # a graph that takes 0..255 itself
+        if self.session.get_inputs()[0].type == "tensor(uint8)":  # folded, or 0..255 itself
             self.input_dtype = np.uint8
-            self.input_layout = "nhwc" if len(first.shape) == 4 and first.shape[3] == 3 else "nchw"
         self.info = self._inspect(path)
         if self.kind != "cpu" and self.info.provider not in GPU_PROVIDERS:
             message = (f"providers={providers}: ONNX Runtime could not start "
@@ -161,12 +158,8 @@ class PoseModel:
             raise ModelError(f"cannot load ONNX model {self._path}: {err}") from err
 
     def _inspect(self, path: str) -> ModelInfo:
-        def nchw(shape: list[Any]) -> list[Any]:  # a channels-last input, as (B, 3, H, W)
-            return [shape[0], shape[3], shape[1], shape[2]] if len(shape) == 4 else shape
-
-        view = nchw if self.input_layout == "nhwc" else list
         return inspect_io(
-            path, [(i.name, view(i.shape)) for i in self.session.get_inputs()],
+            path, [(i.name, i.shape) for i in self.session.get_inputs()],
             [(o.name, o.shape) for o in self.session.get_outputs()],
             self.session.get_providers()[0],
         )
@@ -178,16 +171,13 @@ class PoseModel:
         return self.on_cuda
 
     def as_input(self, batch: np.ndarray) -> np.ndarray:
-        """``batch`` as the graph takes it. A batch already in ``input_dtype`` and
-        ``input_layout`` goes as it is; a float32 one ``(B, 3, H, W)`` RGB in [0, 1] (the
-        documented input: tests, the serve and best-quality paths) is converted."""
-        if batch.dtype == self.input_dtype and (batch.dtype != np.uint8 or batch.shape[
-                3 if self.input_layout == "nhwc" else 1] == 3):
+        """``batch`` as the graph takes it. A batch in ``input_dtype`` goes as it is; a float32
+        one, RGB in [0, 1] (the documented input: tests, the serve and best-quality paths), is
+        converted for a uint8 graph."""
+        if batch.dtype == self.input_dtype:
             return batch
         if self.input_dtype == np.uint8:
-            if self.input_layout == "nhwc":
-                return uint8_nhwc(batch)
-            return np.rint(np.clip(batch, 0.0, 1.0) * 255.0).astype(np.uint8)
+            return as_uint8(batch)
         raise ValueError(f"this model takes float32 (B, 3, H, W) batches, got {batch.dtype} "
                          f"{batch.shape}")
 

@@ -29,7 +29,7 @@ from workers.engine.runner import (
     decode_outputs,
     inspect_io,
 )
-from workers.engine.uint8_input import uint8_nhwc
+from workers.engine.uint8_input import as_uint8
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ class OpenVinoModel:
         except Exception as err:  # openvino raises RuntimeError subclasses of its own
             raise ModelError(f"cannot load ONNX model {path} with OpenVINO: {err}") from err
         self.input_dtype: type = np.float32
-        """uint8 channels-last (``input_layout`` nhwc) once the scaling is in the model."""
-        self.input_layout = "nchw"
+        """uint8 once the scaling is in the model (NCHW as the engine's batches)."""
         if os.environ.get(UINT8_ENV, "1") not in ("0", "false", "no"):
             self._model = self._uint8_input(self._model)
         self.precision = resolve_precision(precision)
@@ -89,11 +88,8 @@ class OpenVinoModel:
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = threads
         self._out_names = [o.get_any_name() for o in self._model.outputs]
-        dims = _dims(self._model.inputs[0])
-        if self.input_layout == "nhwc":  # inspected as the ONNX file's (B, 3, H, W)
-            dims = [dims[0], dims[3], dims[1], dims[2]]
         self.info: ModelInfo = inspect_io(
-            path, [(self._model.inputs[0].get_any_name(), dims)],
+            path, [(self._model.inputs[0].get_any_name(), _dims(self._model.inputs[0]))],
             [(o.get_any_name(), _dims(o)) for o in self._model.outputs],
             f"OpenVINO CPU {self.precision}",
         )
@@ -106,28 +102,27 @@ class OpenVinoModel:
         log.info("model %s (%s) on %s", path, self.info.layout, self.info.provider)
 
     def _uint8_input(self, model: Any) -> Any:
-        """The engine's uint8 (B, H, W, 3) RGB batches in, the model's float NCHW input made by
+        """The engine's uint8 (B, 3, H, W) RGB batches in, the model's float input made by
         OpenVINO's preprocessing (as workers.engine.uint8_input does for ONNX Runtime: times
         float32(1/255), or BGR 0..255 for RTMO)."""
         from openvino import opset13 as ops
-        from openvino.preprocess import ColorFormat, PrePostProcessor
+        from openvino.preprocess import PrePostProcessor
 
         if len(model.inputs) != 1 or model.inputs[0].get_element_type() != self._ov.Type.f32:
             return model
         rtmo = {"dets", "keypoints"} <= {o.get_any_name() for o in model.outputs}
         ppp = PrePostProcessor(model)
-        tensor = ppp.input().tensor().set_element_type(self._ov.Type.u8)
-        tensor.set_layout(self._ov.Layout("NHWC"))
+        ppp.input().tensor().set_element_type(self._ov.Type.u8).set_layout(
+            self._ov.Layout("NCHW"))
         ppp.input().model().set_layout(self._ov.Layout("NCHW"))
         steps = ppp.input().preprocess()
         if rtmo:
-            tensor.set_color_format(ColorFormat.RGB)
-            steps.convert_color(ColorFormat.BGR).convert_element_type(self._ov.Type.f32)
+            steps.reverse_channels().convert_element_type(self._ov.Type.f32)
         else:
             inv = ops.constant(np.float32(1 / 255))
             steps.convert_element_type(self._ov.Type.f32).custom(
                 lambda x: ops.multiply(x, inv).output(0))
-        self.input_dtype, self.input_layout = np.uint8, "nhwc"
+        self.input_dtype = np.uint8
         return ppp.build()
 
     def _queue_for(self, hw: tuple[int, int]) -> Any:
@@ -138,9 +133,7 @@ class OpenVinoModel:
                 model = self._model
                 if self.info.fixed_hw is None or self.info.fixed_batch is None:
                     model = model.clone()
-                    shape = ([self._chunk, *hw, 3] if self.input_layout == "nhwc"
-                             else [self._chunk, 3, *hw])
-                    model.reshape({model.inputs[0].get_any_name(): shape})
+                    model.reshape({model.inputs[0].get_any_name(): [self._chunk, 3, *hw]})
                 compiled = self._core.compile_model(model, "CPU", self._config)
                 n = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
                 self._compiled[hw] = self._ov.AsyncInferQueue(compiled, max(1, n))
@@ -148,14 +141,12 @@ class OpenVinoModel:
 
     def as_input(self, batch: np.ndarray) -> np.ndarray:
         """``batch`` as the compiled model takes it (see ``PoseModel.as_input``)."""
-        return uint8_nhwc(batch) if self.input_layout == "nhwc" else batch
+        return as_uint8(batch) if self.input_dtype == np.uint8 else batch
 
     def run_raw(self, batch: np.ndarray) -> list[np.ndarray]:
-        """``batch (B, 3, H, W) float32`` (or uint8 ``(B, H, W, 3)``) -> the graph's outputs
-        for the whole batch."""
+        """``batch (B, 3, H, W)`` float32 (or uint8) -> the graph's outputs for the batch."""
         batch = self.as_input(batch)
-        hw = batch.shape[1:3] if self.input_layout == "nhwc" else batch.shape[2:4]
-        queue = self._queue_for((int(hw[0]), int(hw[1])))
+        queue = self._queue_for((int(batch.shape[2]), int(batch.shape[3])))
         chunks = [np.ascontiguousarray(batch[i:i + self._chunk])
                   for i in range(0, len(batch), self._chunk)]
         results: list[list[np.ndarray] | None] = [None] * len(chunks)
