@@ -98,6 +98,9 @@ def stage_table(stages: dict[str, Any] | None) -> str:
     images = max(1, int(stages.get("images", 1)))
     rows = [f"  {name:<10} {1000 * sec / images:7.3f} ms/img"
             for name, sec in stages.get("seconds", {}).items()]
+    if "model_thread_cpu_ms_per_image" in stages:
+        rows.append(f"  model thread: {stages['model_thread_ms_per_image']:.3f} ms/img wall, "
+                    f"{stages['model_thread_cpu_ms_per_image']:.3f} ms/img CPU")
     return "\n".join(rows) + "\n"
 
 
