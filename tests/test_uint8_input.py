@@ -117,3 +117,22 @@ def test_dev_set_accuracy_with_uint8_input_equals_mains(tmp_path: Path):
     before, after = evaluate(gt, str(main_out)), evaluate(gt, str(out))
     for metric in ("AP", "AP50", "AP17", "PCK21_05", "PCK21_10"):
         assert abs(after[metric] - before[metric]) <= 0.005, (metric, before, after)
+
+
+def test_model_with_external_weights_runs_with_its_float_input(tmp_path: Path):
+    # A graph given to ONNX Runtime as bytes cannot find weights in a file beside it: the
+    # folded model does not load, and the model runs as before (float input) instead of failing.
+    import onnx
+
+    path = G.yolo_raw(tmp_path / "m.onnx", np.array([[50.0, 50.0, 20.0, 20.0]]),
+                      np.array([0.9]), np.zeros((1, 17, 3)))
+    external = tmp_path / "ext" / "m.onnx"
+    external.parent.mkdir()
+    onnx.save(onnx.load(str(path)), str(external), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.data", size_threshold=0,
+              convert_attribute=True)
+    assert (external.parent / "m.data").is_file()
+    model = PoseModel(str(external), "cpu")
+    assert model.input_dtype == np.float32
+    dets = model.infer(np.zeros((1, 3, 64, 64), np.float32), 0.05, 0.6, 10)
+    assert len(dets[0]) == 1

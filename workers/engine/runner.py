@@ -110,7 +110,16 @@ class PoseModel:
         self._chain_args: dict[str, Any] = {"trt_present": trt_present, "precision": precision,
                                             "cache_dir": self._cache_dir}
         chain = choose_providers(providers, available, **self._chain_args)
-        self.session = self._open(chain, self._options())
+        try:
+            self.session = self._open(chain, self._options())
+        except ModelError as err:
+            if folded is None:
+                raise
+            # e.g. weights in an external data file, which a graph given as bytes cannot find
+            log.warning("the model with a uint8 input did not load (%s); running it with its "
+                        "float input", err)
+            self._source, self.input_dtype = path, np.float32
+            self.session = self._open(chain, self._options())
         if self.session.get_inputs()[0].type == "tensor(uint8)":  # folded, or 0..255 itself
             self.input_dtype = np.uint8
         self.info = self._inspect(path)
