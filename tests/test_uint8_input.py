@@ -136,3 +136,8 @@ def test_model_with_external_weights_runs_with_its_float_input(tmp_path: Path):
     assert model.input_dtype == np.float32
     dets = model.infer(np.zeros((1, 3, 64, 64), np.float32), 0.05, 0.6, 10)
     assert len(dets[0]) == 1
+
+
+def test_bytes_that_are_no_model_are_left_to_the_runtime():
+    assert fold_uint8_input(b"not an onnx model") is None
+    assert fold_uint8_input(b"") is None

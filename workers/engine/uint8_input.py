@@ -196,7 +196,14 @@ def _scalar_attribute(name: str, value: np.float32) -> bytes:
 def fold_uint8_input(model: bytes) -> tuple[bytes, str] | None:
     """``(model bytes with a uint8 (B, 3, H, W) RGB input, that input's name)``, or None when
     the graph has not exactly one float image input or its opset is below 10 (nothing to
-    fold: it runs as it is)."""
+    fold: it runs as it is), or the bytes are no ONNX model (the runtime then says so)."""
+    try:
+        return _fold(model)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def _fold(model: bytes) -> tuple[bytes, str] | None:
     graph_raw = None
     top: list[tuple[int, bytes, bytes | int]] = []
     for number, _w, raw, value in _fields(model):
