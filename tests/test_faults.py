@@ -247,7 +247,11 @@ def test_machine_lost_mid_job_with_default_settings_the_job_finishes_within_two_
     proc = cluster.wait(job_id, timeout=120)  # exit 4 if not done two minutes after the loss
     assert proc.returncode == 0, proc.stdout + proc.stderr
     deliveries = cluster.store().r.hgetall(f"posebatch:job:{job_id}:deliveries")
-    assert max(int(v) for v in deliveries.values()) == 2  # the lost batch, run once more
+    # What this test is about: the job finished by itself with nothing lost or counted twice
+    # (cluster.check). How many batches ran twice depends on timing: under load the lost
+    # worker's batch may still have been in its prefetch, not started (1 delivery). Never a
+    # third delivery: the survivor's lease holds.
+    assert max(int(v) for v in deliveries.values()) <= 2, deliveries
     cluster.check("machine lost mid-job, default 60 s lease")
 
 
