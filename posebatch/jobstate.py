@@ -361,6 +361,12 @@ class JobStore:
         self.r.hsetnx(self._k(job_id), "model", json.dumps(model))
         return json.loads(self.r.hget(self._k(job_id), "model"))
 
+    @translated
+    def note_runner(self, job_id: str, label: str) -> None:
+        """Which backend/precision/device ran some of the job's batches (``runners`` in its
+        summary): a job left at precision ``auto`` may be computed differently per host."""
+        self.r.hset(self._k(job_id), f"runner:{label}", 1)
+
     def records(self, job_id: str) -> Iterator[Record]:
         with redis_errors():  # a generator: translate while iterating, not only at the call
             for key, raw in self.r.hscan_iter(self._k(job_id, "records"), count=1000):
@@ -437,9 +443,10 @@ class JobStore:
         h = self.r.hgetall(self._k(job_id))
         created = (h.get(b"created") or b"").decode()
         model = json.loads(h[b"model"]) if h.get(b"model") else None
+        runners = sorted(k.decode()[len("runner:"):] for k in h if k.startswith(b"runner:"))
         summary_meta = {"job_id": job_id, "input": meta.get("input"), "output": meta.get("output"),
                         "created": created, "finished": now_iso(), "model": model,
-                        "settings": meta.get("settings")}
+                        "runners": runners, "settings": meta.get("settings")}
         prefix = meta.get("summary_prefix", "").replace("{job_id}", job_id)
         src = open_storage(meta["input"]) if meta.get("input") else None
         # Several jobs may write into one output (other input folders, reruns): the root

@@ -19,6 +19,8 @@ ENV_PREFIX = "POSEBATCH_"
 QUALITIES = ("fast", "flip", "scale", "best")
 """``fast``: one pass. ``best``: horizontal-flip TTA plus a second, larger scale (README
 "Quality"); ``flip`` and ``scale`` are each of the two alone, to measure them separately."""
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+BACKENDS = ("auto", "ort", "openvino")
 DEFAULT_BATCH_IMAGES = 32
 """Images per cluster task: a lost worker loses little, the task overhead is amortised (CPU).
 GPU workers want 256 or more (README)."""
@@ -60,6 +62,12 @@ class JobSettings:
     square: fewer pixels, same scale. Only for models with dynamic height/width."""
     quality: str = "fast"
     """One of QUALITIES: ``best`` is more accurate and about 4x slower than ``fast`` on CPU."""
+    precision: str = "auto"
+    """Pins the numeric precision every worker of the job runs (``fp32``, ``fp16``, ``bf16``);
+    ``auto`` lets each worker take its own choice (bf16 on AMX hosts with OpenVINO, else fp32),
+    so answers may differ by host within the accuracy guard (README "Precision")."""
+    backend: str = "auto"
+    """Pins the model runtime (``ort`` or ``openvino``); ``auto``: each worker's own choice."""
 
     def __post_init__(self) -> None:
         # Upper bounds keep a typo from exhausting memory: --imgsz 100000 once held 23.6 GB.
@@ -78,6 +86,8 @@ class JobSettings:
             ("min_side", 1 <= self.min_side <= self.max_side, "from 1 to max_side"),
             ("max_side", self.max_side <= MAX_SIDE, f"at most {MAX_SIDE}"),
             ("quality", self.quality in QUALITIES, f"one of {', '.join(QUALITIES)}"),
+            ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -85,6 +95,12 @@ class JobSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def pinned_runtime(self, rt: RuntimeSettings) -> RuntimeSettings:
+        """``rt`` with this job's pinned precision and backend (``auto`` keeps the worker's)."""
+        pins = {name: value for name, value in (("precision", self.precision),
+                                                ("backend", self.backend)) if value != "auto"}
+        return dataclasses.replace(rt, **pins) if pins else rt
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSettings:
@@ -110,8 +126,8 @@ class RuntimeSettings:
     ``cuda`` or ``tensorrt``."""
     precision: str = "auto"
     """``fp32``, ``fp16`` (the copy made by ``posebatch model fp16``, converted on first use),
-    ``bf16`` (OpenVINO runner only) or ``auto`` (fp16 on a GPU provider; with OpenVINO bf16
-    where the CPU has AMX/AVX512-BF16; else fp32)."""
+    ``bf16`` (OpenVINO runner only) or ``auto`` (with OpenVINO bf16 where the CPU has
+    AMX/AVX512-BF16; else fp32, GPUs included). A job's own ``precision`` overrides it."""
     backend: str = "auto"
     """``ort`` (ONNX Runtime), ``openvino``, or ``auto``: ONNX Runtime on a GPU, else the faster
     of the two on this CPU, measured once per model and host (cached in ``cache_dir``)."""
@@ -131,10 +147,10 @@ class RuntimeSettings:
         if self.providers not in ("auto", "cpu", "cuda", "tensorrt"):
             raise ConfigError("providers: expected auto, cpu, cuda or tensorrt, got "
                               f"{self.providers!r}")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: expected auto, fp32, fp16 or bf16, got "
                               f"{self.precision!r}")
-        if self.backend not in ("auto", "ort", "openvino"):
+        if self.backend not in BACKENDS:
             raise ConfigError(f"backend: expected auto, ort or openvino, got {self.backend!r}")
         if not 0 <= self.batch_size <= 256:
             raise ConfigError(f"batch_size: expected 1 to 256 (or 0 for auto), got "

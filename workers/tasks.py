@@ -71,15 +71,16 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
 
 def _run(job_id: str, input_url: str, output_url: str, keys: list[str], job: JobSettings,
          force: bool) -> list[Record]:
-    model, ref = state.load_model()
+    model, ref, label = state.load_model(job)
     store = state.job_store()
     on_record = policy.patiently(store.note_model, job_id,
                                  {"name": ref.name, "sha256": ref.sha256})
     if on_record["sha256"] != ref.sha256:
         raise ModelMismatch(f"job {job_id} runs model {on_record['sha256'][:12]} but this "
                             f"worker has {ref.sha256[:12]}; run one model per cluster")
+    policy.patiently(store.note_runner, job_id, label)
     src, dst = _storage(input_url), _storage(output_url)
-    _claim(job_id, dst, manifest(job, ref.sha256, ref.name), force)
+    _claim(job_id, dst, manifest(job, ref.sha256, ref.name, label), force)
     rt = state.runtime()
     engine = PoseEngine(model, job, rt.batch_size, rt.io_threads)
     records = process_keys(engine, src, dst, keys, skip_existing=not force)
