@@ -283,10 +283,18 @@ class ServeSettings:
     is refused at once (error 2, retry later) instead of queueing without bound."""
     max_base64_bytes: int = 4 * 1024 * 1024
     """The API's rule: the ``image`` field is at most 4 MB after base64."""
+    body_timeout_s: float = 10.0
+    """Seconds a client has to send its whole request body (HTTP 408 after): a client sending
+    at 1 byte/s must not hold a connection, let alone a ``max_queue`` slot, for minutes."""
+    max_connections: int = 256
+    """Connections served at once (uvicorn's ``limit_concurrency``; HTTP 503 past it): bounds the
+    bodies being read before admission to ``max_connections`` x the largest body."""
 
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.port <= 65535, "port must be in [0, 65535]"),
+            (0 < self.body_timeout_s <= 3600, "body_timeout_s must be in (0, 3600]"),
+            (self.max_connections >= 1, "max_connections must be >= 1"),
             (self.qps >= 0, "qps must be >= 0 (0 = unlimited)"),
             (0 <= self.max_wait_ms <= 10_000, "max_wait_ms must be in [0, 10000]"),
             (self.max_queue >= 1, "max_queue must be >= 1"),
