@@ -661,3 +661,34 @@ def test_reliability_doc_has_a_zero_row_for_every_fault_test():
               if n.startswith("test_") and n != "test_reliability_doc_has_a_zero_row_for_"
               "every_fault_test"}
     assert faults <= named, f"fault tests without a row: {sorted(faults - named)}"
+
+
+def test_a_worker_with_another_model_hands_batches_back_and_fails_none(cluster: Cluster,
+                                                                        tmp_path: Path):
+    """Issue 21 row 7: a worker started with another --model used to fail each batch it took
+    at once ("run one model per cluster"), so it took most of them (56 of 60 images 282000)
+    while the right worker sat idle. Now it hands them back untouched, without counting a
+    delivery, and the job's results are the right model's."""
+    import onnx
+
+    from posebatch.modelstore import resolve_model
+    from posebatch.settings import RuntimeSettings, from_env
+
+    (right,) = cluster.start_workers(1)
+    job_id = cluster.submit()
+    wait_until(lambda: (p := cluster.store().progress(job_id)) is not None and p.done >= 1, 90,
+               "the first record (the job's model is then the right worker's)")
+    os.killpg(right.proc.pid, signal.SIGSTOP)  # only the other worker can take batches now
+    try:
+        other = onnx.load(str(resolve_model(None, from_env(RuntimeSettings).cache_dir).path))
+        other.doc_string = "same network, another file: another sha256"
+        onnx.save(other, str(tmp_path / "other.onnx"))
+        cluster.extra_env = {"POSEBATCH_MODEL": str(tmp_path / "other.onnx")}
+        (wrong,) = cluster.start_workers(1)
+        wait_until(lambda: "handed back" in worker_log(wrong), 90,
+                   "the other model's worker handing a batch back")
+    finally:
+        os.killpg(right.proc.pid, signal.SIGCONT)
+    proc = cluster.wait(job_id)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # exit 1 if any image failed
+    cluster.check("a worker with another model joined")

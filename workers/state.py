@@ -41,7 +41,8 @@ def load_model(job: JobSettings | None = None) -> tuple[Runner | TopDownModel, M
         model = open_model(rt, sel.ref, sel.trt_present, sel.backend)
         metrics.model_loaded(time.perf_counter() - start)
         label = runner_label(model, sel.ref)
-        log.warning("worker model %s (%s) on %s: %s", sel.ref.name, sel.ref.sha256[:12],
+        log.warning("worker model %s (%s) on %s: %s; batches of jobs that run another model "
+                    "are handed back to the queue", sel.ref.name, sel.ref.sha256[:12],
                     model.info.provider, label)
         if len(_models) >= MAX_MODELS:  # a pin seldom used: the oldest one goes
             del _models[next(k for k in _models if k != (runtime().precision,
