@@ -26,7 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from posebatch.errors import INTERNAL_ERROR, StateAuthError, StateUnavailable
+from posebatch.errors import INTERNAL_ERROR, StateAuthError, StateUnavailable, StorageNotFound
 from posebatch.records import Record
 
 PREFIX = "posebatch"
@@ -227,8 +227,9 @@ class JobStore:
 
     @translated
     def abandon(self, job_id: str, reason: str) -> None:
-        """A submission that failed after queuing some batches: `wait` and `status` say so and
-        why, instead of "submitting" forever; the state expires like a finished job's."""
+        """A submission that failed after queuing some batches, or a job whose output is gone:
+        `wait` and `status` say so and why (exit 3), instead of "submitting" or "running"
+        forever; the state expires like a finished job's."""
         self.r.hset(self._k(job_id), mapping={"state": "abandoned", "error": reason,
                                               "finished": now_iso()})
         self._expire(job_id)
@@ -424,7 +425,11 @@ class JobStore:
                                        "takes over")
 
         try:
-            self.write_aggregates(job_id, on_progress=renew)
+            try:
+                self.write_aggregates(job_id, on_progress=renew)
+            except StorageNotFound as err:  # the output bucket is gone: waiting will not help
+                self.abandon(job_id, f"its tables cannot be written: {err}")
+                raise
             renew()  # still the owner: only then say done
             self.r.hset(self._k(job_id), mapping={"state": "done", "finished": now_iso()})
             self._expire(job_id)

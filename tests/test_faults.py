@@ -692,3 +692,26 @@ def test_a_worker_with_another_model_hands_batches_back_and_fails_none(cluster: 
     proc = cluster.wait(job_id)
     assert proc.returncode == 0, proc.stdout + proc.stderr  # exit 1 if any image failed
     cluster.check("a worker with another model joined")
+
+
+def test_the_output_bucket_deleted_mid_job_is_exit_3_with_the_reason(cluster: Cluster):
+    """Issue 21 row 8: images failed with a clear message, but `wait` exited 4 "NoSuchBucket
+    (transient; try again)" and `status` said running. A gone bucket is not transient."""
+    bucket = cluster.s3.make_bucket(f"gone-{uuid.uuid4().hex[:10]}")
+    cluster.start_workers(1)
+    proc = run_cli("submit", cluster.stack["input"], "--out", f"s3://{bucket}/res/",
+                   "--batch-images", str(BATCH_IMAGES), env=cluster.env)
+    job_id = proc.stdout.strip().splitlines()[-1]
+    wait_until(lambda: (p := cluster.store().progress(job_id)) is not None and p.done >= 1, 90,
+               "the first record")
+    for page in cluster.client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            cluster.client.delete_object(Bucket=bucket, Key=obj["Key"])
+    cluster.client.delete_bucket(Bucket=bucket)
+    proc = cluster.wait(job_id, timeout=180)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"bucket {bucket} does not exist" in proc.stderr, proc.stderr
+    assert "transient" not in proc.stderr
+    status = run_cli("status", job_id, env=cluster.env, check=False)
+    assert status.returncode == 3, status.stdout + status.stderr
+    assert f"bucket {bucket} does not exist" in status.stdout + status.stderr
