@@ -26,7 +26,13 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from posebatch.errors import INTERNAL_ERROR, StateAuthError, StateUnavailable, StorageNotFound
+from posebatch.errors import (
+    INTERNAL_ERROR,
+    StateAuthError,
+    StateFull,
+    StateUnavailable,
+    StorageNotFound,
+)
 from posebatch.records import Record
 
 PREFIX = "posebatch"
@@ -55,6 +61,8 @@ def redis_errors() -> Iterator[None]:
         raise StateAuthError(
             "Redis refused the credentials; check the password in POSEBATCH_BROKER_URL / "
             "--broker (redis://:PASSWORD@host:port/db)") from err
+    except (redis.exceptions.OutOfMemoryError, redis.exceptions.ExecAbortError) as err:
+        raise StateFull(f"Redis is full: {REDIS_FULL_HINT}") from err
     except redis.exceptions.ResponseError as err:
         if "NOAUTH" in str(err) or "WRONGPASS" in str(err):
             raise StateAuthError(
@@ -64,6 +72,12 @@ def redis_errors() -> Iterator[None]:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
         raise StateUnavailable(f"cannot reach the broker/Redis ({type(err).__name__}: "
                                f"{strip_urls(str(err))}); is it running?") from err
+
+
+REDIS_FULL_HINT = ("it reached maxmemory and refuses writes (policy noeviction). Workers wait "
+                   "and go on by themselves once it takes writes again; nothing is lost. Free "
+                   "memory (`redis-cli --bigkeys`; finished jobs' state expires with "
+                   "POSEBATCH_JOB_RETENTION) or raise maxmemory")
 
 
 def translated(method: Callable[_P, _T]) -> Callable[_P, _T]:
@@ -363,6 +377,15 @@ class JobStore:
         return json.loads(self.r.hget(self._k(job_id), "model"))
 
     @translated
+    def full(self) -> str | None:
+        """Why Redis refuses writes now (maxmemory reached under noeviction), or None."""
+        info = self.r.info("memory")
+        limit, used = int(info.get("maxmemory", 0)), int(info.get("used_memory", 0))
+        if limit and used >= limit and info.get("maxmemory_policy") == "noeviction":
+            return f"Redis is full ({used} of maxmemory {limit} bytes): {REDIS_FULL_HINT}"
+        return None
+
+    @translated
     def note_runner(self, job_id: str, label: str) -> None:
         """Which backend/precision/device ran some of the job's batches (``runners`` in its
         summary): a job left at precision ``auto`` may be computed differently per host."""
@@ -377,7 +400,9 @@ class JobStore:
     # -- both ------------------------------------------------------------------------------
     @translated
     def progress(self, job_id: str) -> JobProgress | None:
-        pipe = self.r.pipeline()
+        # No MULTI: a full Redis refuses a transaction even of reads, and `status` must still
+        # answer then (the three reads need no atomicity: counts only grow).
+        pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(self._k(job_id))
         pipe.hlen(self._k(job_id, "records"))
         pipe.scard(self._k(job_id, "failed"))

@@ -187,6 +187,10 @@ class ClusterSettings:
     """Seconds a cluster batch waits out a storage outage (connection refused, timeouts, 5xx),
     retrying with backoff up to a minute apart, before its images are recorded as failed."""
 
+    state_patience: int = 60
+    """Seconds a batch waits for its job state (Redis down, failing over, or full at maxmemory)
+    before it goes back to the queue untouched, to come back after the visibility timeout."""
+
     requeue_after: int = 30
     """Seconds a running job may go without a recorded image before `wait` and the control
     worker look for batches lost with a machine (neither queued nor held) and queue them again."""
@@ -207,6 +211,9 @@ class ClusterSettings:
         if not 1 <= self.requeue_after <= 24 * 3600:
             raise ConfigError(f"requeue_after: expected 1 to 86400 seconds, got "
                               f"{self.requeue_after}")
+        if not 1 <= self.state_patience <= 24 * 3600:
+            raise ConfigError(f"state_patience: expected 1 to 86400 seconds, got "
+                              f"{self.state_patience}")
         if not 0 <= self.storage_patience <= 24 * 3600:
             raise ConfigError("storage_patience: expected 0 to 86400 seconds, got "
                               f"{self.storage_patience}")

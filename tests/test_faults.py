@@ -715,3 +715,55 @@ def test_the_output_bucket_deleted_mid_job_is_exit_3_with_the_reason(cluster: Cl
     status = run_cli("status", job_id, env=cluster.env, check=False)
     assert status.returncode == 3, status.stdout + status.stderr
     assert f"bucket {bucket} does not exist" in status.stdout + status.stderr
+
+
+def test_redis_full_mid_job_workers_wait_commands_say_so_and_nothing_is_lost(
+        s3_server: S3Server, tmp_path: Path):
+    """Issue 21 row 5: at maxmemory with noeviction the worker used to exit ("Unrecoverable
+    error: OutOfMemoryError"), and status, wait and submit exited 70 with a traceback. Now the
+    worker waits and reconnects, the commands exit 0 or 4 saying Redis is full, and once Redis
+    takes writes again the job finishes with every image."""
+    from tests.images import jpeg
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(120):
+        (src / f"{i:03d}.jpg").write_bytes(jpeg(320, 240))
+    bucket = s3_server.make_bucket(f"full-{uuid.uuid4().hex[:10]}")
+    upload_tree(s3_server.client(), bucket, "in/", src)
+    with running_redis(tmp_path / "redis", maxmemory="256mb") as redis_server:
+        env = {**s3_server.env(), "POSEBATCH_BROKER_URL": redis_server.url,
+               "POSEBATCH_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
+               "POSEBATCH_BATCH_SIZE": str(MODEL_BATCH), "POSEBATCH_STATE_PATIENCE": "3"}
+        worker = WorkerProcess(tmp_path / "w", env)
+        worker.start()
+        try:
+            job_id = run_cli("submit", f"s3://{bucket}/in/", "--out", f"s3://{bucket}/out/",
+                             "--batch-images", "4", env=env).stdout.split()[-1]
+            store = JobStore.from_url(redis_server.url)
+            wait_until(lambda: (p := store.progress(job_id)) is not None and p.done >= 8, 90,
+                       "the first batches")
+            redis_server.client().config_set("maxmemory", "1")  # full: every write refused
+            # Past the state patience (3 s): batches go back to the queue, and requeues, acks
+            # and lease renewals meet the full Redis too.
+            time.sleep(VISIBILITY_TIMEOUT + 6)
+            status = run_cli("status", job_id, env=env, check=False)
+            assert status.returncode == 0, status.stderr
+            assert "Redis is full" in status.stdout and "maxmemory" in status.stdout
+            waited = run_cli("wait", job_id, "--timeout", "2", "--no-progress", env=env,
+                             check=False)
+            assert waited.returncode == 4 and "Redis is full" in waited.stderr, waited.stderr
+            again = run_cli("submit", f"s3://{bucket}/in/", "--out", f"s3://{bucket}/o2/",
+                            env=env, check=False)
+            assert again.returncode == 4, again.stdout + again.stderr
+            assert "full" in again.stderr and "Traceback" not in again.stderr, again.stderr
+            assert worker.proc.poll() is None, worker_log(worker)[-3000:]  # still running
+            redis_server.client().config_set("maxmemory", "256mb")
+            done = run_cli("wait", job_id, "--timeout", "180", "--no-progress", env=env,
+                           check=False, timeout=240)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "Unrecoverable error" not in worker_log(worker)
+        finally:
+            worker.stop()
+    results = result_keys(s3_server.client(), bucket, "out/")
+    assert len(results) == 120

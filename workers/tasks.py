@@ -7,6 +7,7 @@ about failures. Its two Celery-shaped outcomes become ``task.retry`` and ``Rejec
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -48,9 +49,11 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
     for storage outages). With Celery's default (3) the last retry raised the storage error
     instead of recording the images as failed, and the job never completed.
     """
+    cluster = from_env(ClusterSettings)
     if keys is None:  # the message names the batch; its keys are in the job state
         try:
-            keys = policy.patiently(state.job_store().batch_keys, job_id, batch_id)
+            keys = policy.patiently(state.job_store().batch_keys, job_id, batch_id,
+                                    patience=cluster.state_patience)
         except policy.Requeue as err:
             raise Reject(str(err), requeue=True) from err
         if keys is None:
@@ -60,11 +63,13 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
     attempt = policy.Attempt(job_id, batch_id, keys, self.request.retries)
     job = JobSettings.from_dict(settings)
     try:  # before the policy counts a delivery: a batch this worker cannot run is not an attempt
-        policy.patiently(_check_model, job_id, job)
+        policy.patiently(_check_model, job_id, job, patience=cluster.state_patience)
     except ModelMismatch as err:
         metrics.handed_back()
-        policy.patiently(state.job_store().note_waiting, job_id,
-                         f"{err}; waiting for a worker with the job's model")
+        with contextlib.suppress(policy.Requeue):  # only a note for `status`
+            policy.patiently(state.job_store().note_waiting, job_id,
+                             f"{err}; waiting for a worker with the job's model",
+                             patience=cluster.state_patience)
         log.warning("batch %s of job %s handed back: %s", batch_id, job_id, err)
         time.sleep(MISMATCH_PAUSE_S)
         raise Reject(str(err), requeue=True) from err
@@ -79,7 +84,8 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
     try:
         with metrics.batch():
             return policy.run_batch(state.job_store(), attempt, work,
-                                    storage_patience=from_env(ClusterSettings).storage_patience)
+                                    patience=cluster.state_patience,
+                                    storage_patience=cluster.storage_patience)
     except policy.Requeue as err:
         # Not acknowledged: back to the queue (or, if the broker is down too, redelivered after
         # the visibility timeout). Recording nothing now loses nothing: records are idempotent.
@@ -94,7 +100,8 @@ def _run(job_id: str, input_url: str, output_url: str, keys: list[str], job: Job
          force: bool) -> list[Record]:
     model, ref, label = state.load_model(job)
     store = state.job_store()
-    policy.patiently(store.note_runner, job_id, label)
+    policy.patiently(store.note_runner, job_id, label,
+                     patience=from_env(ClusterSettings).state_patience)
     src, dst = _storage(input_url), _storage(output_url)
     _claim(job_id, dst, manifest(job, ref.sha256, ref.name, label), force)
     rt = state.runtime()

@@ -120,10 +120,11 @@ def cmd_status(ns: argparse.Namespace) -> int:
     store = _store(ns)
     ids = [ns.job_id] if ns.job_id else store.recent()
     states = []
+    full = store.full()
     for job_id in ids:
         p = get(store, job_id)
         states.append(p.state)
-        print(describe(p))
+        print(describe(p, full))
     # One job asked for by id: an abandoned one (submission stopped, output gone) needs fixing.
     return exitcodes.CONFIG if ns.job_id and states == ["abandoned"] else exitcodes.OK
 
