@@ -171,3 +171,24 @@ def test_a_pil_image_is_turned_upright_like_a_file(pose):
     (from_bytes,) = pose.predict(data)
     (from_pil,) = pose.predict(Image.open(io.BytesIO(data)))
     assert (from_bytes.width, from_bytes.height) == (from_pil.width, from_pil.height) == (60, 80)
+
+
+def test_no_module_but_the_schema_indexes_result_dicts_by_key_name():
+    """Records, exports, the report, eval, recount, overlays and serve read results through
+    ``read_result`` / ``PoseResult.from_api``: one module knows how the JSON is spelled."""
+    result_keys = re.compile(r"""\[["'](person_info|body_parts|location)["']\]"""
+                             r"""|\.get\(["'](person_info|body_parts|location)["']""")
+    shared_keys = re.compile(r"""\[["'](error_code|error_msg|person_num)["']\]"""
+                             r"""|\.get\(["'](error_code|error_msg|person_num)["']""")
+    # Rows of _counts.csv and the summary's failure table share the names, not the format.
+    not_results = {"posebatch/aggregate.py", "posebatch/report/page.py"}
+    offenders = []
+    for package in ("posebatch", "workers", "producer"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel == "posebatch/schema.py":
+                continue
+            text = path.read_text()
+            if result_keys.search(text) or (rel not in not_results and shared_keys.search(text)):
+                offenders.append(rel)
+    assert offenders == []
