@@ -59,3 +59,11 @@ def build_python() -> str:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{msg} (required on CI)")
     pytest.skip(msg)
+
+
+def is_valid_person(person: dict, job) -> bool:
+    """The seed's rule read straight off the JSON: the tests' own oracle, independent of the
+    typed result the exports use."""
+    confident = sum(1 for part in person["body_parts"].values()
+                    if part["score"] > job.valid_kpt_score)
+    return confident > job.valid_min_kpts and person["location"]["score"] > job.valid_box_score

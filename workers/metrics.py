@@ -61,6 +61,8 @@ def _get() -> dict[str, Any] | None:
                                    "stage, all threads added up", ["stage"]),
             "model_load": Gauge("posebatch_model_load_seconds", "Time to load the model",
                                 multiprocess_mode="max"),
+            "handed_back": Counter("posebatch_batches_handed_back", "Batches of jobs that run "
+                                   "another model, handed back to the queue untouched"),
         }
     return _metrics
 
@@ -109,3 +111,9 @@ def stages(snapshot: dict[str, Any]) -> None:
     for stage, seconds in snapshot["seconds"].items():
         m["stage"].labels(stage).observe(seconds / snapshot["images"])
         m["stage_total"].labels(stage).inc(seconds)
+
+
+def handed_back() -> None:
+    m = _get()
+    if m is not None:
+        m["handed_back"].inc()
