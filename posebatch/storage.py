@@ -13,6 +13,8 @@ folder ("a/x.jpg" before "a-b.jpg"), with a StartAfter that follows its own orde
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import mimetypes
 import os
 import shutil
@@ -44,7 +46,22 @@ from posebatch.errors import (
 from posebatch.names import display_path, key_from_name, name_from_key
 from posebatch.oserrors import file_kind, read_error, write_error
 
-_TMP_PREFIX = ".posebatch-tmp-"  # partial writes in progress; never listed
+_TMP_PREFIX = ".pbt-"
+"""Partial writes in progress, never listed: ``.pbt-<16 hex>``, short whatever the final name,
+so that a result name of up to 255 bytes still has a temporary name that fits (the old
+``.posebatch-tmp-<name>.json.<32 hex>`` made a 203-byte image name fail)."""
+_TMP_PREFIXES = (_TMP_PREFIX, ".posebatch-tmp-")  # the old prefix: leftovers of older versions
+NAME_MAX = 255
+"""Bytes per file name on Linux file systems (ext4, XFS, Btrfs, tmpfs); the folder's own
+``pathconf`` answer wins where it has one."""
+PATH_MAX = 4096
+S3_KEY_MAX = 1024
+"""Bytes of UTF-8 in one S3 key (AWS's limit; SeaweedFS answers KeyTooLongError past it)."""
+logger = logging.getLogger(__name__)
+
+
+def _tmp_name(folder: str) -> str:
+    return os.path.join(folder, f"{_TMP_PREFIX}{uuid.uuid4().hex[:16]}")
 
 
 class Storage(Protocol):
@@ -92,6 +109,12 @@ class Storage(Protocol):
         """Size in bytes, None if missing: lets the input rules reject 40 MB files unread."""
         ...
 
+    def name_problem(self, key: str) -> str | None:
+        """Why an object named ``key`` can never be written here (a file name over the file
+        system's 255 bytes, an S3 key over 1024 bytes), or None: lets a batch give that one
+        image an error result instead of failing on the write."""
+        ...
+
     def join(self, key: str) -> str:
         """Full URL or path of ``key``, for messages."""
         ...
@@ -134,6 +157,7 @@ class LocalStorage:
         self.root = os.path.abspath(root)
         # Keys and the URL are UTF-8-safe text (posebatch.names); only _path() is a real name.
         self.url = display_path(self.root)
+        self._name_max: int | None = None
 
     def join(self, key: str) -> str:
         return f"{self.url.rstrip('/')}/{key}"
@@ -151,8 +175,8 @@ class LocalStorage:
 
     def upload(self, key: str, path: str, content_type: str | None = None) -> None:
         dest = self._path(key)
-        folder, name = os.path.split(dest)
-        tmp = os.path.join(folder, f"{_TMP_PREFIX}{name}.{uuid.uuid4().hex}")
+        folder = os.path.dirname(dest)
+        tmp = _tmp_name(folder)
         try:
             os.makedirs(folder, exist_ok=True)
             shutil.copyfile(path, tmp)
@@ -179,13 +203,15 @@ class LocalStorage:
                 continue
             yield key, f"{st.st_size}:{st.st_mtime_ns}"
 
-    def _walk(self, path: str, prefix: str, start_after: str | None) -> Iterator[str]:
+    def _walk(self, path: str, prefix: str, start_after: str | None,
+              folders: _Folders | None = None) -> Iterator[str]:
+        folders = folders or _Folders(path)
         try:
             with os.scandir(path) as it:
                 # A directory sorts as "name/" so the merged order equals S3's: "a-b" < "a/x".
+                # is_dir() follows a link: a link to a folder is a folder (_Folders.enter).
                 entries = sorted(
-                    ((key_from_name(e.name) + ("/" if e.is_dir(follow_symlinks=False) else ""), e)
-                     for e in it),
+                    ((key_from_name(e.name) + ("/" if _is_folder(e) else ""), e) for e in it),
                     key=lambda pair: pair[0],
                 )
         except OSError as err:
@@ -194,9 +220,10 @@ class LocalStorage:
             key = prefix + sort_name
             if sort_name.endswith("/"):
                 # Skip a whole subtree when every key in it sorts before start_after.
-                if start_after is None or key > start_after or start_after.startswith(key):
-                    yield from self._walk(entry.path, key, start_after)
-            elif not entry.name.startswith(_TMP_PREFIX) and (
+                if (start_after is None or key > start_after or start_after.startswith(key)) \
+                        and folders.enter(entry, path):
+                    yield from self._walk(entry.path, key, start_after, folders)
+            elif not entry.name.startswith(_TMP_PREFIXES) and (
                 start_after is None or key > start_after
             ):
                 yield key
@@ -223,10 +250,11 @@ class LocalStorage:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as err:
             raise read_error(err, path, where) from err
+        info = os.fstat(fd)  # before fdopen, which raises IsADirectoryError for a folder
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise ObjectUnreadable(f"{where} is {file_kind(info.st_mode)}, not a regular file")
         with os.fdopen(fd, "rb") as f:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise ObjectUnreadable(f"{where} is {file_kind(info.st_mode)}, not a regular file")
             try:
                 yield f, info.st_size
             except OSError as err:
@@ -239,8 +267,8 @@ class LocalStorage:
         result would dominate the cost on network file systems.
         """
         path = self._path(key)
-        folder, name = os.path.split(path)
-        tmp = os.path.join(folder, f"{_TMP_PREFIX}{name}.{uuid.uuid4().hex}")
+        folder = os.path.dirname(path)
+        tmp = _tmp_name(folder)
         try:
             os.makedirs(folder, exist_ok=True)
             with open(tmp, "wb") as f:
@@ -249,6 +277,9 @@ class LocalStorage:
         except OSError as err:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if err.errno == errno.ENAMETOOLONG:  # retrying cannot help: exit 3, not 4
+                raise ConfigError(f"cannot write {self.join(key)}: the name is too long for "
+                                  "this file system; shorten it, or use another --out") from err
             raise write_error(err, self.join(key)) from err
 
     def exists(self, key: str) -> bool:
@@ -260,6 +291,84 @@ class LocalStorage:
             return os.path.getsize(path) if os.path.isfile(path) else None
         except FileNotFoundError:  # removed between the two calls
             return None
+
+    def name_problem(self, key: str) -> str | None:
+        names = [os.fsencode(name_from_key(part)) for part in safe_key(key).split("/")]
+        limit = self._folder_name_max()
+        for name in names:
+            if len(name) > limit:
+                return (f"{self.join(key)}: the name {key_from_name(os.fsdecode(name))!r} is "
+                        f"{len(name)} bytes, and this file system allows {limit} bytes per name")
+        total = len(os.fsencode(self.root)) + sum(len(n) + 1 for n in names)
+        if total >= PATH_MAX:
+            return (f"{self.join(key)}: the path is {total} bytes, and Linux allows "
+                    f"{PATH_MAX - 1}")
+        return None
+
+    def _folder_name_max(self) -> int:
+        if self._name_max is None:
+            folder = self.root
+            while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+                folder = os.path.dirname(folder)  # the output may not exist yet
+            try:
+                self._name_max = int(os.pathconf(folder, "PC_NAME_MAX"))
+            except (OSError, ValueError):
+                self._name_max = NAME_MAX
+        return self._name_max
+
+
+class _Folders:
+    """The rule for symbolic links to folders inside INPUT (README, Input rules), for one walk.
+
+    A link to a folder is followed, once: every folder entered is remembered by
+    (st_dev, st_ino), so two links to one folder, or a link loop, never list an image twice or
+    walk forever. Not followed: a link to a folder inside INPUT (its images are listed under
+    their real path already, whatever sorts first) and a link to a folder that holds the link
+    itself (a loop: ``up -> ..``). A dangling link or a link loop is not a folder: it is listed
+    as a file, and named like an image it gets 216200 "no image data" when read.
+    A walk resumed with ``start_after`` remembers only what it entered itself, so it may list a
+    folder reached by two links twice; only the output's existence check resumes, where that
+    is harmless.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+        info = os.stat(root)
+        self.seen = {(info.st_dev, info.st_ino)}
+
+    def enter(self, entry: os.DirEntry[str], parent: str) -> bool:
+        try:
+            info = entry.stat()  # follows a link
+        except OSError:
+            return False  # removed since it was listed
+        ident = (info.st_dev, info.st_ino)
+        if ident in self.seen:
+            logger.info("not following %s: that folder is listed already", entry.path)
+            return False
+        if entry.is_symlink():
+            target, here = os.path.realpath(entry.path), os.path.realpath(parent)
+            if _within(target, self.root):
+                logger.info("not following %s: it points inside INPUT (%s), whose images are "
+                            "listed under their own path", entry.path, target)
+                return False
+            if _within(here, target):
+                logger.info("not following %s: a loop (it points to %s, which holds it)",
+                            entry.path, target)
+                return False
+        self.seen.add(ident)
+        return True
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """A folder, or a link to one; a link loop (ELOOP) or a dangling link is not."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 # S3 error codes that mean the credentials themselves are wrong: every request will fail alike.
@@ -323,6 +432,10 @@ class S3Storage:
             info = err.response.get("Error", {})
             code = str(info.get("Code", ""))
             status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "KeyTooLongError":
+                return ConfigError(self._scrub(
+                    f"S3 {op} {where} refused: the key is over S3's {S3_KEY_MAX} bytes; use a "
+                    "shorter --out prefix"))
             if code == "NoSuchBucket":
                 return StorageNotFound(
                     f"bucket {self.bucket} does not exist; create it or fix the URL ({self.url})"
@@ -461,6 +574,13 @@ class S3Storage:
 
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
+
+    def name_problem(self, key: str) -> str | None:
+        size = len((self.prefix + safe_key(key)).encode("utf-8", "surrogateescape"))
+        if size > S3_KEY_MAX:
+            return (f"{self.join(key)}: the key is {size} bytes, and S3 allows {S3_KEY_MAX} "
+                    "bytes per key (the output prefix counts too)")
+        return None
 
 
 def open_storage(url: str, *, s3_client: Any = None) -> Storage:

@@ -19,6 +19,7 @@ from posebatch.errors import (
     BAD_SIZE,
     EMPTY_IMAGE,
     INTERNAL_ERROR,
+    NAME_TOO_LONG_PREFIX,
     UNREADABLE_PREFIX,
     ImageError,
     ObjectTooLarge,
@@ -77,7 +78,7 @@ def process_keys(
         writes: list[Future[None]] = []
         # Unsafe keys are refused first: the existence check reads dst/<key>.json, and a
         # "../x" there raised UnsafeKeyError, failing every image of the batch instead of one.
-        safe = _refuse_unsafe(keys, done)
+        safe = _refuse_unsafe(keys, done, dst)
         todo = _filter_existing(safe, dst, job, done, writers, redo=not skip_existing)
         loaders = ((k, _loader(src, k, job.max_image_bytes)) for k in todo)
         for key, result, image in engine.run_images(loaders):
@@ -85,7 +86,7 @@ def process_keys(
                 before_first_write()
             # Encoding too runs on the writer threads: the model's thread only hands results on.
             writes.append(writers.submit(_write_result, dst, key, result))
-            if overlays and image is not None:
+            if overlays and image is not None and dst.name_problem(overlay_key(key)) is None:
                 writes.append(writers.submit(_write_overlay, dst, key, result, image, job))
             done(key, result, (image.width, image.height) if image is not None else None)
         for fut in writes:
@@ -125,12 +126,20 @@ def _loader(src: Storage, key: str, max_bytes: int) -> Callable[[], bytes]:
     return load
 
 
-def _refuse_unsafe(keys: Iterable[str], done) -> Iterator[str]:
+def _refuse_unsafe(keys: Iterable[str], done, dst: Storage) -> Iterator[str]:
+    """Keys that are unsafe, or whose result the output cannot hold (a name over 255 bytes, an
+    S3 key over 1024): an error result each (recorded only: it cannot be written), never a
+    failed batch."""
     for key in keys:
         try:
             safe_key(key)
         except UnsafeKeyError as err:
             done(key, error_result(INTERNAL_ERROR, f"refused key: {err}"))
+            continue
+        problem = dst.name_problem(result_key(key))
+        if problem is not None:
+            done(key, error_result(INTERNAL_ERROR, f"{NAME_TOO_LONG_PREFIX}{problem}; rename the "
+                                   "image or use a shorter --out"))
             continue
         yield key
 
