@@ -103,6 +103,12 @@ class Storage(Protocol):
         """Create or replace atomically: readers see the old object or the new one, never half."""
         ...
 
+    def create(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        """Write ``key`` only if it does not exist yet, atomically (readers never see half of
+        it): True if this call created it, False if it was there. How two runs claim one output
+        (``posebatch.manifest``): exactly one of them creates its manifest."""
+        ...
+
     def exists(self, key: str) -> bool: ...
 
     def size(self, key: str) -> int | None:
@@ -281,6 +287,39 @@ class LocalStorage:
                 raise ConfigError(f"cannot write {self.join(key)}: the name is too long for "
                                   "this file system; shorten it, or use another --out") from err
             raise write_error(err, self.join(key)) from err
+
+    def create(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        """The temporary file is hard-linked to the name: link() fails if the name exists, and
+        the name only ever shows the whole file. Where hard links are refused (some network and
+        FUSE file systems) an O_EXCL create is the fallback: still one winner, but a reader
+        racing the write may see it half-written (the manifest reader treats that as absent)."""
+        path = self._path(key)
+        folder = os.path.dirname(path)
+        tmp = _tmp_name(folder)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as err:
+                if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
+                                     errno.EMLINK):
+                    raise
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            return True
+        except OSError as err:
+            raise write_error(err, self.join(key)) from err
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
@@ -561,6 +600,34 @@ class S3Storage:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=ctype)
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "write", key) from err
+
+    def create(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        """A conditional PUT (``If-None-Match: *``): AWS S3 since 2024-08, SeaweedFS (4.48
+        checked: one of 8 concurrent PUTs wins, the others get 412 PreconditionFailed), MinIO.
+        A server that answers 501 NotImplemented gets a check-then-put instead, which two
+        writers can both pass (best effort; the run re-checks the manifest at its end)."""
+        full = self.prefix + safe_key(key)
+        ctype = content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=ctype,
+                                   IfNoneMatch="*")
+            return True
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409,
+                                                                                           412):
+                return False  # it exists (412), or another conditional PUT is in flight (409)
+            if code != "NotImplemented" and status != 501:
+                raise self._error(err, "write", key) from err
+        except BotoCoreError as err:
+            raise self._error(err, "write", key) from err
+        logger.warning("%s: the S3 server does not take conditional writes (If-None-Match); "
+                       "claiming by check-then-write", self.join(key))
+        if self.exists(key):
+            return False
+        self.write(key, data, content_type)
+        return True
 
     def size(self, key: str) -> int | None:
         full = self.prefix + safe_key(key)
