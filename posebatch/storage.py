@@ -45,6 +45,7 @@ from posebatch.errors import (
 )
 from posebatch.names import display_path, key_from_name, name_from_key
 from posebatch.oserrors import file_kind, read_error, write_error
+from posebatch.settings import check_endpoint_url
 
 _TMP_PREFIX = ".pbt-"
 """Partial writes in progress, never listed: ``.pbt-<16 hex>``, short whatever the final name,
@@ -415,6 +416,14 @@ _CREDENTIAL_CODES = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToke
                      "InvalidSecurity", "AuthorizationHeaderMalformed")
 
 
+def check_s3_environment() -> None:
+    """ConfigError (exit 3) naming the variable when ``AWS_ENDPOINT_URL[_S3]`` is no URL; a
+    worker calls it at start-up, so it does not fail every batch for it."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(name):
+            check_endpoint_url(os.environ[name], name)
+
+
 def make_s3_client(
     *, max_attempts: int = 4, connect_timeout: float = 5.0, read_timeout: float = 60.0
 ) -> Any:
@@ -424,6 +433,7 @@ def make_s3_client(
     behind a plain hostname do not resolve ``bucket.host``. Clients are thread-safe; create one per
     process (after fork), which S3Storage does lazily.
     """
+    check_s3_environment()
     custom = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     config = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},

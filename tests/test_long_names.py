@@ -93,7 +93,7 @@ def _local_folder(root: Path) -> dict[str, bool]:
 def test_run_gives_a_name_the_output_cannot_hold_an_error_result(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     expected = _local_folder(src)
-    for attempt in range(2):  # the rerun skips the results and records the long ones again
+    for _attempt in range(2):  # the rerun skips the results and records the long ones again
         proc = run_cli("run", str(src), "--out", str(out), "--no-progress", "--imgsz", "256",
                        "--overlays", env={}, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
