@@ -46,9 +46,9 @@ CASES = [
 def _cli(args, env, tmp):
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("AWS_", "POSEBATCH_BROKER", "POSEBATCH_STATE"))}
+    fake = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "not-a-real-secret"}
     return subprocess.run([*CLI, *(a.format(tmp=tmp) for a in args)], capture_output=True,
-                          text=True, timeout=120, env={**clean, "AWS_ACCESS_KEY_ID": "k",
-                                                       "AWS_SECRET_ACCESS_KEY": "not-a-real-secret", **env})
+                          text=True, timeout=120, env={**clean, **fake, **env})
 
 
 @pytest.mark.parametrize(("args", "env", "words"), CASES,
