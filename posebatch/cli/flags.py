@@ -62,8 +62,9 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime provider (default auto: TensorRT when its libraries "
                         "load, else CUDA when available, else CPU)")
     g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="model precision (default auto: fp16 on a GPU, fp32 on the CPU); "
-                        "fp16 uses <model>.fp16.onnx, made on first use; bf16: OpenVINO")
+                   help="model precision (default auto: fp32 unless the job pins another; "
+                        "see README); fp16 uses <model>.fp16.onnx, made on first use; bf16: "
+                        "OpenVINO")
     g.add_argument("--backend", choices=["auto", "ort", "openvino"],
                    help="model runtime (default auto: ONNX Runtime on a GPU, else the faster "
                         "one on this CPU, measured once per model and host and cached)")
