@@ -14,6 +14,7 @@ import subprocess
 import pytest
 
 from posebatch.testing.cluster import CLI
+from tests.devdata import require_model
 from tests.images import jpeg
 
 pytestmark = pytest.mark.timeout(300)
@@ -64,9 +65,7 @@ def test_a_malformed_url_is_exit_3_naming_it(tmp_path, args, env, words):
 
 
 def test_run_ignores_a_broker_url_it_does_not_use(tmp_path):
-    from tests.test_serve import _need_model
-
-    _need_model()
+    require_model()
     (tmp_path / "a.jpg").write_bytes(jpeg())
     proc = _cli(("run", "{tmp}", "--out", "{tmp}/o", "--no-progress", "--imgsz", "64"),
                 {"POSEBATCH_BROKER_URL": "abc"}, tmp_path)

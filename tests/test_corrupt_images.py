@@ -28,6 +28,7 @@ from PIL import Image, ImageFile
 
 from posebatch.errors import BAD_FORMAT, INTERNAL_ERROR, ImageError
 from posebatch.testing.cluster import CLI, read_counts_csv
+from tests.devdata import require_model
 from tests.images import encode, gradient
 from workers.engine.decode import decode_image
 
@@ -183,9 +184,7 @@ def corrupt_folder(tmp_path_factory) -> Path:
 
 
 def test_run_gives_each_corrupt_file_216201_and_prints_no_warning(corrupt_folder, tmp_path):
-    from tests.test_serve import _need_model
-
-    _need_model()
+    require_model()
     out = tmp_path / "out"
     proc = subprocess.run([*CLI, "run", str(corrupt_folder), "--out", str(out), "--no-progress",
                            "--imgsz", "320"], capture_output=True, text=True, timeout=240)
@@ -201,9 +200,9 @@ def test_run_gives_each_corrupt_file_216201_and_prints_no_warning(corrupt_folder
 
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory):
-    from tests.test_serve import KEY, SECRET, ServeProcess, _env, _need_model
+    from tests.test_serve import KEY, SECRET, ServeProcess, _env
 
-    _need_model()
+    require_model()
     srv = ServeProcess(tmp_path_factory.mktemp("serve") / "serve.log", ["--max-wait-ms", "5"],
                        _env(POSEBATCH_API_KEYS=f"{KEY}:{SECRET}", POSEBATCH_IMGSZ="320"))
     yield srv

@@ -21,6 +21,7 @@ from posebatch.errors import BAD_SIZE, ConfigError
 from posebatch.manifest import MANIFEST_NAME, claim_output, manifest, read_manifest
 from posebatch.settings import JobSettings
 from posebatch.testing.cluster import CLI
+from tests.devdata import require_model
 from tests.images import jpeg
 
 pytestmark = pytest.mark.timeout(400)
@@ -75,9 +76,7 @@ def test_a_run_that_wrote_nothing_checks_the_manifest_at_its_end(tmp_path):
     manifest yet); then another run with other settings claims the output and writes every
     result while this one lists; this one finds every result done, writes nothing, and must
     not write a summary that names its own settings."""
-    from tests.test_serve import _need_model
-
-    _need_model()
+    require_model()
     from posebatch.modelstore import default_model_path
     from posebatch.settings import RuntimeSettings, from_env
     from posebatch.storage import LocalStorage
@@ -116,9 +115,7 @@ def test_two_runs_with_other_settings_racing_into_one_new_output(tmp_path):
     """Real processes: one run refuses every image by size (max-image-bytes 100: each result is
     216202), the other processes them; exactly one exits 0 and the manifest, every result and
     the summary are the winner's."""
-    from tests.test_serve import _need_model
-
-    _need_model()
+    require_model()
     src = tmp_path / "in"
     src.mkdir()
     for i in range(6):
