@@ -87,6 +87,10 @@ class StateUnavailable(RetryableError):
     """The Redis holding job state (and usually the broker) cannot be reached right now."""
 
 
+class StateFull(StateUnavailable):
+    """Redis reached maxmemory (noeviction) and refuses writes until memory is freed."""
+
+
 class BrokerUnavailable(RetryableError):
     """The Celery broker refused or dropped a connection while sending tasks."""
 

@@ -26,7 +26,13 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from posebatch.errors import INTERNAL_ERROR, StateAuthError, StateUnavailable
+from posebatch.errors import (
+    INTERNAL_ERROR,
+    StateAuthError,
+    StateFull,
+    StateUnavailable,
+    StorageNotFound,
+)
 from posebatch.records import Record
 
 PREFIX = "posebatch"
@@ -55,6 +61,8 @@ def redis_errors() -> Iterator[None]:
         raise StateAuthError(
             "Redis refused the credentials; check the password in POSEBATCH_BROKER_URL / "
             "--broker (redis://:PASSWORD@host:port/db)") from err
+    except (redis.exceptions.OutOfMemoryError, redis.exceptions.ExecAbortError) as err:
+        raise StateFull(f"Redis is full: {REDIS_FULL_HINT}") from err
     except redis.exceptions.ResponseError as err:
         if "NOAUTH" in str(err) or "WRONGPASS" in str(err):
             raise StateAuthError(
@@ -64,6 +72,12 @@ def redis_errors() -> Iterator[None]:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
         raise StateUnavailable(f"cannot reach the broker/Redis ({type(err).__name__}: "
                                f"{strip_urls(str(err))}); is it running?") from err
+
+
+REDIS_FULL_HINT = ("it reached maxmemory and refuses writes (policy noeviction). Workers wait "
+                   "and go on by themselves once it takes writes again; nothing is lost. Free "
+                   "memory (`redis-cli --bigkeys`; finished jobs' state expires with "
+                   "POSEBATCH_JOB_RETENTION) or raise maxmemory")
 
 
 def translated(method: Callable[_P, _T]) -> Callable[_P, _T]:
@@ -227,8 +241,9 @@ class JobStore:
 
     @translated
     def abandon(self, job_id: str, reason: str) -> None:
-        """A submission that failed after queuing some batches: `wait` and `status` say so and
-        why, instead of "submitting" forever; the state expires like a finished job's."""
+        """A submission that failed after queuing some batches, or a job whose output is gone:
+        `wait` and `status` say so and why (exit 3), instead of "submitting" or "running"
+        forever; the state expires like a finished job's."""
         self.r.hset(self._k(job_id), mapping={"state": "abandoned", "error": reason,
                                               "finished": now_iso()})
         self._expire(job_id)
@@ -361,6 +376,21 @@ class JobStore:
         self.r.hsetnx(self._k(job_id), "model", json.dumps(model))
         return json.loads(self.r.hget(self._k(job_id), "model"))
 
+    @translated
+    def full(self) -> str | None:
+        """Why Redis refuses writes now (maxmemory reached under noeviction), or None."""
+        info = self.r.info("memory")
+        limit, used = int(info.get("maxmemory", 0)), int(info.get("used_memory", 0))
+        if limit and used >= limit and info.get("maxmemory_policy") == "noeviction":
+            return f"Redis is full ({used} of maxmemory {limit} bytes): {REDIS_FULL_HINT}"
+        return None
+
+    @translated
+    def note_runner(self, job_id: str, label: str) -> None:
+        """Which backend/precision/device ran some of the job's batches (``runners`` in its
+        summary): a job left at precision ``auto`` may be computed differently per host."""
+        self.r.hset(self._k(job_id), f"runner:{label}", 1)
+
     def records(self, job_id: str) -> Iterator[Record]:
         with redis_errors():  # a generator: translate while iterating, not only at the call
             for key, raw in self.r.hscan_iter(self._k(job_id, "records"), count=1000):
@@ -370,7 +400,9 @@ class JobStore:
     # -- both ------------------------------------------------------------------------------
     @translated
     def progress(self, job_id: str) -> JobProgress | None:
-        pipe = self.r.pipeline()
+        # No MULTI: a full Redis refuses a transaction even of reads, and `status` must still
+        # answer then (the three reads need no atomicity: counts only grow).
+        pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(self._k(job_id))
         pipe.hlen(self._k(job_id, "records"))
         pipe.scard(self._k(job_id, "failed"))
@@ -418,7 +450,11 @@ class JobStore:
                                        "takes over")
 
         try:
-            self.write_aggregates(job_id, on_progress=renew)
+            try:
+                self.write_aggregates(job_id, on_progress=renew)
+            except StorageNotFound as err:  # the output bucket is gone: waiting will not help
+                self.abandon(job_id, f"its tables cannot be written: {err}")
+                raise
             renew()  # still the owner: only then say done
             self.r.hset(self._k(job_id), mapping={"state": "done", "finished": now_iso()})
             self._expire(job_id)
@@ -437,9 +473,10 @@ class JobStore:
         h = self.r.hgetall(self._k(job_id))
         created = (h.get(b"created") or b"").decode()
         model = json.loads(h[b"model"]) if h.get(b"model") else None
+        runners = sorted(k.decode()[len("runner:"):] for k in h if k.startswith(b"runner:"))
         summary_meta = {"job_id": job_id, "input": meta.get("input"), "output": meta.get("output"),
                         "created": created, "finished": now_iso(), "model": model,
-                        "settings": meta.get("settings")}
+                        "runners": runners, "settings": meta.get("settings")}
         prefix = meta.get("summary_prefix", "").replace("{job_id}", job_id)
         src = open_storage(meta["input"]) if meta.get("input") else None
         # Several jobs may write into one output (other input folders, reruns): the root

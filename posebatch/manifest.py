@@ -41,14 +41,21 @@ COUNT_ONLY_SETTINGS = ("valid_kpt_score", "valid_min_kpts", "valid_box_score")
 CLAIM_ATTEMPTS = 3
 """Creates tried while the manifest is absent yet cannot be created: another run's write in
 flight (S3 409), or a manifest that is not JSON (then it is overwritten, as before)."""
+PINS_BEFORE_THEY_EXISTED = {"precision": "auto", "backend": "auto"}
 
 
 def manifest(job: JobSettings, model_sha256: str | None = None,
-             model_name: str | None = None) -> dict[str, Any]:
-    """What a run claims; without a model (``submit``: the workers pick it) only the settings."""
+             model_name: str | None = None, runner: str | None = None) -> dict[str, Any]:
+    """What a run claims; without a model (``submit``: the workers pick it) only the settings.
+
+    ``runner`` (backend, precision and device that made the results, e.g. ``openvino bf16
+    cpu``) is recorded for the reader, not compared: the job's settings say whether it was
+    pinned."""
     wanted: dict[str, Any] = {"settings": job.to_dict()}
     if model_sha256 is not None:
         wanted = {"model_sha256": model_sha256, "model_name": model_name, **wanted}
+    if runner is not None:
+        wanted["runner"] = runner
     return wanted
 
 
@@ -64,6 +71,8 @@ def result_settings(settings: Any) -> dict[str, Any]:
     """The settings that change per-image results (not only the counts)."""
     if not isinstance(settings, dict):
         return {}
+    # Manifests written before precision and backend were job settings ran with ``auto``.
+    settings = {**PINS_BEFORE_THEY_EXISTED, **settings}
     return {k: v for k, v in settings.items() if k not in COUNT_ONLY_SETTINGS}
 
 
@@ -132,7 +141,7 @@ def claim_output(dst: Storage, wanted: dict[str, Any], force: bool) -> None:
         record = {**wanted, "complete": False, "replacing": replacing}
     else:
         record = {**wanted, "complete": True}
-    if record == current:
+    if current is not None and {**record, "runner": None} == {**current, "runner": None}:
         return  # claimed already (another worker process of the same job): no write
     _write(dst, record)
 

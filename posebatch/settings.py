@@ -20,6 +20,8 @@ ENV_PREFIX = "POSEBATCH_"
 QUALITIES = ("fast", "flip", "scale", "best")
 """``fast``: one pass. ``best``: horizontal-flip TTA plus a second, larger scale (README
 "Quality"); ``flip`` and ``scale`` are each of the two alone, to measure them separately."""
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+BACKENDS = ("auto", "ort", "openvino")
 DEFAULT_BATCH_IMAGES = 32
 """Images per cluster task: a lost worker loses little, the task overhead is amortised (CPU).
 GPU workers want 256 or more (README)."""
@@ -61,6 +63,12 @@ class JobSettings:
     square: fewer pixels, same scale. Only for models with dynamic height/width."""
     quality: str = "fast"
     """One of QUALITIES: ``best`` is more accurate and about 4x slower than ``fast`` on CPU."""
+    precision: str = "auto"
+    """Pins the numeric precision every worker of the job runs (``fp32``, ``fp16``, ``bf16``);
+    ``auto`` lets each worker take its own choice (bf16 on AMX hosts with OpenVINO, else fp32),
+    so answers may differ by host within the accuracy guard (README "Precision")."""
+    backend: str = "auto"
+    """Pins the model runtime (``ort`` or ``openvino``); ``auto``: each worker's own choice."""
 
     def __post_init__(self) -> None:
         # Upper bounds keep a typo from exhausting memory: --imgsz 100000 once held 23.6 GB.
@@ -79,6 +87,8 @@ class JobSettings:
             ("min_side", 1 <= self.min_side <= self.max_side, "from 1 to max_side"),
             ("max_side", self.max_side <= MAX_SIDE, f"at most {MAX_SIDE}"),
             ("quality", self.quality in QUALITIES, f"one of {', '.join(QUALITIES)}"),
+            ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -86,6 +96,12 @@ class JobSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def pinned_runtime(self, rt: RuntimeSettings) -> RuntimeSettings:
+        """``rt`` with this job's pinned precision and backend (``auto`` keeps the worker's)."""
+        pins = {name: value for name, value in (("precision", self.precision),
+                                                ("backend", self.backend)) if value != "auto"}
+        return dataclasses.replace(rt, **pins) if pins else rt
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSettings:
@@ -111,8 +127,8 @@ class RuntimeSettings:
     ``cuda`` or ``tensorrt``."""
     precision: str = "auto"
     """``fp32``, ``fp16`` (the copy made by ``posebatch model fp16``, converted on first use),
-    ``bf16`` (OpenVINO runner only) or ``auto`` (fp16 on a GPU provider; with OpenVINO bf16
-    where the CPU has AMX/AVX512-BF16; else fp32)."""
+    ``bf16`` (OpenVINO runner only) or ``auto`` (with OpenVINO bf16 where the CPU has
+    AMX/AVX512-BF16; else fp32, GPUs included). A job's own ``precision`` overrides it."""
     backend: str = "auto"
     """``ort`` (ONNX Runtime), ``openvino``, or ``auto``: ONNX Runtime on a GPU, else the faster
     of the two on this CPU, measured once per model and host (cached in ``cache_dir``)."""
@@ -132,10 +148,10 @@ class RuntimeSettings:
         if self.providers not in ("auto", "cpu", "cuda", "tensorrt"):
             raise ConfigError("providers: expected auto, cpu, cuda or tensorrt, got "
                               f"{self.providers!r}")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: expected auto, fp32, fp16 or bf16, got "
                               f"{self.precision!r}")
-        if self.backend not in ("auto", "ort", "openvino"):
+        if self.backend not in BACKENDS:
             raise ConfigError(f"backend: expected auto, ort or openvino, got {self.backend!r}")
         if not 0 <= self.batch_size <= 256:
             raise ConfigError(f"batch_size: expected 1 to 256 (or 0 for auto), got "
@@ -223,6 +239,10 @@ class ClusterSettings:
     """Seconds a cluster batch waits out a storage outage (connection refused, timeouts, 5xx),
     retrying with backoff up to a minute apart, before its images are recorded as failed."""
 
+    state_patience: int = 60
+    """Seconds a batch waits for its job state (Redis down, failing over, or full at maxmemory)
+    before it goes back to the queue untouched, to come back after the visibility timeout."""
+
     requeue_after: int = 30
     """Seconds a running job may go without a recorded image before `wait` and the control
     worker look for batches lost with a machine (neither queued nor held) and queue them again."""
@@ -243,6 +263,9 @@ class ClusterSettings:
         if not 1 <= self.requeue_after <= 24 * 3600:
             raise ConfigError(f"requeue_after: expected 1 to 86400 seconds, got "
                               f"{self.requeue_after}")
+        if not 1 <= self.state_patience <= 24 * 3600:
+            raise ConfigError(f"state_patience: expected 1 to 86400 seconds, got "
+                              f"{self.state_patience}")
         if not 0 <= self.storage_patience <= 24 * 3600:
             raise ConfigError("storage_patience: expected 0 to 86400 seconds, got "
                               f"{self.storage_patience}")
@@ -319,10 +342,18 @@ class ServeSettings:
     is refused at once (error 2, retry later) instead of queueing without bound."""
     max_base64_bytes: int = 4 * 1024 * 1024
     """The API's rule: the ``image`` field is at most 4 MB after base64."""
+    body_timeout_s: float = 10.0
+    """Seconds a client has to send its whole request body (HTTP 408 after): a client sending
+    at 1 byte/s must not hold a connection, let alone a ``max_queue`` slot, for minutes."""
+    max_connections: int = 256
+    """Connections served at once (uvicorn's ``limit_concurrency``; HTTP 503 past it): bounds the
+    bodies being read before admission to ``max_connections`` x the largest body."""
 
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.port <= 65535, "port must be in [0, 65535]"),
+            (0 < self.body_timeout_s <= 3600, "body_timeout_s must be in (0, 3600]"),
+            (self.max_connections >= 1, "max_connections must be >= 1"),
             (self.qps >= 0, "qps must be >= 0 (0 = unlimited)"),
             (0 <= self.max_wait_ms <= 10_000, "max_wait_ms must be in [0, 10000]"),
             (self.max_queue >= 1, "max_queue must be >= 1"),

@@ -444,6 +444,11 @@ def make_s3_client(
     return boto3.session.Session().client("s3", config=config)
 
 
+def _cause(err: BaseException) -> BaseException | None:
+    """What an exception wraps (boto3's S3UploadFailedError is raised inside an ``except``)."""
+    return err.__cause__ or err.__context__
+
+
 class S3Storage:
     """Objects below ``s3://bucket/prefix/``."""
 
@@ -473,6 +478,8 @@ class S3Storage:
     def _error(self, err: Exception, op: str, key: str | None = None) -> Exception:
         """Translate a botocore error into our tree; the message names the URL, never secrets."""
         where = self.join(key) if key is not None else self.url
+        if isinstance(err, S3UploadFailedError) and isinstance(_cause(err), ClientError):
+            err = _cause(err)  # upload_file's wrapper: the service's answer is inside
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
             return ConfigError(
                 f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
@@ -553,6 +560,8 @@ class S3Storage:
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "write", key) from err
         except S3UploadFailedError as err:
+            if isinstance(_cause(err), ClientError):  # the service answered: what it said
+                raise self._error(err, "write", key) from err
             raise StorageUnreachable(self._scrub(f"S3 write {self.join(key)} failed: {err}")) \
                 from err
 

@@ -16,7 +16,8 @@ LOST_HINT = ("its state is gone from Redis (a restart without persistence, or an
              "have a result are skipped, and the new job's summary counts them all")
 
 
-def describe(p: JobProgress) -> str:
+def describe(p: JobProgress, full: str | None = None) -> str:
+    """One line on a job; ``full``: why Redis refuses writes now (``JobStore.full``)."""
     total = "?" if p.total is None else str(p.total)
     # The rate counts the images that got a result: refused ones cost microseconds, and an
     # all-failed job printed "14000.0 img/s".
@@ -31,6 +32,8 @@ def describe(p: JobProgress) -> str:
         line += f": {p.error}"
     if p.state == "running" and p.waiting:
         line += f"; waiting: {p.waiting}"
+    if p.state == "running" and full:
+        line += f"; waiting: {full}"
     idle = time.time() - (p.updated_at or p.started_at or time.time())
     if p.state == "running" and idle > STALL_SECONDS:
         line += (f"; no progress for {idle / 60:.0f} min: check that workers run "
@@ -113,5 +116,6 @@ def wait(store: JobStore, job_id: str, *, poll: float = 1.0, timeout: float | No
                 looked_at = now
                 reaper.look(job_id, now)
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} not done after {timeout} s: {describe(p)}")
+                raise TimeoutError(f"job {job_id} not done after {timeout} s: "
+                                   f"{describe(p, store.full())}")
             time.sleep(poll)

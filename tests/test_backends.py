@@ -49,13 +49,10 @@ def dev_results(model_path) -> dict[str, dict[str, dict]]:
             for b, p in [("ort", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]}
 
 
-@pytest.mark.parametrize("other,px,frac,score", [("openvino-fp32", 0.5, 0.0, 0.01),
-                                                 ("openvino-bf16", 1.0, 0.025, 0.05)])
-def test_outputs_match_ort_fp32_on_dev_images(dev_results, other, px, frac, score):
-    """Each confident person of ORT FP32 is found by the other backend with its confident
-    keypoints within ``px`` pixels or ``frac`` of the person's size, whichever is larger, and its
-    score within ``score``. f32: 0.5 px. bf16 keeps 8 mantissa bits: measured up to 1.35 % of the
-    person's size (13 px on a 1155 px person), so 2.5 %, half of the tightest PCK threshold."""
+def test_openvino_fp32_matches_ort_fp32_on_dev_images(dev_results):
+    """Each confident person of ORT FP32 is found by OpenVINO f32 with its confident keypoints
+    within 0.5 px and its score within 0.01: the same arithmetic, another library."""
+    other, px, frac, score = "openvino-fp32", 0.5, 0.0, 0.01
     ref, got = dev_results["ort-fp32"], dev_results[other]
     compared = 0
     for key, r in ref.items():
@@ -90,10 +87,70 @@ def test_dev_set_ap_and_pck_hold(dev_results, tmp_path: Path):
         reports[name] = evaluate(str(dev / "annotations.json"), str(out))
     ref = reports["ort-fp32"]
     for name, rep in reports.items():
-        # bf16 measured 0.307 vs 0.301 here: one-sided, since a gain is not a regression.
+        # One-sided: bf16 measured AP 0.307 vs 0.301 and PCK@10 % 0.010 higher on an AMX host;
+        # a gain is not a regression, and FP32 is not the ground truth.
         assert rep["AP"] >= ref["AP"] - 0.005, (name, rep["AP"], ref["AP"])
         for t in ("within_5pct", "within_10pct"):
-            assert abs(mean_pck(rep, t) - mean_pck(ref, t)) <= 0.005, (name, t)
+            assert mean_pck(rep, t) >= mean_pck(ref, t) - 0.005, (name, t)
+
+
+def confident_shifts(ref: list[np.ndarray], got: list[np.ndarray]) -> np.ndarray:
+    """Model-pixel distances between the keypoints of two raw YOLO-pose outputs ``(56, N)`` of
+    the same image size, anchor by anchor, for anchors scoring > 0.5 and keypoints > 0.5 in
+    ``ref`` (the persons and points a user relies on)."""
+    out = []
+    for r, g in zip(ref, got, strict=True):
+        anchors = r[4] > 0.5
+        k, kg = (a[5:].reshape(17, 3, -1)[:, :, anchors] for a in (r, g))
+        sure = k[:, 2] > 0.5
+        out.append(np.hypot(k[:, 0] - kg[:, 0], k[:, 1] - kg[:, 1])[sure])
+    return np.concatenate(out)
+
+
+def raw_outputs(runner, images: list[bytes]) -> list[np.ndarray]:
+    from workers.engine.pipeline import prepare
+
+    outs = []
+    for data in images:
+        item = prepare("x", lambda d=data: d, JobSettings(), None)
+        assert item.tensor is not None, item.error
+        outs.append(runner.run_raw(item.tensor[None])[0][0].copy())
+    return outs
+
+
+def test_bf16_moves_confident_keypoints_far_less_than_an_invisible_reencode(model_path):
+    """The accuracy guard for bf16 (OpenVINO's ``auto`` on AMX hosts): FP32 is not the truth,
+    so the bound is the model's own sensitivity. The same photos saved again as JPEG quality 95
+    (a change nobody can see) move FP32's confident keypoints by up to 53 model px (99th
+    percentile 17.7 px, 95th 3.4 px, 1703 keypoints; 2-core Xeon with AMX, 2026-12-01), while
+    bf16 moved them by at most 8.1 px (99th percentile 4.1 px, 95th 1.7 px). bf16 must stay
+    within half the re-encode's shift at the 99th percentile and within its 99th percentile at
+    its worst: a bf16 that really lost accuracy moves points by tens of pixels. On a CPU
+    without bf16, OpenVINO runs f32 and the shifts are ~0."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    dev = require_dev_data()
+    gt = json.loads((dev / "annotations.json").read_text())
+    originals = [(dev / "images" / im["file_name"]).read_bytes() for im in gt["images"]]
+    reencoded = []
+    for data in originals:
+        buf = io.BytesIO()
+        upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        upright.save(buf, "JPEG", quality=95)  # upright pixels, no EXIF: the same letterbox
+        reencoded.append(buf.getvalue())
+    fp32 = open_runner(model_path, "ort", "fp32")
+    ref = raw_outputs(fp32, originals)
+    noise = confident_shifts(ref, raw_outputs(fp32, reencoded))
+    bf16 = confident_shifts(ref, raw_outputs(open_runner(model_path, "openvino", "bf16"),
+                                             originals))
+    assert len(bf16) >= 1000  # the dev set has that many confident keypoints: it compared them
+    p99_noise = float(np.percentile(noise, 99))
+    assert p99_noise > 5.0, "the re-encode changed nothing: the guard would measure nothing"
+    assert float(np.percentile(bf16, 99)) <= 0.5 * p99_noise, (np.percentile(bf16, 99),
+                                                                 p99_noise)
+    assert float(bf16.max()) <= p99_noise, (bf16.max(), p99_noise)
 
 
 def mean_pck(report: dict, field: str) -> float:

@@ -334,3 +334,14 @@ def _scheduled_job_completes(cluster_stack, app) -> None:
     wait_until(summary_written, 120, "the scheduled job's summary")
     res = download_results(cluster_stack["client"], bucket, "sched-out/")
     assert res["_summary.json"]["images_seen"] == 2
+
+
+def test_a_pinned_job_runs_its_pin_on_every_worker_and_says_so(cluster_stack, first_job):
+    """Workers left at auto (OpenVINO bf16 on an AMX host) run a job pinned to ORT FP32 with
+    ORT FP32: the job's answers no longer depend on which host took a batch."""
+    wait(cluster_stack, submit(cluster_stack, "--precision", "fp32", "--backend", "ort",
+                               out="pinned/"))
+    results = download_results(cluster_stack["client"], cluster_stack["bucket"], "pinned/")
+    assert results["_summary.json"]["runners"] == ["ort fp32 cpu"]
+    assert results["_posebatch.json"]["settings"]["precision"] == "fp32"
+    assert results["_posebatch.json"]["runner"] == "ort fp32 cpu"

@@ -247,7 +247,11 @@ def test_machine_lost_mid_job_with_default_settings_the_job_finishes_within_two_
     proc = cluster.wait(job_id, timeout=120)  # exit 4 if not done two minutes after the loss
     assert proc.returncode == 0, proc.stdout + proc.stderr
     deliveries = cluster.store().r.hgetall(f"posebatch:job:{job_id}:deliveries")
-    assert max(int(v) for v in deliveries.values()) == 2  # the lost batch, run once more
+    # What this test is about: the job finished by itself with nothing lost or counted twice
+    # (cluster.check). How many batches ran twice depends on timing: under load the lost
+    # worker's batch may still have been in its prefetch, not started (1 delivery). Never a
+    # third delivery: the survivor's lease holds.
+    assert max(int(v) for v in deliveries.values()) <= 2, deliveries
     cluster.check("machine lost mid-job, default 60 s lease")
 
 
@@ -657,3 +661,109 @@ def test_reliability_doc_has_a_zero_row_for_every_fault_test():
               if n.startswith("test_") and n != "test_reliability_doc_has_a_zero_row_for_"
               "every_fault_test"}
     assert faults <= named, f"fault tests without a row: {sorted(faults - named)}"
+
+
+def test_a_worker_with_another_model_hands_batches_back_and_fails_none(cluster: Cluster,
+                                                                        tmp_path: Path):
+    """Issue 21 row 7: a worker started with another --model used to fail each batch it took
+    at once ("run one model per cluster"), so it took most of them (56 of 60 images 282000)
+    while the right worker sat idle. Now it hands them back untouched, without counting a
+    delivery, and the job's results are the right model's."""
+    import onnx
+
+    from posebatch.modelstore import resolve_model
+    from posebatch.settings import RuntimeSettings, from_env
+
+    (right,) = cluster.start_workers(1)
+    job_id = cluster.submit()
+    wait_until(lambda: (p := cluster.store().progress(job_id)) is not None and p.done >= 1, 90,
+               "the first record (the job's model is then the right worker's)")
+    os.killpg(right.proc.pid, signal.SIGSTOP)  # only the other worker can take batches now
+    try:
+        other = onnx.load(str(resolve_model(None, from_env(RuntimeSettings).cache_dir).path))
+        other.doc_string = "same network, another file: another sha256"
+        onnx.save(other, str(tmp_path / "other.onnx"))
+        cluster.extra_env = {"POSEBATCH_MODEL": str(tmp_path / "other.onnx")}
+        (wrong,) = cluster.start_workers(1)
+        wait_until(lambda: "handed back" in worker_log(wrong), 90,
+                   "the other model's worker handing a batch back")
+    finally:
+        os.killpg(right.proc.pid, signal.SIGCONT)
+    proc = cluster.wait(job_id)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # exit 1 if any image failed
+    cluster.check("a worker with another model joined")
+
+
+def test_the_output_bucket_deleted_mid_job_is_exit_3_with_the_reason(cluster: Cluster):
+    """Issue 21 row 8: images failed with a clear message, but `wait` exited 4 "NoSuchBucket
+    (transient; try again)" and `status` said running. A gone bucket is not transient."""
+    bucket = cluster.s3.make_bucket(f"gone-{uuid.uuid4().hex[:10]}")
+    cluster.start_workers(1)
+    proc = run_cli("submit", cluster.stack["input"], "--out", f"s3://{bucket}/res/",
+                   "--batch-images", str(BATCH_IMAGES), env=cluster.env)
+    job_id = proc.stdout.strip().splitlines()[-1]
+    wait_until(lambda: (p := cluster.store().progress(job_id)) is not None and p.done >= 1, 90,
+               "the first record")
+    for page in cluster.client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            cluster.client.delete_object(Bucket=bucket, Key=obj["Key"])
+    cluster.client.delete_bucket(Bucket=bucket)
+    proc = cluster.wait(job_id, timeout=180)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"bucket {bucket} does not exist" in proc.stderr, proc.stderr
+    assert "transient" not in proc.stderr
+    status = run_cli("status", job_id, env=cluster.env, check=False)
+    assert status.returncode == 3, status.stdout + status.stderr
+    assert f"bucket {bucket} does not exist" in status.stdout + status.stderr
+
+
+def test_redis_full_mid_job_workers_wait_commands_say_so_and_nothing_is_lost(
+        s3_server: S3Server, tmp_path: Path):
+    """Issue 21 row 5: at maxmemory with noeviction the worker used to exit ("Unrecoverable
+    error: OutOfMemoryError"), and status, wait and submit exited 70 with a traceback. Now the
+    worker waits and reconnects, the commands exit 0 or 4 saying Redis is full, and once Redis
+    takes writes again the job finishes with every image."""
+    from tests.images import jpeg
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(120):
+        (src / f"{i:03d}.jpg").write_bytes(jpeg(320, 240))
+    bucket = s3_server.make_bucket(f"full-{uuid.uuid4().hex[:10]}")
+    upload_tree(s3_server.client(), bucket, "in/", src)
+    with running_redis(tmp_path / "redis", maxmemory="256mb") as redis_server:
+        env = {**s3_server.env(), "POSEBATCH_BROKER_URL": redis_server.url,
+               "POSEBATCH_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
+               "POSEBATCH_BATCH_SIZE": str(MODEL_BATCH), "POSEBATCH_STATE_PATIENCE": "3"}
+        worker = WorkerProcess(tmp_path / "w", env)
+        worker.start()
+        try:
+            job_id = run_cli("submit", f"s3://{bucket}/in/", "--out", f"s3://{bucket}/out/",
+                             "--batch-images", "4", env=env).stdout.split()[-1]
+            store = JobStore.from_url(redis_server.url)
+            wait_until(lambda: (p := store.progress(job_id)) is not None and p.done >= 8, 90,
+                       "the first batches")
+            redis_server.client().config_set("maxmemory", "1")  # full: every write refused
+            # Past the state patience (3 s): batches go back to the queue, and requeues, acks
+            # and lease renewals meet the full Redis too.
+            time.sleep(VISIBILITY_TIMEOUT + 6)
+            status = run_cli("status", job_id, env=env, check=False)
+            assert status.returncode == 0, status.stderr
+            assert "Redis is full" in status.stdout and "maxmemory" in status.stdout
+            waited = run_cli("wait", job_id, "--timeout", "2", "--no-progress", env=env,
+                             check=False)
+            assert waited.returncode == 4 and "Redis is full" in waited.stderr, waited.stderr
+            again = run_cli("submit", f"s3://{bucket}/in/", "--out", f"s3://{bucket}/o2/",
+                            env=env, check=False)
+            assert again.returncode == 4, again.stdout + again.stderr
+            assert "full" in again.stderr and "Traceback" not in again.stderr, again.stderr
+            assert worker.proc.poll() is None, worker_log(worker)[-3000:]  # still running
+            redis_server.client().config_set("maxmemory", "256mb")
+            done = run_cli("wait", job_id, "--timeout", "180", "--no-progress", env=env,
+                           check=False, timeout=240)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "Unrecoverable error" not in worker_log(worker)
+        finally:
+            worker.stop()
+    results = result_keys(s3_server.client(), bucket, "out/")
+    assert len(results) == 120

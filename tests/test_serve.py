@@ -446,3 +446,56 @@ def test_serve_refuses_to_start_without_usable_keys(env, message):
     assert "pa55word" not in proc.stderr
     if not env:
         assert "--no-auth" in proc.stderr and "POSEBATCH_API_KEYS" in proc.stderr
+
+
+# -- slow and vanishing clients ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory: pytest.TempPathFactory):
+    _need_model()
+    srv = ServeProcess(tmp_path_factory.mktemp("small") / "serve.log",
+                       ["--no-auth", "--max-queue", "2", "--body-timeout", "2"], _env())
+    yield srv
+    srv.stop()
+
+
+def slow_client(srv: ServeProcess, length: int = 100_000) -> socket.socket:
+    """Headers, then a few bytes of a body it promised to be ``length`` long: 1 byte/s users."""
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    sock.sendall(f"POST {ANALYSIS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-"
+                 f"urlencoded\r\nContent-Length: {length}\r\n\r\nimage=".encode())
+    return sock
+
+
+def test_slow_bodies_neither_hold_queue_slots_nor_stay_past_the_body_timeout(small_server):
+    slow = [slow_client(small_server) for _ in range(8)]  # 4x --max-queue of them
+    try:
+        time.sleep(0.5)
+        assert small_server.healthz()["pending"] == 0  # reading is not holding a slot
+        started = time.monotonic()
+        answer = raw_post(small_server, {"image": base64.b64encode(jpeg()).decode()})
+        assert "error_code" not in answer, answer  # served while the slow ones dawdle
+        for sock in slow:
+            head = b""
+            while chunk := sock.recv(4096):  # the server closes the connection after it
+                head += chunk
+            head = head.decode(errors="replace")
+            assert head.startswith("HTTP/1.1 408"), head
+            assert "216100" in head and "did not arrive within 2 s" in head
+        assert time.monotonic() - started < 20
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_client_that_leaves_mid_body_is_not_an_internal_error(small_server):
+    sock = slow_client(small_server)
+    sock.sendall(b"abc")
+    time.sleep(0.3)
+    sock.close()
+    deadline = time.monotonic() + 10
+    while 'code="disconnected"' not in small_server.metrics():
+        assert time.monotonic() < deadline, small_server.metrics()
+        time.sleep(0.2)
+    assert 'code="282000"' not in small_server.metrics()
+    assert "Traceback" not in small_server.log.read_text()

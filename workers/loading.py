@@ -89,3 +89,18 @@ def open_model(rt: RuntimeSettings, ref: ModelRef | None = None,
 
     return open_topdown_or_pose(main, make_pose, rt.providers, rt.intra_threads, rt.detector,
                                 lambda: str(resolve_model(None, rt.cache_dir).path))
+
+
+_DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda",
+            "TensorrtExecutionProvider": "tensorrt"}
+
+
+def runner_label(model: Runner | TopDownModel, ref: ModelRef) -> str:
+    """``<backend> <precision> <device>`` of an open model, e.g. ``openvino bf16 cpu`` or ``ort
+    fp32 cuda``: what made a job's numbers, written to its manifest and summary so a reader can
+    tell whether two jobs (or two hosts of one job) computed alike."""
+    provider = model.info.provider
+    if provider.startswith("OpenVINO"):
+        return f"openvino {provider.rsplit(' ', 1)[-1]} cpu"
+    return f"ort {ref.precision} {_DEVICES.get(provider, provider)}"
+

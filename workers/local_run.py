@@ -23,7 +23,7 @@ from posebatch.settings import JobSettings, RuntimeSettings
 from posebatch.storage import Storage
 from workers.batch import process_keys
 from workers.engine.pipeline import PoseEngine
-from workers.loading import open_model
+from workers.loading import open_model, runner_label
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,13 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
             selection: Selection | None = None, overlays: bool = False) -> RunOutcome:
     from tqdm import tqdm
 
-    wanted = manifest(job, model.sha256, model.name)
-    if not force:
-        check_output(dst, wanted)  # refuse before the model loads; claim at the first write
-    engine = PoseEngine(open_model(runtime, model), job, runtime.batch_size, runtime.io_threads)
+    runtime = job.pinned_runtime(runtime)
+    if not force:  # refuse before the model loads; claim at the first write
+        check_output(dst, manifest(job, model.sha256, model.name))
+    runner = open_model(runtime, model)
+    label = runner_label(runner, model)
+    wanted = manifest(job, model.sha256, model.name, label)
+    engine = PoseEngine(runner, job, runtime.batch_size, runtime.io_threads)
     created = _now()
     total = (sum(1 for _ in iter_images(src, selection))
              if src.url.startswith("/") or (selection and selection.keys is not None)
@@ -64,7 +67,7 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
     check_output(dst, wanted)
     meta = {"job_id": job_id, "input": src.url, "output": dst.url, "created": created,
             "finished": _now(), "model": {"name": model.name, "sha256": model.sha256},
-            "settings": job.to_dict()}
+            "runners": [label], "settings": job.to_dict()}
     summary = write_aggregates(dst, records, meta, src=src)
     return RunOutcome(summary, time.monotonic() - started)
 

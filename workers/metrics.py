@@ -55,6 +55,8 @@ def _get() -> dict[str, Any] | None:
                                 "renewed"),
             "model_load": Gauge("posebatch_model_load_seconds", "Time to load the model",
                                 multiprocess_mode="max"),
+            "handed_back": Counter("posebatch_batches_handed_back", "Batches of jobs that run "
+                                   "another model, handed back to the queue untouched"),
         }
     return _metrics
 
@@ -92,3 +94,9 @@ def model_loaded(seconds: float) -> None:
     m = _get()
     if m is not None:
         m["model_load"].set(seconds)
+
+
+def handed_back() -> None:
+    m = _get()
+    if m is not None:
+        m["handed_back"].inc()

@@ -18,6 +18,7 @@ from posebatch.errors import (
     INTERNAL_ERROR,
     PermanentError,
     RetryableError,
+    StateFull,
     StateUnavailable,
     StorageUnreachable,
 )
@@ -35,6 +36,9 @@ OUTAGE_BACKOFF_CAP = 60
 MAX_DELIVERIES = 8
 """Starts of one batch, retries and redeliveries after worker loss included (poison batches)."""
 STATE_PATIENCE = 60.0
+FULL_POLL_S = 1.0
+FULL_LOG_SECONDS = 30.0
+"""While Redis is full: try again every second, say so in the log every 30 s."""
 """Seconds a batch waits for the job-state Redis to come back before it goes back to the queue."""
 _T = TypeVar("_T")
 
@@ -96,9 +100,18 @@ def patiently(call: Callable[..., _T], *args: object, patience: float = STATE_PA
     """
     deadline = time.monotonic() + patience
     delay = 0.5
+    told = 0.0
     while True:
         try:
             return call(*args)
+        except StateFull as err:
+            # A full Redis refuses the requeue and the acknowledgement as well: handing the batch
+            # back cannot work, so hold it (its lease expires, nothing else moves either) and
+            # go on the moment Redis takes writes again.
+            if time.monotonic() - told >= FULL_LOG_SECONDS:
+                log.error("%s; this batch waits (checking every %.0f s)", err, FULL_POLL_S)
+                told = time.monotonic()
+            sleep(FULL_POLL_S)
         except StateUnavailable as err:
             if time.monotonic() + delay > deadline:
                 raise Requeue(f"job state unreachable for {patience:.0f} s: {err}") from err

@@ -7,13 +7,15 @@ about failures. Its two Celery-shaped outcomes become ``task.retry`` and ``Rejec
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import time
 from typing import Any, NoReturn
 
 from celery.exceptions import Reject
 
-from posebatch.errors import PermanentError
+from posebatch.errors import ConfigError, ModelError
 from posebatch.manifest import claim_output, manifest
 from posebatch.queue import PROCESS_BATCH
 from posebatch.records import Record
@@ -27,8 +29,14 @@ from workers.engine.pipeline import PoseEngine
 log = logging.getLogger(__name__)
 
 
-class ModelMismatch(PermanentError):
-    """Two workers of one job run different models: their results must not mix."""
+class ModelMismatch(Exception):
+    """This worker runs another model than the job's (the first worker's): its results must not
+    mix with the job's, so the batch goes back to the queue for a worker that has the model."""
+
+
+MISMATCH_PAUSE_S = 2.0
+"""How long a worker of another model holds a batch before handing it back: long enough that an
+idle worker with the job's model, blocked on the queue, takes it next instead of this one."""
 
 
 @app.task(name=PROCESS_BATCH, bind=True, acks_late=True, max_retries=None)
@@ -41,9 +49,11 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
     for storage outages). With Celery's default (3) the last retry raised the storage error
     instead of recording the images as failed, and the job never completed.
     """
+    cluster = from_env(ClusterSettings)
     if keys is None:  # the message names the batch; its keys are in the job state
         try:
-            keys = policy.patiently(state.job_store().batch_keys, job_id, batch_id)
+            keys = policy.patiently(state.job_store().batch_keys, job_id, batch_id,
+                                    patience=cluster.state_patience)
         except policy.Requeue as err:
             raise Reject(str(err), requeue=True) from err
         if keys is None:
@@ -51,14 +61,31 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
                      "to do", batch_id, job_id)
             return 0
     attempt = policy.Attempt(job_id, batch_id, keys, self.request.retries)
+    job = JobSettings.from_dict(settings)
+    try:  # before the policy counts a delivery: a batch this worker cannot run is not an attempt
+        policy.patiently(_check_model, job_id, job, patience=cluster.state_patience)
+    except ModelMismatch as err:
+        metrics.handed_back()
+        with contextlib.suppress(policy.Requeue):  # only a note for `status`
+            policy.patiently(state.job_store().note_waiting, job_id,
+                             f"{err}; waiting for a worker with the job's model",
+                             patience=cluster.state_patience)
+        log.warning("batch %s of job %s handed back: %s", batch_id, job_id, err)
+        time.sleep(MISMATCH_PAUSE_S)
+        raise Reject(str(err), requeue=True) from err
+    except policy.Requeue as err:
+        raise Reject(str(err), requeue=True) from err
+    except (ModelError, ConfigError):
+        pass  # the model cannot open for this job: the policy records why, in work() below
 
     def work() -> list[Record]:
-        return _run(job_id, input_url, output_url, keys, JobSettings.from_dict(settings), force)
+        return _run(job_id, input_url, output_url, keys, job, force)
 
     try:
         with metrics.batch():
             return policy.run_batch(state.job_store(), attempt, work,
-                                    storage_patience=from_env(ClusterSettings).storage_patience)
+                                    patience=cluster.state_patience,
+                                    storage_patience=cluster.storage_patience)
     except policy.Requeue as err:
         # Not acknowledged: back to the queue (or, if the broker is down too, redelivered after
         # the visibility timeout). Recording nothing now loses nothing: records are idempotent.
@@ -71,20 +98,28 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
 
 def _run(job_id: str, input_url: str, output_url: str, keys: list[str], job: JobSettings,
          force: bool) -> list[Record]:
-    model, ref = state.load_model()
+    model, ref, label = state.load_model(job)
     store = state.job_store()
-    on_record = policy.patiently(store.note_model, job_id,
-                                 {"name": ref.name, "sha256": ref.sha256})
-    if on_record["sha256"] != ref.sha256:
-        raise ModelMismatch(f"job {job_id} runs model {on_record['sha256'][:12]} but this "
-                            f"worker has {ref.sha256[:12]}; run one model per cluster")
+    policy.patiently(store.note_runner, job_id, label,
+                     patience=from_env(ClusterSettings).state_patience)
     src, dst = _storage(input_url), _storage(output_url)
-    _claim(job_id, dst, manifest(job, ref.sha256, ref.name), force)
+    _claim(job_id, dst, manifest(job, ref.sha256, ref.name, label), force)
     rt = state.runtime()
     engine = PoseEngine(model, job, rt.batch_size, rt.io_threads)
     records = process_keys(engine, src, dst, keys, skip_existing=not force)
     metrics.images(records)
     return records
+
+
+def _check_model(job_id: str, job: JobSettings) -> None:
+    """The job's model is the first worker's (recorded once); raise ModelMismatch if this
+    worker's model for ``job`` is another file."""
+    _model, ref, _label = state.load_model(job)
+    on_record = state.job_store().note_model(job_id, {"name": ref.name, "sha256": ref.sha256})
+    if on_record["sha256"] != ref.sha256:
+        raise ModelMismatch(f"job {job_id} runs model {on_record.get('name')} "
+                            f"({on_record['sha256'][:12]}) but this worker has {ref.name} "
+                            f"({ref.sha256[:12]})")
 
 
 def _claim(job_id: str, dst: Storage, wanted: dict[str, Any], force: bool) -> None:

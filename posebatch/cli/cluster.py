@@ -121,9 +121,14 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
     store = _store(ns)
     ids = [ns.job_id] if ns.job_id else store.recent()
+    states = []
+    full = store.full()
     for job_id in ids:
-        print(describe(get(store, job_id)))
-    return exitcodes.OK
+        p = get(store, job_id)
+        states.append(p.state)
+        print(describe(p, full))
+    # One job asked for by id: an abandoned one (submission stopped, output gone) needs fixing.
+    return exitcodes.CONFIG if ns.job_id and states == ["abandoned"] else exitcodes.OK
 
 
 def cmd_wait(ns: argparse.Namespace) -> int:

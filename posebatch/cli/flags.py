@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from posebatch.storage import Storage
 
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
-              "valid_box_score", "max_image_bytes", "quality")
+              "valid_box_score", "max_image_bytes", "quality", "precision", "backend")
 RUNTIME_FIELDS = ("model", "detector", "providers", "precision", "backend", "batch_size",
                   "intra_threads", "io_threads", "broker_url", "state_url")
 
@@ -39,6 +39,22 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     add_validity_flags(g)
     g.add_argument("--max-image-bytes", type=int,
                    help="largest accepted encoded file in bytes (default 4194304 = 4 MiB)")
+    add_engine_flags(g, pinned=True)
+
+
+def add_engine_flags(g: argparse._ActionsContainer, *, pinned: bool) -> None:
+    """--precision and --backend: a job setting for run/submit/watch/serve (pins what every
+    worker of the job runs), a worker's own default for jobs that leave them ``auto``."""
+    whose = ("pins it for every worker of the job; default auto: each worker's own choice, "
+             "README \"Precision\"" if pinned else "this worker's choice for jobs that do not "
+             "pin one")
+    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="model precision (auto: bf16 with OpenVINO on CPUs with AMX or "
+                        "AVX512-BF16, else fp32, GPUs included); fp16 uses <model>.fp16.onnx, "
+                        f"made on first use; bf16: OpenVINO. {whose}")
+    g.add_argument("--backend", choices=["auto", "ort", "openvino"],
+                   help="model runtime (auto: ONNX Runtime on a GPU, else the faster one on "
+                        f"this CPU, measured once per model and host and cached). {whose}")
 
 
 def add_validity_flags(g: argparse._ActionsContainer, defaults: tuple[str, str, str] = (
@@ -53,21 +69,17 @@ def add_validity_flags(g: argparse._ActionsContainer, defaults: tuple[str, str, 
                    help=f"validity rule: box score must exceed this (default {box})")
 
 
-def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+def add_runtime_flags(p: argparse.ArgumentParser, *, engine: bool = False) -> None:
+    """``engine``: also --precision and --backend (the worker's; jobs have their own)."""
     g = p.add_argument_group("runtime (also POSEBATCH_<NAME> environment variables)")
+    if engine:
+        add_engine_flags(g, pinned=False)
     g.add_argument("--model", help="ONNX model file (default: the model built by `model build`)")
     g.add_argument("--detector", help="person detector ONNX for a top-down (SimCC) --model "
                    "(default: the default model's boxes); docs/models.md")
     g.add_argument("--providers", choices=["auto", "cpu", "cuda", "tensorrt"],
                    help="ONNX Runtime provider (default auto: TensorRT when its libraries "
                         "load, else CUDA when available, else CPU)")
-    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="model precision (default auto: fp32 unless the job pins another; "
-                        "see README); fp16 uses <model>.fp16.onnx, made on first use; bf16: "
-                        "OpenVINO")
-    g.add_argument("--backend", choices=["auto", "ort", "openvino"],
-                   help="model runtime (default auto: ONNX Runtime on a GPU, else the faster "
-                        "one on this CPU, measured once per model and host and cached)")
     g.add_argument("--batch-size", type=int,
                    help="images per model call (default 0 = auto: 4 on CPU, 32 on CUDA)")
     g.add_argument("--intra-threads", type=int, help="ONNX Runtime threads (0 = per core)")

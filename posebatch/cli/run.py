@@ -51,7 +51,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
             dst.root):
         raise ConfigError(f"--out {dst.url} is a file, not a folder: name a folder for results")
     chosen = selection(ns, src, single)
-    model = select_model(runtime).ref
+    model = select_model(job.pinned_runtime(runtime)).ref
     outcome = run_job(src, dst, model, job, runtime, force=ns.force,
                       progress=False if ns.no_progress else None, selection=chosen,
                       overlays=ns.overlays)

@@ -9,7 +9,7 @@ from posebatch.cli.flags import add_job_flags, add_runtime_flags, job_settings, 
 from posebatch.settings import ServeSettings, from_env
 
 SERVE_FIELDS = ("host", "port", "api_keys_file", "qps", "max_wait_ms", "max_queue",
-                "max_base64_bytes")
+                "max_base64_bytes", "body_timeout_s", "max_connections")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="requests in flight at once; more are refused with error 2 (default 64)")
     g.add_argument("--max-base64-bytes", type=int,
                    help="largest image field after base64 (default 4194304, the API's 4 MB)")
+    g.add_argument("--body-timeout", dest="body_timeout_s", type=float, metavar="S",
+                   help="seconds a client has to send its whole body; slower ones get HTTP 408 "
+                        "and do not hold a --max-queue slot meanwhile (default 10)")
+    g.add_argument("--max-connections", type=int,
+                   help="connections served at once, HTTP 503 past it (default 256)")
     add_job_flags(p)
     add_runtime_flags(p)
     p.set_defaults(handler=cmd_serve)

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="worker processes (default 1: one per GPU; on CPU one process uses "
                         "all cores through ONNX Runtime's threads)")
     _celery_flags(p, QUEUE)
-    add_runtime_flags(p)
+    add_runtime_flags(p, engine=True)
     p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser("control", help="run the control worker (scheduled submissions)",

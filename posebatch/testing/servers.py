@@ -208,6 +208,7 @@ class RedisServer(ServerProcess):
     """redis-server on a free port. Defaults: no password, no TLS, no persistence.
 
     Options for fault and security tests: ``password`` (``requirepass``; the URL carries it),
+    ``maxmemory`` (with ``noeviction``: Redis refuses writes once full),
     ``appendonly`` (AOF persistence with fsync on every write, so a restart keeps queues and job
     state), ``tls`` (a private CA and server certificate made with ``openssl``; the URL is
     ``rediss://`` and names the CA file so clients verify the server).
@@ -217,8 +218,11 @@ class RedisServer(ServerProcess):
     ready_timeout = 20.0
 
     def __init__(self, workdir: Path, binary: str, *, password: str | None = None,
-                 appendonly: bool = False, tls: bool = False) -> None:
+                 appendonly: bool = False, tls: bool = False,
+                 maxmemory: str | None = None) -> None:
         super().__init__(workdir)
+        self.maxmemory = maxmemory
+        """e.g. ``"40mb"``, with ``noeviction`` (the deploy files' policy): writes past it fail."""
         self.binary = binary
         self.port = free_ports(1)[0]
         self.password = password
@@ -248,6 +252,8 @@ class RedisServer(ServerProcess):
             cmd += ["--appendonly", "no"]
         if self.password:
             cmd += ["--requirepass", self.password]
+        if self.maxmemory:
+            cmd += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
         return cmd
 
     def client(self):

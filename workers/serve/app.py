@@ -8,15 +8,17 @@ logged: they carry access tokens, and the token URL's carries the client secret.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -55,6 +57,8 @@ FORM_SLACK = 64 * 1024
 class ServeConfig:
     max_base64_bytes: int = 4 * 1024 * 1024
     """The API's rule: the ``image`` field is at most 4 MB after base64."""
+    body_timeout_s: float = 10.0
+    """Time a client has to send its whole body; a slower one is answered 408 and dropped."""
 
     @property
     def max_body_bytes(self) -> int:
@@ -62,6 +66,10 @@ class ServeConfig:
         at most 3 bytes (``/`` -> ``%2F``), plus room for the other fields. Bigger bodies are
         refused from their Content-Length without reading a byte of them."""
         return 3 * self.max_base64_bytes + FORM_SLACK
+
+
+class BodyTimeout(Exception):
+    """The client did not send its whole body within ``ServeConfig.body_timeout_s``."""
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -83,16 +91,29 @@ def create_app(batcher: Batcher, authority: Authority | None, config: ServeConfi
 
     async def analyse(request: Request) -> Response:
         started = time.perf_counter()
+        status = 200
         try:
             result = await _analyse(request)
+        except ClientDisconnect:  # the client went away mid-body: nobody to answer, no error
+            seconds = time.perf_counter() - started
+            metrics.observe_request("disconnected", seconds)
+            log.info("POST %s -> client disconnected after %.1f ms", ANALYSIS_PATH,
+                     seconds * 1000)
+            return Response(status_code=400)
+        except BodyTimeout:
+            status = 408
+            result = error_result(INVALID_PARAM, f"invalid param: the request body did not "
+                                  f"arrive within {config.body_timeout_s:g} s")
         except Exception:  # never a traceback to the client
             log.exception("unexpected error in %s", ANALYSIS_PATH)
             result = error_result(INTERNAL_ERROR, "internal error; see the server log")
         code = result.get("error_code", 0)
         seconds = time.perf_counter() - started
-        metrics.observe_request(code, seconds)
+        metrics.observe_request("body_timeout" if status == 408 else code, seconds)
         log.info("POST %s -> %s in %.1f ms", ANALYSIS_PATH, code, seconds * 1000)  # no query
-        return Response(encode_result(result), media_type="application/json")
+        headers = {"Connection": "close"} if status == 408 else None
+        return Response(encode_result(result), status_code=status, headers=headers,
+                        media_type="application/json")
 
     async def _analyse(request: Request) -> dict[str, Any]:
         if authority is not None:
@@ -115,13 +136,24 @@ def create_app(batcher: Batcher, authority: Authority | None, config: ServeConfi
         if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
             return error_result(BAD_SIZE, f"request body is {length} bytes; the image must be "
                                 f"at most {config.max_base64_bytes} bytes after base64")
+        # The body is read before the request takes one of --max-queue slots, within
+        # body_timeout_s: clients that send slowly (or never finish) hold a connection, never a
+        # slot, so they cannot lock out everyone else; uvicorn's limit_concurrency bounds them.
+        try:
+            async with asyncio.timeout(config.body_timeout_s):
+                load = await _read_field(request)
+        except TimeoutError:
+            raise BodyTimeout from None
+        if isinstance(load, dict):
+            return load
         try:
             with batcher.admit():
-                return await _read_and_run(request)
+                return await batcher.analyse(load)
         except Overloaded as err:
             return error_result(UNAVAILABLE, f"Service temporarily unavailable: {err}")
 
-    async def _read_and_run(request: Request) -> dict[str, Any]:
+    async def _read_field(request: Request) -> Callable[[], bytes] | dict[str, Any]:
+        """What the decode pool runs to get the image bytes, or an error result."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             try:
                 form = await request.form(max_fields=MAX_FORM_FIELDS,
@@ -136,13 +168,13 @@ def create_app(batcher: Batcher, authority: Authority | None, config: ServeConfi
                 field: bytes | None = await value.read()
             else:
                 field = None if value is None else value.encode("latin-1", "replace")
-        else:  # the API's own encoding: application/x-www-form-urlencoded
-            body = await _read_body(request, config.max_body_bytes)
-            if body is None:
-                return _too_large()
-            # Parsed in the decode pool: up to 12 MB of form is no work for the event loop.
-            return await batcher.analyse(lambda: _image_bytes(urlencoded_field(body, "image")))
-        return await batcher.analyse(lambda: _image_bytes(field))
+            return lambda: _image_bytes(field)
+        # The API's own encoding: application/x-www-form-urlencoded.
+        body = await _read_body(request, config.max_body_bytes)
+        if body is None:
+            return _too_large()
+        # Parsed in the decode pool: up to 12 MB of form is no work for the event loop.
+        return lambda: _image_bytes(urlencoded_field(body, "image"))
 
     def _image_bytes(field: bytes | None) -> bytes:
         """Runs in the decode pool: the API's checks on the field, then base64."""

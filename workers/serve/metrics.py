@@ -19,7 +19,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "posebatch_serve_requests", "body_analysis requests by API result code "
-            "(0 = persons returned)", ["code"], registry=r)
+            "(0 = persons returned; disconnected: the client left mid-body; body_timeout)",
+            ["code"], registry=r)
         self.latency = Histogram(
             "posebatch_serve_request_seconds", "body_analysis time from request to answer",
             buckets=_LATENCY_BUCKETS, registry=r)
@@ -35,7 +36,7 @@ class Metrics:
         Gauge("posebatch_serve_max_inflight", "limit on admitted requests (--max-queue)",
               registry=r).set(max_pending)
 
-    def observe_request(self, code: int, seconds: float) -> None:
+    def observe_request(self, code: int | str, seconds: float) -> None:
         self.requests.labels(code=str(code)).inc()
         self.latency.observe(seconds)
 

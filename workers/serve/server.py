@@ -68,7 +68,8 @@ def serve(model: ModelRef, job: JobSettings, runtime: RuntimeSettings, settings:
     import uvicorn
 
     batcher, metrics = build_batcher(model, job, runtime, settings)
-    app = create_app(batcher, authority, ServeConfig(settings.max_base64_bytes), metrics)
+    app = create_app(batcher, authority,
+                     ServeConfig(settings.max_base64_bytes, settings.body_timeout_s), metrics)
     print(f"posebatch serve: http://{settings.host}:{settings.port} (model {model.name} on "
           f"{batcher.engine.model.info.provider}, max batch {batcher.max_batch}, max wait "
           f"{settings.max_wait_ms:g} ms, max in flight {settings.max_queue}, auth "
@@ -76,4 +77,5 @@ def serve(model: ModelRef, job: JobSettings, runtime: RuntimeSettings, settings:
     # access_log off: uvicorn's access log prints query strings, which carry access tokens
     # (and, on the token URL, client secrets). The app logs method, path and result instead.
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False,
-                log_config=None, timeout_graceful_shutdown=30)
+                log_config=None, timeout_graceful_shutdown=30,
+                limit_concurrency=settings.max_connections)
