@@ -57,9 +57,10 @@ test: model browser build-env
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -ra -m "not cluster and not faults"
 
+# ruff check is the gate (make test runs it). The tree is wrapped by hand at 100 columns, not by
+# `ruff format`, so there is no format check: one that cannot fail (`|| true`) was dropped.
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check . || true
 
 bench: model
 	$(MAKE) -C bench run

@@ -25,7 +25,7 @@ import numpy as np
 
 from posebatch.errors import ConfigError
 from posebatch.keys import result_key
-from posebatch.schema import API21_NAMES
+from posebatch.schema import API21_NAMES, Failure, read_result
 
 # Per-keypoint OKS sigmas. The 17 COCO points use COCO's published values; the others are ours:
 # top_head and neck as loose as a shoulder (0.079, as MPII-style head-top/neck evaluations use),
@@ -52,16 +52,15 @@ def load_predictions(gt: dict[str, Any], pred_dir: Path) -> list[dict[str, Any]]
         path = pred_dir / result_key(img["file_name"])
         if not path.is_file():
             raise ConfigError(f"no prediction for {img['file_name']}: expected {path}")
-        result = json.loads(path.read_text())
-        for person in result.get("person_info", []):
-            kp = []
-            for name in API21_NAMES:
-                part = person["body_parts"][name]
-                kp += [part["x"], part["y"], part["score"]]
-            loc = person["location"]
-            dets.append({"image_id": img["id"], "category_id": 1, "keypoints": kp,
-                         "score": loc["score"],
-                         "bbox": [loc["left"], loc["top"], loc["width"], loc["height"]]})
+        typed = read_result(json.loads(path.read_text()))
+        if isinstance(typed, Failure):
+            continue  # an image that failed has no persons
+        for kpts, (x1, y1, x2, y2), score in zip(typed.kpts.tolist(),
+                                                 typed.boxes_xyxy.tolist(),
+                                                 typed.box_scores.tolist(), strict=True):
+            dets.append({"image_id": img["id"], "category_id": 1,
+                         "keypoints": [v for point in kpts for v in point], "score": score,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1]})
     return dets
 
 

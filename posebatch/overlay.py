@@ -7,11 +7,13 @@ worker, and the report draws the same pictures from the stored results.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from posebatch.exports.skeleton import LIMBS, limb_side, side
+from posebatch.schema import PoseResult
 
 COLOURS = {"left": (229, 57, 53), "right": (30, 136, 229), "center": (67, 160, 71)}
 BOX = (255, 179, 0)
@@ -25,8 +27,8 @@ def open_upright(data: bytes) -> Image.Image:
     return im.convert("RGB")
 
 
-def draw_overlay(im: Image.Image, result: dict[str, Any], kpt_threshold: float,
-                 valid: list[bool] | None = None,
+def draw_overlay(im: Image.Image, result: PoseResult, kpt_threshold: float,
+                 valid: Sequence[bool] | None = None,
                  scale: tuple[float, float] = (1.0, 1.0)) -> Image.Image:
     """Return a copy of upright ``im`` with every person of ``result`` drawn on it.
 
@@ -41,25 +43,25 @@ def draw_overlay(im: Image.Image, result: dict[str, Any], kpt_threshold: float,
     line = max(1, round(3 * unit))
     radius = max(2, round(4 * unit))
     font = _font(max(10, round(16 * unit)))
-    for i, person in enumerate(result.get("person_info", [])):
+    index = {name: i for i, name in enumerate(result.names)}
+    for i, ((x1, y1, x2, y2), score, kpts) in enumerate(zip(
+            result.boxes_xyxy.tolist(), result.box_scores.tolist(), result.kpts.tolist(),
+            strict=True)):
         ok = valid[i] if valid is not None else True
-        loc = person["location"]
-        box = (loc["left"] * sx, loc["top"] * sy, (loc["left"] + loc["width"]) * sx,
-               (loc["top"] + loc["height"]) * sy)
+        box = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
         draw.rectangle(box, outline=BOX if ok else GREY, width=line if ok else 1)
-        label = f"{loc['score']:.2f}"
+        label = f"{score:.2f}"
         at = (box[0], max(0.0, box[1] - _height(draw, font) - 2))
         draw.rectangle(draw.textbbox(at, label, font=font), fill=(0, 0, 0))
         draw.text(at, label, fill=BOX if ok else GREY, font=font)
-        parts = person["body_parts"]
         for a, b in LIMBS:
-            pa, pb = parts[a], parts[b]
-            if pa["score"] >= kpt_threshold and pb["score"] >= kpt_threshold:
-                draw.line((pa["x"] * sx, pa["y"] * sy, pb["x"] * sx, pb["y"] * sy),
+            (ax, ay, sa), (bx, by, sb) = kpts[index[a]], kpts[index[b]]
+            if sa >= kpt_threshold and sb >= kpt_threshold:
+                draw.line((ax * sx, ay * sy, bx * sx, by * sy),
                           fill=COLOURS[limb_side(a, b)], width=line)
-        for name, p in parts.items():
-            if p["score"] >= kpt_threshold:
-                x, y = p["x"] * sx, p["y"] * sy
+        for name, (x, y, s) in zip(result.names, kpts, strict=True):
+            if s >= kpt_threshold:
+                x, y = x * sx, y * sy
                 draw.ellipse((x - radius, y - radius, x + radius, y + radius),
                              fill=COLOURS[side(name)], outline=(255, 255, 255))
     return out

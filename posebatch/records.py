@@ -10,6 +10,9 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
+from posebatch.schema import Failure, PoseResult, read_result
 from posebatch.settings import JobSettings
 
 
@@ -36,21 +39,19 @@ class Record:
         return cls(**json.loads(text))
 
 
-def is_valid_person(person: dict[str, Any], job: JobSettings) -> bool:
-    """The seed's rule: more than N keypoints above a score, and a box above a score."""
-    confident = sum(
-        1 for part in person["body_parts"].values() if part["score"] > job.valid_kpt_score
-    )
-    return confident > job.valid_min_kpts and person["location"]["score"] > job.valid_box_score
+def valid_flags(result: PoseResult, job: JobSettings) -> np.ndarray:
+    """``(n,)`` bool: the seed's rule with the job's thresholds (more than ``valid_min_kpts``
+    keypoints above ``valid_kpt_score``, and a box score above ``valid_box_score``)."""
+    return result.valid(job.valid_kpt_score, job.valid_min_kpts, job.valid_box_score)
 
 
 def record_from_result(key: str, result: dict[str, Any], job: JobSettings,
                        size: tuple[int, int] | None = None) -> Record:
     """Derive the record from the API result itself, so a skipped (already done) image and a
     freshly processed one produce the same record; ``size`` is the upright (width, height)."""
-    if "error_code" in result:
-        return Record(key, False, int(result["error_code"]), 0, 0, str(result["error_msg"]))
-    persons = result["person_info"]
-    valid = sum(1 for p in persons if is_valid_person(p, job))
+    typed = read_result(result)
+    if isinstance(typed, Failure):
+        return Record(key, False, typed.code, 0, 0, typed.message)
     w, h = size if size is not None else (None, None)
-    return Record(key, True, None, int(result["person_num"]), valid, width=w, height=h)
+    return Record(key, True, None, len(typed), int(valid_flags(typed, job).sum()), width=w,
+                  height=h)

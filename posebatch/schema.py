@@ -43,17 +43,107 @@ class PoseResult:
     kpts: np.ndarray
     boxes_xyxy: np.ndarray
     box_scores: np.ndarray
-    width: int
-    height: int
+    width: int | None
+    """Upright image size in pixels; None only for a result read back without its size."""
+    height: int | None
+    source: str | None = None
+    """Where the image came from (a path or key), when the caller said; never in the JSON."""
 
     def __post_init__(self) -> None:
+        if np.ndim(self.box_scores) != 1:
+            raise ValueError(f"expected box_scores of shape (n,), got {np.shape(self.box_scores)}")
         n = len(self.box_scores)
         if self.kpts.shape != (n, 21, 3):
             raise ValueError(f"expected kpts of shape ({n}, 21, 3), got {self.kpts.shape}")
         if self.boxes_xyxy.shape != (n, 4):
             raise ValueError(f"expected boxes_xyxy of shape ({n}, 4), got {self.boxes_xyxy.shape}")
-        if self.width <= 0 or self.height <= 0:
-            raise ValueError(f"expected a positive image size, got {self.width}x{self.height}")
+        if (self.width is None) != (self.height is None) or (
+                self.width is not None and (self.width <= 0 or self.height <= 0)):
+            raise ValueError(f"expected a positive image size (or none), got "
+                             f"{self.width}x{self.height}")
+
+    def __len__(self) -> int:
+        return len(self.box_scores)
+
+    names = API21_NAMES
+    """The 21 keypoint names, in the order of the second axis of ``xy`` and ``scores``."""
+
+    @property
+    def xy(self) -> np.ndarray:
+        """``(n, 21, 2)`` keypoint x, y in upright image pixels."""
+        return self.kpts[..., :2]
+
+    @property
+    def scores(self) -> np.ndarray:
+        """``(n, 21)`` keypoint scores in [0, 1]."""
+        return self.kpts[..., 2]
+
+    def valid(self, kpt_score: float = 0.2, min_kpts: int = 3,
+              box_score: float = 0.03) -> np.ndarray:
+        """``(n,)`` bool: the seed's rule (more than ``min_kpts`` keypoints scoring above
+        ``kpt_score``, and a box score above ``box_score``); a job's own values are its
+        ``valid_kpt_score``, ``valid_min_kpts`` and ``valid_box_score``."""
+        confident = (self.scores > kpt_score).sum(axis=1)
+        return (confident > min_kpts) & (self.box_scores > box_score)
+
+    @classmethod
+    def empty(cls, width: int | None = None, height: int | None = None) -> PoseResult:
+        """No persons (an image where nobody was found)."""
+        return cls(np.zeros((0, 21, 3)), np.zeros((0, 4)), np.zeros((0,)), width, height)
+
+    @classmethod
+    def from_api(cls, result: dict[str, Any], width: int | None = None,
+                 height: int | None = None) -> PoseResult:
+        """Read an API result dict (a ``<image>.json``) back; ``to_api`` gives the same dict
+        again (log_id aside). The JSON holds no image size: pass it when known (``_counts.csv``
+        has it). An error result raises ValueError: check ``result_failure`` first."""
+        if "error_code" in result:
+            raise ValueError(f"expected a result with persons, got error "
+                             f"{result['error_code']}: {result.get('error_msg')}")
+        persons = result.get("person_info")
+        if not isinstance(persons, list):
+            raise ValueError(f"expected person_info to be a list, got {type(persons).__name__}")
+        if not persons:
+            return cls.empty(width, height)
+        try:
+            kpts = np.array([[[p["body_parts"][name][f] for f in ("x", "y", "score")]
+                              for name in API21_NAMES] for p in persons], dtype=np.float64)
+            loc = np.array([[p["location"][f] for f in ("left", "top", "width", "height",
+                                                         "score")] for p in persons],
+                           dtype=np.float64)
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"expected every person to have location and the 21 body_parts "
+                             f"with x, y, score; missing {err}") from err
+        boxes = np.stack([loc[:, 0], loc[:, 1], loc[:, 0] + loc[:, 2], loc[:, 1] + loc[:, 3]], 1)
+        return cls(kpts, boxes, loc[:, 4], width, height)
+
+    def to_supervision(self) -> tuple[Any, Any]:
+        """``(supervision.KeyPoints, supervision.Detections)`` of the persons (class 0,
+        "person"); needs the ``supervision`` package (``pip install 'posebatch[supervision]'``,
+        0.29 or later). Keypoint names are ``PoseResult.names``."""
+        import supervision as sv
+
+        class_id = np.zeros(len(self), dtype=int)
+        keypoints = sv.KeyPoints(xy=self.xy.astype(np.float32), class_id=class_id,
+                                 keypoint_confidence=self.scores.astype(np.float32))
+        detections = sv.Detections(xyxy=self.boxes_xyxy.astype(np.float32),
+                                   confidence=self.box_scores.astype(np.float32),
+                                   class_id=class_id)
+        return keypoints, detections
+
+    @classmethod
+    def from_supervision(cls, keypoints: Any, detections: Any, width: int | None = None,
+                         height: int | None = None) -> PoseResult:
+        """The inverse of ``to_supervision``: 21-point KeyPoints plus their person Detections."""
+        xy = np.asarray(keypoints.xy, dtype=np.float64)
+        if xy.ndim != 3 or xy.shape[1:] != (21, 2):
+            raise ValueError(f"expected KeyPoints.xy of shape (n, 21, 2), got {xy.shape}")
+        kconf = keypoints.keypoint_confidence
+        conf = np.ones(xy.shape[:2]) if kconf is None else np.asarray(kconf, dtype=np.float64)
+        scores = (np.ones(len(detections)) if detections.confidence is None
+                  else np.asarray(detections.confidence, dtype=np.float64))
+        return cls(np.concatenate([xy, conf[..., None]], axis=2),
+                   np.asarray(detections.xyxy, dtype=np.float64), scores, width, height)
 
     def clamped(self) -> PoseResult:
         """Keypoints onto the last pixel row/column, boxes into [0, W] x [0, H] (SPEC: truncated
@@ -97,6 +187,32 @@ class PoseResult:
             "person_info": persons,
             "log_id": new_log_id() if log_id is None else log_id,
         }
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An image that has no persons because it failed: the API's error code and message."""
+
+    code: int
+    message: str
+    source: str | None = None
+
+    def to_api(self, log_id: int | None = None) -> dict[str, Any]:
+        return error_result(self.code, self.message, log_id)
+
+
+def result_failure(result: dict[str, Any]) -> Failure | None:
+    """The failure of an error result (``{"error_code", "error_msg"}``), None for persons."""
+    if "error_code" not in result:
+        return None
+    return Failure(int(result["error_code"]), str(result.get("error_msg", "")))
+
+
+def read_result(result: dict[str, Any], width: int | None = None,
+                height: int | None = None) -> PoseResult | Failure:
+    """A ``<image>.json`` as the typed result or its failure: the one place results are read."""
+    failure = result_failure(result)
+    return failure if failure is not None else PoseResult.from_api(result, width, height)
 
 
 def error_result(code: int, message: str, log_id: int | None = None) -> dict[str, Any]:

@@ -56,3 +56,11 @@ def build_python() -> str:
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c
     skip_or_fail("no model-build environment (.venv-build with ultralytics; `make build-env`)")
+
+
+def is_valid_person(person: dict, job) -> bool:
+    """The seed's rule read straight off the JSON: the tests' own oracle, independent of the
+    typed result the exports use."""
+    confident = sum(1 for part in person["body_parts"].values()
+                    if part["score"] > job.valid_kpt_score)
+    return confident > job.valid_min_kpts and person["location"]["score"] > job.valid_box_score

@@ -44,9 +44,11 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> str | None:
-    """The layer of a project module: cli, producer, workers or core; None for third-party."""
-    if module == "posebatch.cli" or module.startswith("posebatch.cli."):
-        return "cli"
+    """The layer of a project module: cli (the command line and the Python API), producer,
+    workers or core; None for third-party."""
+    if module in ("posebatch", "posebatch.api") or module == "posebatch.cli" or \
+            module.startswith("posebatch.cli."):
+        return "cli"  # the command line and the Python API (and the package that exports it)
     top = module.split(".")[0]
     return {"posebatch": "core", "workers": "workers", "producer": "producer"}.get(top)
 

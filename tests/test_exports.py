@@ -17,7 +17,6 @@ from PIL import Image, ImageOps
 
 from posebatch.exports.skeleton import NAMES, flip_idx
 from posebatch.keys import is_image_key
-from posebatch.records import is_valid_person
 from posebatch.settings import JobSettings
 from tests.devdata import require_dev_data
 from tests.exporthelpers import (
@@ -26,6 +25,7 @@ from tests.exporthelpers import (
     REPO,
     build_python,
     counts,
+    is_valid_person,
     ok_results,
     posebatch,
 )

@@ -29,8 +29,14 @@ from posebatch.errors import (
 )
 from posebatch.keys import overlay_key, result_key
 from posebatch.overlay import draw_overlay, to_jpeg
-from posebatch.records import Record, is_valid_person, record_from_result
-from posebatch.schema import encode_result, error_result, is_api_result
+from posebatch.records import Record, record_from_result, valid_flags
+from posebatch.schema import (
+    PoseResult,
+    encode_result,
+    error_result,
+    is_api_result,
+    result_failure,
+)
 from posebatch.settings import JobSettings
 from posebatch.storage import Storage, safe_key
 from workers.engine.decode import DecodedImage
@@ -97,9 +103,9 @@ def process_keys(
 def _write_overlay(dst: Storage, key: str, result: dict[str, Any], image: DecodedImage,
                    job: JobSettings) -> None:
     sx, sy = image.scale_xy  # draw on the decoded pixels (maybe a JPEG draft), not a resize
-    over = draw_overlay(Image.fromarray(image.rgb), result, job.valid_kpt_score,
-                        [is_valid_person(p, job) for p in result.get("person_info", [])],
-                        scale=(1.0 / sx, 1.0 / sy))
+    typed = PoseResult.from_api(result, image.width, image.height)
+    over = draw_overlay(Image.fromarray(image.rgb), typed, job.valid_kpt_score,
+                        valid_flags(typed, job).tolist(), scale=(1.0 / sx, 1.0 / sy))
     dst.write(overlay_key(key), to_jpeg(over), "image/jpeg")
 
 
@@ -164,8 +170,9 @@ def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
             return _FOREIGN
         if not is_api_result(result):
             return _FOREIGN
-        if redo or (result.get("error_code") == EMPTY_IMAGE
-                    and result["error_msg"].startswith(UNREADABLE_PREFIX)):
+        failure = result_failure(result)
+        if redo or (failure is not None and failure.code == EMPTY_IMAGE
+                    and failure.message.startswith(UNREADABLE_PREFIX)):
             return None  # unreadable before: permissions or an archive may be fixed since
         return result
 

@@ -6,10 +6,12 @@ or ``outside``), so reading storage, choosing persons and mapping scores to visi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from posebatch.exports.skeleton import NAMES
+from posebatch.schema import COORD_DECIMALS, PoseResult
 
 
 @dataclass(frozen=True)
@@ -46,16 +48,18 @@ class ImageItem:
     persons: tuple[Person, ...]
 
 
-def person_from_api(person: dict[str, Any], threshold: float) -> Person:
-    loc = person["location"]
-    parts = person["body_parts"]
-    kps = tuple(
-        Keypoint(n, float(parts[n]["x"]), float(parts[n]["y"]), float(parts[n]["score"]),
-                 float(parts[n]["score"]) >= threshold)
-        for n in NAMES
-    )
-    return Person(float(loc["left"]), float(loc["top"]), float(loc["width"]),
-                  float(loc["height"]), float(loc["score"]), kps)
+def persons_of(result: PoseResult, chosen: Iterable[int], threshold: float
+               ) -> tuple[Person, ...]:
+    """The persons ``chosen`` (indices) of a typed result, keypoints visible from ``threshold``;
+    left/top/width/height as the JSON spells them (rounded width, not x2 - x1 again)."""
+    out = []
+    for i in chosen:
+        kps = tuple(Keypoint(n, x, y, s, s >= threshold)
+                    for n, (x, y, s) in zip(NAMES, result.kpts[i].tolist(), strict=True))
+        x1, y1, x2, y2 = result.boxes_xyxy[i].tolist()
+        width, height = (round(v, COORD_DECIMALS) for v in (x2 - x1, y2 - y1))
+        out.append(Person(x1, y1, width, height, float(result.box_scores[i]), kps))
+    return tuple(out)
 
 
 class Writer(Protocol):

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from posebatch.errors import ConfigError
-from posebatch.exports.base import ImageItem, Writer, person_from_api
+from posebatch.exports.base import ImageItem, Writer, persons_of
 from posebatch.exports.coco import CocoWriter
 from posebatch.exports.cvat import CvatWriter
 from posebatch.exports.images import ImagePlacer
@@ -20,7 +22,8 @@ from posebatch.exports.labelstudio import LabelStudioWriter
 from posebatch.exports.source import JobOutput
 from posebatch.exports.yolo import YoloWriter
 from posebatch.imagesize import upright_size
-from posebatch.records import is_valid_person
+from posebatch.records import valid_flags
+from posebatch.schema import PoseResult
 from posebatch.storage import LocalStorage, Storage
 
 FORMATS = ("coco", "yolo", "cvat", "labelstudio")
@@ -70,11 +73,11 @@ def export(output_url: str, opts: ExportOptions, *, storage: Storage | None = No
         if width is None or height is None:
             width, height = _size_from_source(src, row.key)
             result.sizes_read += 1
-        persons = [p for p in api.get("person_info", [])
-                   if opts.all_persons or is_valid_person(p, job)]
-        item = ImageItem(row.key, width, height,
-                         tuple(person_from_api(p, threshold) for p in persons))
-        writer.add(item)
+        typed = PoseResult.from_api(api, width, height)
+        chosen = (range(len(typed)) if opts.all_persons
+                  else np.flatnonzero(valid_flags(typed, job)).tolist())
+        persons = persons_of(typed, chosen, threshold)
+        writer.add(ImageItem(row.key, width, height, persons))
         result.images += 1
         result.persons += len(persons)
     result.files = writer.close()

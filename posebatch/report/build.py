@@ -22,9 +22,10 @@ from posebatch.exports.skeleton import NAMES
 from posebatch.exports.source import JobOutput
 from posebatch.keys import result_key
 from posebatch.overlay import draw_overlay, open_upright, to_jpeg
-from posebatch.records import is_valid_person
+from posebatch.records import valid_flags
 from posebatch.report.charts import hbar_svg, histogram_svg
 from posebatch.report.page import Page, Tile, render
+from posebatch.schema import PoseResult
 from posebatch.settings import JobSettings
 from posebatch.storage import Storage
 
@@ -54,14 +55,15 @@ def collect(job_out: JobOutput, job: JobSettings, per_gallery: int = PER_GALLERY
     sample: list[Pick] = []
     rng = random.Random(SEED)
     for seq, (row, api) in enumerate(job_out.results(job_out.rows())):
-        persons = api.get("person_info", [])
-        flags = [is_valid_person(p, job) for p in persons]
-        for p, ok in zip(persons, flags, strict=True):
+        typed = PoseResult.from_api(api)
+        flags = valid_flags(typed, job).tolist()
+        scores = typed.scores.tolist()
+        for person_scores, ok in zip(scores, flags, strict=True):
             if ok:
                 valid_n += 1
-                for i, n in enumerate(NAMES):
-                    sums[i] += p["body_parts"][n]["score"]
-        pick = Pick(row.key, len(persons), sum(flags), _confidence(persons))
+                for i, s in enumerate(person_scores):
+                    sums[i] += s
+        pick = Pick(row.key, len(typed), sum(flags), _confidence(scores))
         if len(sample) < per_gallery:  # reservoir sampling: a uniform sample in one pass
             sample.append(pick)
         else:
@@ -70,7 +72,7 @@ def collect(job_out: JobOutput, job: JobSettings, per_gallery: int = PER_GALLERY
                 sample[j] = pick
         if pick.valid > 0:
             _push(crowded, (pick.valid, pick.persons, -seq, pick), per_gallery)
-        if persons:
+        if len(typed):
             _push(unsure, (-pick.confidence, -seq, pick), per_gallery)
     means = [s / valid_n if valid_n else 0.0 for s in sums]
     picks = {
@@ -88,10 +90,10 @@ def _push(heap: list, item: tuple, n: int) -> None:
         heapq.heapreplace(heap, item)
 
 
-def _confidence(persons: list[dict[str, Any]]) -> float:
+def _confidence(scores: list[list[float]]) -> float:
     """Mean keypoint score over all persons of the image (1.0 when there is nobody)."""
-    scores = [part["score"] for p in persons for part in p["body_parts"].values()]
-    return sum(scores) / len(scores) if scores else 1.0
+    flat = [s for person in scores for s in person]
+    return sum(flat) / len(flat) if flat else 1.0
 
 
 def build_report(output_url: str, dest: Path, *, storage: Storage | None = None,
@@ -158,9 +160,8 @@ def _draw(job_out: JobOutput, src: Storage | None, job: JobSettings, pick: Pick,
     except (StorageError, OSError) as err:
         notes.append(f"{pick.key}: image not readable for its overlay ({err})")
         return None
-    api = json.loads(job_out.storage.read(result_key(pick.key)))
-    flags = [is_valid_person(p, job) for p in api.get("person_info", [])]
-    over = draw_overlay(im, api, job.valid_kpt_score, flags)
+    typed = PoseResult.from_api(json.loads(job_out.storage.read(result_key(pick.key))))
+    over = draw_overlay(im, typed, job.valid_kpt_score, valid_flags(typed, job).tolist())
     stem = f"{n:04d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(pick.key))[:60]
     full = f"overlays/{stem}.jpg"
     thumb = f"thumbs/{stem}.jpg"

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 CPU_BATCH = 4  # bench: batch 4 gives batch 8's img/s on CPU with ~250 MB less peak memory
 CUDA_BATCH = 32  # a GPU needs large batches to fill its cores
 
-Loader = Callable[[], bytes]
-"""Returns the encoded bytes of one image; may raise RetryableError (storage) or ImageError."""
+Loader = Callable[[], "bytes | DecodedImage"]
+"""Returns the encoded bytes of one image (or its pixels, from the Python API's arrays); may
+raise RetryableError (storage) or ImageError."""
 
 
 @dataclass
@@ -72,7 +73,7 @@ def prepare(key: str, load: Loader, job: JobSettings,
     """
     try:
         data = load()
-        image = decode_image(
+        image = data if isinstance(data, DecodedImage) else decode_image(
             data, Limits(job.max_image_bytes, job.min_side, job.max_side),
             target=decode_side(job.quality, job.imgsz),
         )

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from posebatch.errors import BAD_SIZE, EMPTY_IMAGE, INTERNAL_ERROR, ImageError
-from posebatch.schema import encode_result, error_result
+from posebatch.schema import encode_result, error_result, result_failure
 from workers.serve.auth import (
     SCOPE,
     TOKEN_TTL_S,
@@ -107,7 +107,8 @@ def create_app(batcher: Batcher, authority: Authority | None, config: ServeConfi
         except Exception:  # never a traceback to the client
             log.exception("unexpected error in %s", ANALYSIS_PATH)
             result = error_result(INTERNAL_ERROR, "internal error; see the server log")
-        code = result.get("error_code", 0)
+        failure = result_failure(result)
+        code = 0 if failure is None else failure.code
         seconds = time.perf_counter() - started
         metrics.observe_request("body_timeout" if status == 408 else code, seconds)
         log.info("POST %s -> %s in %.1f ms", ANALYSIS_PATH, code, seconds * 1000)  # no query
