@@ -35,6 +35,13 @@ JOB_PARTS = ("", "records", "failed", "deliveries", "finalizing", "batches")
 """Every Redis key of a job (``posebatch:job:<id>`` plus these suffixes): what expires and what
 ``jobs prune`` deletes. A new per-job key must be added here (tests/test_jobstate_ttl.py checks
 that every key a finished job leaves behind has an expiry)."""
+IN_FLIGHT_PARTS = ("records", "failed", "deliveries", "batches")
+"""The keys a job needs only while it runs: deleted once its tables are written (the records are
+in ``_counts.csv`` then), so Redis holds what is in flight plus one small hash per finished job,
+not ~75 bytes per image for ``job_retention`` (0.75 GB a night at 10M images)."""
+INDEX_SWEEP = 200
+"""Index entries older than the retention checked per ``create``: expired ones are dropped, so
+the jobs index stays the size of the live jobs whatever the number ever submitted."""
 
 
 _P = ParamSpec("_P")
@@ -78,6 +85,11 @@ def translated(method: Callable[_P, _T]) -> Callable[_P, _T]:
 _RENEW_IF_OWNER = redis.Redis().register_script(
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('expire', KEYS[1], ARGV[2]) else return 0 end")
+_COUNT_DELIVERY = redis.Redis().register_script(
+    # A late duplicate of a batch of a finished job must not create a deliveries hash anew
+    # (it would have no expiry): 0 then, and nothing written.
+    "if redis.call('hget', KEYS[1], 'state') == 'done' then return 0 end "
+    "return redis.call('hincrby', KEYS[2], ARGV[1], 1)")
 _DELETE_IF_OWNER = redis.Redis().register_script(
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('del', KEYS[1]) else return 0 end")
@@ -185,6 +197,26 @@ class JobStore:
         pipe.hset(self._k(job_id), mapping=fields)
         pipe.zadd(f"{PREFIX}:jobs", {job_id: time.time()})
         pipe.execute()
+        self.sweep_index()
+
+    @translated
+    def sweep_index(self, limit: int = INDEX_SWEEP) -> int:
+        """Drop from the jobs index up to ``limit`` ids older than the retention whose state has
+        expired; return how many. Why at each ``create``: the index has no expiry of its own
+        (a sorted set cannot expire members), and a service submitting every few minutes for
+        months would otherwise grow it without end; a bounded sweep per new job keeps it the
+        size of the jobs still in Redis."""
+        old = self.r.zrangebyscore(f"{PREFIX}:jobs", "-inf", time.time() - self._retention(),
+                                   start=0, num=limit)
+        if not old:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for raw in old:
+            pipe.exists(self._k(raw.decode()))
+        gone = [raw for raw, alive in zip(old, pipe.execute(), strict=True) if not alive]
+        if gone:
+            self.r.zrem(f"{PREFIX}:jobs", *gone)
+        return len(gone)
 
     @translated
     def mark_submitted(self, job_id: str, total: int, batches: int) -> None:
@@ -351,8 +383,10 @@ class JobStore:
 
     @translated
     def count_delivery(self, job_id: str, batch_id: str) -> int:
-        """How many times a batch has been started, across workers: bounds poison batches."""
-        return int(self.r.hincrby(self._k(job_id, "deliveries"), batch_id, 1))
+        """How many times a batch has been started, across workers: bounds poison batches
+        (0 for a batch of a finished job: nothing is written then)."""
+        return int(_COUNT_DELIVERY(keys=[self._k(job_id), self._k(job_id, "deliveries")],
+                                   args=[batch_id], client=self.r))
 
     @translated
     def note_model(self, job_id: str, model: dict[str, str]) -> dict[str, str]:
@@ -378,6 +412,8 @@ class JobStore:
         if not h:
             return None
         h = {k.decode(): v.decode() for k, v in h.items()}
+        if "done_count" in h:  # finished: its records are gone, their counts are kept here
+            done, failed = int(h["done_count"]), int(h.get("failed_count", 0))
         meta = json.loads(h.get("meta", "{}"))
         return JobProgress(
             job_id=job_id, state=h.get("state", "?"),
@@ -418,17 +454,33 @@ class JobStore:
                                        "takes over")
 
         try:
-            self.write_aggregates(job_id, on_progress=renew)
+            counted: dict[str, int] = {}
+            self.write_aggregates(job_id, on_progress=renew, counted=counted)
             renew()  # still the owner: only then say done
-            self.r.hset(self._k(job_id), mapping={"state": "done", "finished": now_iso()})
-            self._expire(job_id)
+            self._close(job_id, counted["images"], counted["failed"])
             return True
         finally:
             _DELETE_IF_OWNER(keys=[lock], args=[token], client=self.r)
 
+    def _close(self, job_id: str, done: int, failed: int) -> None:
+        """Say done and drop what only a running job needs, in one transaction: the hash keeps
+        the counts ``status`` shows and expires after ``job_retention``; the records (now in
+        ``_counts.csv``), the failed set, delivery counts and outstanding batches go at once.
+        A finalizer killed between the tables and this leaves the job "running" with all its
+        records: the next caller finalizes it again (the tables are a pure function of them)."""
+        pipe = self.r.pipeline()  # MULTI: never "done" with the records half deleted
+        pipe.hset(self._k(job_id), mapping={"state": "done", "finished": now_iso(),
+                                            "done_count": done, "failed_count": failed})
+        pipe.delete(*(self._k(job_id, part) for part in IN_FLIGHT_PARTS))
+        pipe.expire(self._k(job_id), self._retention())
+        pipe.execute()
+
     @translated
-    def write_aggregates(self, job_id: str,
-                         on_progress: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    def write_aggregates(self, job_id: str, on_progress: Callable[[], None] = lambda: None,
+                         counted: dict[str, int] | None = None) -> dict[str, Any]:
+        """Write the job's tables from its records; return the summary. ``counted`` receives
+        this job's own ``images`` and ``failed`` (the root summary may cover earlier jobs):
+        what the job hash keeps once the records are dropped."""
         from posebatch.finalize import finalize
         from posebatch.storage import open_storage
 
@@ -446,10 +498,15 @@ class JobStore:
         # summary covers every result in it (posebatch.finalize merges the previous root
         # table); each job's own figures also go to _jobs/<job id>/.
         batch_failed = False
+        counted = {} if counted is None else counted
+        counted.update(images=0, failed=0)
 
         def watched(records: Iterator[Record]) -> Iterator[Record]:
             nonlocal batch_failed
             for r in records:
+                counted["images"] += 1
+                if not r.ok:
+                    counted["failed"] += 1
                 if r.error_code == INTERNAL_ERROR and r.error_msg.startswith("batch "):
                     batch_failed = True
                 yield r

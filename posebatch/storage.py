@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -80,6 +81,12 @@ class Storage(Protocol):
     def iter_versions(self) -> Iterator[tuple[str, str]]:
         """(key, version) for every key, streamed; the version changes when the object is
         replaced (S3: ETag; folder: size and mtime): lets a drop folder see a re-upload."""
+        ...
+
+    def iter_stamped(self) -> Iterator[tuple[str, str, float]]:
+        """(key, version, changed): ``iter_versions`` plus when the object last changed (S3:
+        LastModified; folder: the later of mtime and ctime, so a file moved in with an old
+        mtime still counts as new). Lets a watcher keep versions of recent objects only."""
         ...
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
@@ -172,12 +179,16 @@ class LocalStorage:
             raise StorageError(f"cannot read {src}: {err.strerror or err}") from err
 
     def iter_versions(self) -> Iterator[tuple[str, str]]:
+        for key, version, _changed in self.iter_stamped():
+            yield key, version
+
+    def iter_stamped(self) -> Iterator[tuple[str, str, float]]:
         for key in self.iter_keys():
             try:
-                st = os.stat(self.join(key))
+                st = os.stat(self._path(key))
             except FileNotFoundError:  # removed since it was listed
                 continue
-            yield key, f"{st.st_size}:{st.st_mtime_ns}"
+            yield key, f"{st.st_size}:{st.st_mtime_ns}", max(st.st_mtime, st.st_ctime)
 
     def _walk(self, path: str, prefix: str, start_after: str | None) -> Iterator[str]:
         try:
@@ -402,6 +413,10 @@ class S3Storage:
             raise self._error(err, "read", key) from err
 
     def iter_versions(self) -> Iterator[tuple[str, str]]:
+        for key, version, _changed in self.iter_stamped():
+            yield key, version
+
+    def iter_stamped(self) -> Iterator[tuple[str, str, float]]:
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                     Bucket=self.bucket, Prefix=self.prefix,
@@ -409,7 +424,9 @@ class S3Storage:
                 for obj in page.get("Contents", ()):
                     key = obj["Key"][len(self.prefix):]
                     if key and not key.endswith("/"):
-                        yield key, f"{obj.get('ETag', '')}:{obj.get('Size', '')}"
+                        stamp = obj.get("LastModified")
+                        yield (key, f"{obj.get('ETag', '')}:{obj.get('Size', '')}",
+                               stamp.timestamp() if stamp is not None else time.time())
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "list") from err
 

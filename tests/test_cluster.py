@@ -156,10 +156,10 @@ def test_status_reports_the_finished_job(cluster_stack, first_job):
     assert f"job {first_job}: done" in proc.stdout
     n = len(cluster_stack["keys"])
     assert f"{n}/{n} images done, 2 failed" in proc.stdout
-    # Redis stays bounded: every key the finished job left behind expires.
+    # Redis stays bounded: only the job hash is left, and it expires.
     r = cluster_stack["redis"].client()
     keys = list(r.scan_iter(f"posebatch:job:{first_job}*"))
-    assert len(keys) >= 3 and all(r.ttl(k) > 0 for k in keys), {k: r.ttl(k) for k in keys}
+    assert len(keys) == 1 and all(r.ttl(k) > 0 for k in keys), {k: r.ttl(k) for k in keys}
 
 
 def test_resubmission_processes_nothing_and_force_reprocesses_with_exact_counts(cluster_stack,
