@@ -142,17 +142,36 @@ def keep_known_sizes(dst: Any, records: list[Record], prefix: str = "",
             for r in records]
 
 
+HEADER_READS = (64 * 2**10, 2**20)
+"""Bytes of an image read (ranged GET) to find its size: 64 KiB hold the header of every
+JPEG, PNG and BMP but those with huge EXIF/ICC blocks before the frame header; 1 MiB then."""
+
+
+def header_size(src: Any, key: str) -> tuple[int, int] | None:
+    """The image's upright size from its first bytes only (``Storage.peek``: a ranged GET),
+    never the whole object; None when it cannot be told (gone, unreadable, no image)."""
+    for n in HEADER_READS:
+        try:
+            head = src.peek(key, n)
+        except (PosebatchError, OSError):  # gone or unreadable since
+            return None
+        try:
+            return upright_size(head)
+        except (OSError, SyntaxError, ValueError):  # cut before the frame header, or no image
+            if len(head) < n:
+                return None  # that was the whole object
+    return None
+
+
 def with_header_size(r: Record, src: Any) -> Record:
     """A record of an image skipped because its result exists carries no size; when no earlier
     table had it (a worker died after writing results but before recording them, so its batch was
-    redelivered and skipped them) it is read from the image's header. Rare by construction."""
+    redelivered and skipped them; a watch job's own table) it is read from the image's header,
+    a ranged GET of its first 64 KiB: a 12 MP photo is never downloaded for its size."""
     if not r.ok or r.width is not None or src is None:
         return r
-    try:
-        width, height = upright_size(src.read(r.key))
-    except (PosebatchError, OSError):  # gone or unreadable since: the size stays unknown
-        return r
-    return replace(r, width=width, height=height)
+    size = header_size(src, r.key)
+    return r if size is None else replace(r, width=size[0], height=size[1])
 
 
 # Fields of the summary that describe one run rather than the results; comparisons ignore them.

@@ -136,6 +136,8 @@ def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: 
             while pending is not None and pending.key < r.key:
                 root.add(pending)
                 kept += 1
+                if kept % PROGRESS_EVERY == 0:
+                    on_progress()
                 pending = next(earlier, None)
             if pending is not None and pending.key == r.key:
                 if r.ok and r.width is None and pending.width is not None:
@@ -150,6 +152,8 @@ def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: 
         while pending is not None:
             root.add(pending)
             kept += 1
+            if kept % PROGRESS_EVERY == 0:
+                on_progress()
             pending = next(earlier, None)
         own.publish(dst, f"_jobs/{meta['job_id']}/", meta)
         return root.publish(dst, prefix, {**meta, **({"earlier_results": kept} if kept else {})})

@@ -18,6 +18,7 @@ import functools
 import json
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ from posebatch.records import Record
 
 PREFIX = "posebatch"
 FINALIZE_LOCK_SECONDS = 120
+LOCK_RENEWALS_PER_TERM = 4
+"""The finalize lock is renewed this many times per ``FINALIZE_LOCK_SECONDS`` by a timer, so a
+step that does not return for minutes (downloading 4.7 GB of earlier rows, uploading the root
+table) never lets it lapse."""
 JOB_PARTS = ("", "records", "failed", "deliveries", "finalizing", "batches")
 """Every Redis key of a job (``posebatch:job:<id>`` plus these suffixes): what expires and what
 ``jobs prune`` deletes. A new per-job key must be added here (tests/test_jobstate_ttl.py checks
@@ -93,6 +98,64 @@ _COUNT_DELIVERY = redis.Redis().register_script(
 _DELETE_IF_OWNER = redis.Redis().register_script(
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('del', KEYS[1]) else return 0 end")
+
+
+class RenewedLock:
+    """A Redis lock with a token, renewed from a thread every ``term / LOCK_RENEWALS_PER_TERM``
+    seconds while held.
+
+    Why a thread and not calls from the loop: the long steps of a finalize are single calls
+    (a download or a multipart upload of a 4.7 GB table), and with renewals only every 50,000
+    records the 120 s lock lapsed during them: past ~13M earlier rows another finalizer took
+    over and neither reached ``done``. The timer renews whatever the step; ``check()`` (called
+    by the loops) raises once a renewal found the lock taken by another. A process frozen for
+    longer than the term still loses it, which is what the term is for.
+    """
+
+    def __init__(self, client: redis.Redis, key: str, term: int) -> None:
+        self.r, self.key, self.term = client, key, term
+        self.token = secrets.token_hex(8)
+        self.renewals = 0
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        if not self.r.set(self.key, self.token, nx=True, ex=self.term):
+            return False
+        self._thread = threading.Thread(target=self._keep, name="finalize-lock", daemon=True)
+        self._thread.start()
+        return True
+
+    def _keep(self) -> None:
+        every = self.term / LOCK_RENEWALS_PER_TERM
+        while not self._stop.wait(every):
+            try:
+                self.renew()
+            except StateUnavailable:
+                return
+            except redis.RedisError:  # a blip: the next tick tries again, the term is long
+                continue
+
+    def renew(self) -> None:
+        """Extend the lock now; raise StateUnavailable if another finalizer holds it."""
+        if self.lost or not _RENEW_IF_OWNER(keys=[self.key], args=[self.token, self.term],
+                                            client=self.r):
+            self.lost = True
+            raise StateUnavailable(f"{self.key}: the finalize lock was lost (a pause over "
+                                   f"{self.term} s?); another finalizer takes over")
+        self.renewals += 1
+
+    def check(self) -> None:
+        if self.lost:
+            raise StateUnavailable(f"{self.key}: the finalize lock was lost; another "
+                                   "finalizer takes over")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        _DELETE_IF_OWNER(keys=[self.key], args=[self.token], client=self.r)
 
 
 def pack(record: Record) -> str:
@@ -163,6 +226,7 @@ class JobStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self.last_lock: RenewedLock | None = None
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
@@ -441,26 +505,18 @@ class JobStore:
             return False
         if p.state == "done":
             return True
-        lock = self._k(job_id, "finalizing")
-        token = secrets.token_hex(8)
-        if not self.r.set(lock, token, nx=True, ex=FINALIZE_LOCK_SECONDS):
+        lock = RenewedLock(self.r, self._k(job_id, "finalizing"), FINALIZE_LOCK_SECONDS)
+        if not lock.acquire():
             return False
-
-        def renew() -> None:
-            if not _RENEW_IF_OWNER(keys=[lock], args=[token, FINALIZE_LOCK_SECONDS],
-                                   client=self.r):
-                raise StateUnavailable(f"job {job_id}: the finalize lock was lost (a pause "
-                                       f"over {FINALIZE_LOCK_SECONDS} s?); another finalizer "
-                                       "takes over")
-
+        self.last_lock = lock  # for tests and benches: how often it was renewed
         try:
             counted: dict[str, int] = {}
-            self.write_aggregates(job_id, on_progress=renew, counted=counted)
-            renew()  # still the owner: only then say done
+            self.write_aggregates(job_id, on_progress=lock.check, counted=counted)
+            lock.renew()  # still the owner: only then say done
             self._close(job_id, counted["images"], counted["failed"])
             return True
         finally:
-            _DELETE_IF_OWNER(keys=[lock], args=[token], client=self.r)
+            lock.release()
 
     def _close(self, job_id: str, done: int, failed: int) -> None:
         """Say done and drop what only a running job needs, in one transaction: the hash keeps
