@@ -51,10 +51,13 @@ def check_reachable(src: Storage, dst: Storage, job_id: str, listing: Iterator[s
     return listing if first is None else chain([first], listing)
 
 
-def backpressure(broker: Any, high_water: int, poll: float = 1.0) -> None:
+def backpressure(broker: Any, high_water: int, poll: float = 1.0,
+                 on_wait: Callable[[], None] | None = None) -> None:
     """Wait while the queue holds more than ``high_water`` batches: queued work costs Redis
     memory (~1.5 KB a batch of 32 plus its keys), and workers cannot use more than a few
-    batches ahead anyway. The wait is logged once, so a long submit says why it is slow."""
+    batches ahead anyway. The wait is logged once, so a long submit says why it is slow.
+    ``on_wait`` runs at every poll: the control worker refreshes its listing lock there, which
+    would otherwise lapse during a wait of hours and let the next scheduled run list too."""
     if not high_water:
         return
     said = False
@@ -63,6 +66,8 @@ def backpressure(broker: Any, high_water: int, poll: float = 1.0) -> None:
             log.warning("queue holds %d batches (more than POSEBATCH_QUEUE_HIGH_WATER=%d): "
                         "waiting for workers to drain it", depth, high_water)
             said = True
+        if on_wait is not None:
+            on_wait()
         time.sleep(poll)
 
 
@@ -122,7 +127,8 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
     try:
         with broker_errors(), app.producer_or_acquire() as producer:
             for group in chunked(chunked(listing, batch_images), ENQUEUE_GROUP):
-                backpressure(broker, high_water)
+                backpressure(broker, high_water,
+                             on_wait=None if on_batch is None else lambda: on_batch(0))
                 ids = {f"{batches + i:08d}": batch for i, batch in enumerate(group)}
                 store.add_batches(job_id, ids)  # one round trip for the group's key lists
                 for batch_id in ids:
