@@ -537,7 +537,7 @@ class JobStore:
         """Write the job's tables from its records; return the summary. ``counted`` receives
         this job's own ``images`` and ``failed`` (the root summary may cover earlier jobs):
         what the job hash keeps once the records are dropped."""
-        from posebatch.finalize import finalize
+        from posebatch.finalize import INPUTS_NAME, finalize
         from posebatch.storage import open_storage
 
         meta = self.meta(job_id) or {}
@@ -568,7 +568,8 @@ class JobStore:
                 yield r
 
         summary = finalize(dst, watched(self.records(job_id)), summary_meta, prefix,
-                           merge_root=not prefix, on_progress=on_progress, src=src)
+                           merge_root=not prefix, on_progress=on_progress, src=src,
+                           inputs_key=f"_jobs/{job_id}/{INPUTS_NAME}")
         # A --force job that changed model or settings marked the output unfinished; clear the
         # mark only when no image may still hold an old result (a batch that failed for good
         # leaves its images' old results and records 282000 "batch ...": then it stays marked).

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import boto3
@@ -46,6 +47,24 @@ from posebatch.names import display_path, key_from_name, name_from_key
 from posebatch.oserrors import file_kind, read_error, write_error
 
 _TMP_PREFIX = ".posebatch-tmp-"  # partial writes in progress; never listed
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object. ``etag``: S3's ETag without quotes; a folder's ``mtime:<ns>``."""
+
+    key: str
+    etag: str
+    size: int
+    changed: float
+    """When it last changed (seconds since the epoch): LastModified, or a file's mtime/ctime."""
+
+    @property
+    def version(self) -> str:
+        """What ``iter_versions`` yields (kept as it was: watchers have these on record)."""
+        if self.etag.startswith("mtime:"):
+            return f"{self.size}:{self.etag[len('mtime:'):]}"
+        return f'"{self.etag}":{self.size}'
 
 
 class Storage(Protocol):
@@ -90,6 +109,11 @@ class Storage(Protocol):
         """(key, version, changed): ``iter_versions`` plus when the object last changed (S3:
         LastModified; folder: the later of mtime and ctime, so a file moved in with an old
         mtime still counts as new). Lets a watcher keep versions of recent objects only."""
+        ...
+
+    def iter_objects(self) -> Iterator[ObjectInfo]:
+        """Every object with its ETag and size, streamed from the listing itself (no HEAD):
+        what a rerun compares with the count table to find images replaced since."""
         ...
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
@@ -183,16 +207,21 @@ class LocalStorage:
             raise StorageError(f"cannot read {src}: {err.strerror or err}") from err
 
     def iter_versions(self) -> Iterator[tuple[str, str]]:
-        for key, version, _changed in self.iter_stamped():
-            yield key, version
+        for info in self.iter_objects():
+            yield info.key, info.version
 
     def iter_stamped(self) -> Iterator[tuple[str, str, float]]:
+        for info in self.iter_objects():
+            yield info.key, info.version, info.changed
+
+    def iter_objects(self) -> Iterator[ObjectInfo]:
         for key in self.iter_keys():
             try:
                 st = os.stat(self._path(key))
             except FileNotFoundError:  # removed since it was listed
                 continue
-            yield key, f"{st.st_size}:{st.st_mtime_ns}", max(st.st_mtime, st.st_ctime)
+            yield ObjectInfo(key, f"mtime:{st.st_mtime_ns}", st.st_size,
+                             max(st.st_mtime, st.st_ctime))
 
     def _walk(self, path: str, prefix: str, start_after: str | None) -> Iterator[str]:
         try:
@@ -419,10 +448,14 @@ class S3Storage:
             raise self._error(err, "read", key) from err
 
     def iter_versions(self) -> Iterator[tuple[str, str]]:
-        for key, version, _changed in self.iter_stamped():
-            yield key, version
+        for info in self.iter_objects():
+            yield info.key, info.version
 
     def iter_stamped(self) -> Iterator[tuple[str, str, float]]:
+        for info in self.iter_objects():
+            yield info.key, info.version, info.changed
+
+    def iter_objects(self) -> Iterator[ObjectInfo]:
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                     Bucket=self.bucket, Prefix=self.prefix,
@@ -431,8 +464,9 @@ class S3Storage:
                     key = obj["Key"][len(self.prefix):]
                     if key and not key.endswith("/"):
                         stamp = obj.get("LastModified")
-                        yield (key, f"{obj.get('ETag', '')}:{obj.get('Size', '')}",
-                               stamp.timestamp() if stamp is not None else time.time())
+                        yield ObjectInfo(key, str(obj.get("ETag", "")).strip('"'),
+                                         int(obj.get("Size", 0)),
+                                         stamp.timestamp() if stamp is not None else time.time())
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "list") from err
 
