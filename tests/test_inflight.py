@@ -46,6 +46,7 @@ def test_a_finished_job_leaves_only_its_summary_hash_and_status_wait_report_work
         worker.stop()
     assert job_keys(r, job) == [f"{PREFIX}:job:{job}"]
     assert 0 < r.ttl(f"{PREFIX}:job:{job}") <= 3600
+    assert JobStore(r).batch_starts(job) == {1: 3}  # what the deliveries hash said, kept small
     status = run_cli("status", job, env=env).stdout
     assert f"job {job}: done; 6/6 images done, 1 failed" in status
     again = run_cli("wait", job, "--timeout", "10", "--no-progress", env=env, check=False)
