@@ -20,8 +20,10 @@ import os
 import shutil
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import boto3
@@ -65,15 +67,36 @@ def _tmp_name(folder: str) -> str:
     return os.path.join(folder, f"{_TMP_PREFIX}{uuid.uuid4().hex[:16]}")
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object. ``etag``: S3's ETag without quotes; a folder's ``mtime:<ns>``."""
+
+    key: str
+    etag: str
+    size: int
+    changed: float
+    """When it last changed (seconds since the epoch): LastModified, or a file's mtime/ctime."""
+
+    @property
+    def version(self) -> str:
+        """What ``iter_versions`` yields (kept as it was: watchers have these on record)."""
+        if self.etag.startswith("mtime:"):
+            return f"{self.size}:{self.etag[len('mtime:'):]}"
+        return f'"{self.etag}":{self.size}'
+
+
 class Storage(Protocol):
     """What the producer, workers and aggregator need; keys are relative to ``url``."""
 
     url: str  # "s3://bucket/prefix/" or "/abs/path", for messages and job records
 
     def iter_keys(
-        self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None
+        self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None,
+        page_size: int | None = None,
     ) -> Iterator[str]:
-        """All keys below the root, recursively, streamed; ``suffixes`` match case-insensitively."""
+        """All keys below the root, recursively, streamed; ``suffixes`` match case-insensitively.
+        ``page_size`` (S3: MaxKeys) sizes each LIST to what the caller will look at: a check of
+        32 keys parses a 70-key page, not a 1000-key one (12 ms instead of 158 ms)."""
         ...
 
     def read(self, key: str, max_bytes: int | None = None) -> bytes:
@@ -98,6 +121,18 @@ class Storage(Protocol):
     def iter_versions(self) -> Iterator[tuple[str, str]]:
         """(key, version) for every key, streamed; the version changes when the object is
         replaced (S3: ETag; folder: size and mtime): lets a drop folder see a re-upload."""
+        ...
+
+    def iter_stamped(self) -> Iterator[tuple[str, str, float]]:
+        """(key, version, changed): ``iter_versions`` plus when the object last changed (S3:
+        LastModified; folder: the later of mtime and ctime, so a file moved in with an old
+        mtime still counts as new). Lets a watcher keep versions of recent objects only."""
+        ...
+
+    def iter_objects(self, parallel: int = 1) -> Iterator[ObjectInfo]:
+        """Every object with its ETag and size, streamed from the listing itself (no HEAD):
+        what a rerun compares with the count table to find images replaced since. With
+        ``parallel`` > 1 (S3), sub-prefixes are listed concurrently, in no particular order."""
         ...
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
@@ -173,7 +208,8 @@ class LocalStorage:
         return os.path.join(self.root, *map(name_from_key, safe_key(key).split("/")))
 
     def iter_keys(
-        self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None
+        self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None,
+        page_size: int | None = None,
     ) -> Iterator[str]:
         if not os.path.isdir(self.root):
             raise StorageNotFound(f"folder {self.url} does not exist")
@@ -203,12 +239,21 @@ class LocalStorage:
             raise StorageError(f"cannot read {src}: {err.strerror or err}") from err
 
     def iter_versions(self) -> Iterator[tuple[str, str]]:
+        for info in self.iter_objects():
+            yield info.key, info.version
+
+    def iter_stamped(self) -> Iterator[tuple[str, str, float]]:
+        for info in self.iter_objects():
+            yield info.key, info.version, info.changed
+
+    def iter_objects(self, parallel: int = 1) -> Iterator[ObjectInfo]:
         for key in self.iter_keys():
             try:
-                st = os.stat(self.join(key))
+                st = os.stat(self._path(key))
             except FileNotFoundError:  # removed since it was listed
                 continue
-            yield key, f"{st.st_size}:{st.st_mtime_ns}"
+            yield ObjectInfo(key, f"mtime:{st.st_mtime_ns}", st.st_size,
+                             max(st.st_mtime, st.st_ctime))
 
     def _walk(self, path: str, prefix: str, start_after: str | None,
               folders: _Folders | None = None) -> Iterator[str]:
@@ -525,14 +570,16 @@ class S3Storage:
         return text
 
     def iter_keys(
-        self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None
+        self, suffixes: tuple[str, ...] | None = None, start_after: str | None = None,
+        page_size: int | None = None,
     ) -> Iterator[str]:
         """Stream keys page by page (ListObjectsV2 paginator); the listing is never held whole."""
         wanted = _suffix_filter(suffixes)
+        size = self.page_size if page_size is None else max(1, min(page_size, self.page_size))
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
             "Prefix": self.prefix,
-            "PaginationConfig": {"PageSize": self.page_size},
+            "PaginationConfig": {"PageSize": size},
         }
         if start_after:
             kwargs["StartAfter"] = self.prefix + start_after
@@ -573,16 +620,101 @@ class S3Storage:
             raise self._error(err, "read", key) from err
 
     def iter_versions(self) -> Iterator[tuple[str, str]]:
+        for info in self.iter_objects():
+            yield info.key, info.version
+
+    def iter_stamped(self) -> Iterator[tuple[str, str, float]]:
+        for info in self.iter_objects():
+            yield info.key, info.version, info.changed
+
+    def iter_objects(self, parallel: int = 1) -> Iterator[ObjectInfo]:
+        """With ``parallel`` > 1, the sub-prefixes below the root (by delimiter "/") are listed
+        by that many paginators at once, in no particular order (``_parallel_objects``)."""
+        if parallel > 1:
+            yield from self._parallel_objects(parallel)
+            return
+        yield from self._objects(self.prefix)
+
+    def _info(self, obj: dict[str, Any]) -> ObjectInfo | None:
+        key = obj["Key"][len(self.prefix):]
+        if not key or key.endswith("/"):  # the root itself, or a folder marker
+            return None
+        stamp = obj.get("LastModified")
+        return ObjectInfo(key, str(obj.get("ETag", "")).strip('"'), int(obj.get("Size", 0)),
+                          stamp.timestamp() if stamp is not None else time.time())
+
+    def _objects(self, prefix: str, delimiter: str | None = None,
+                 folders: list[str] | None = None) -> Iterator[ObjectInfo]:
+        """One paginator over ``prefix``; with ``delimiter``, sub-prefixes go to ``folders``."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix,
+                                  "PaginationConfig": {"PageSize": self.page_size}}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                    Bucket=self.bucket, Prefix=self.prefix,
-                    PaginationConfig={"PageSize": self.page_size}):
+            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
                 for obj in page.get("Contents", ()):
-                    key = obj["Key"][len(self.prefix):]
-                    if key and not key.endswith("/"):
-                        yield key, f"{obj.get('ETag', '')}:{obj.get('Size', '')}"
+                    info = self._info(obj)
+                    if info is not None:
+                        yield info
+                if folders is not None:
+                    folders.extend(cp["Prefix"] for cp in page.get("CommonPrefixes", ()))
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "list") from err
+
+    def _parallel_objects(self, workers: int) -> Iterator[ObjectInfo]:
+        """List the root by delimiter "/" (its own objects, and its sub-prefixes), descending
+        one more level while there are fewer sub-prefixes than ``workers``; then one paginator
+        per sub-prefix, ``workers`` at a time, pages handed over through a bounded queue.
+
+        Why: one ListObjectsV2 stream returns ~4,000 keys/s; a 10M-key submit took ~40 min
+        before the first worker could be kept busy. Memory: at most ``2 * workers`` pages of
+        1000 keys waiting."""
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+
+        prefixes = [self.prefix]
+        for _depth in range(3):
+            if len(prefixes) >= workers:
+                break
+            deeper: list[str] = []
+            for prefix in prefixes:
+                yield from self._objects(prefix, "/", deeper)
+            if not deeper:
+                return
+            prefixes = deeper
+        pages: queue.Queue[list[ObjectInfo] | BaseException | None] = queue.Queue(2 * workers)
+        stop = threading.Event()
+
+        def run(prefix: str) -> None:
+            batch: list[ObjectInfo] = []
+            try:
+                for info in self._objects(prefix):
+                    if stop.is_set():
+                        return
+                    batch.append(info)
+                    if len(batch) >= self.page_size:
+                        pages.put(batch)
+                        batch = []
+                pages.put(batch)
+            except BaseException as err:  # handed to the consumer, raised there
+                pages.put(err)
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="list") as pool:
+            futures = [pool.submit(run, prefix) for prefix in prefixes]
+            try:
+                finished = 0
+                while finished < len(futures) or not pages.empty():
+                    item = pages.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield from item
+                    if item is not None and len(item) < self.page_size:
+                        finished += 1  # a paginator's last (short) page
+            finally:
+                stop.set()
+                while any(not f.done() for f in futures):  # unblock producers
+                    with contextlib.suppress(queue.Empty):
+                        pages.get(timeout=0.1)
 
     def read(self, key: str, max_bytes: int | None = None) -> bytes:
         """One GET; its Content-Length is checked before the body is read, so an oversized

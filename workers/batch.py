@@ -198,7 +198,10 @@ def listed_results(dst: Storage, keys: list[str]) -> set[str] | None:
     limit = 4 * len(wanted) + 1000
     found: set[str] = set()
     try:
-        for n, key in enumerate(dst.iter_keys(start_after=lo[:-1])):
+        # Pages sized to the task: its results, their overlays and a little more; a range
+        # holding more (other files) continues with further pages of that size.
+        pages = dst.iter_keys(start_after=lo[:-1], page_size=2 * len(wanted) + 8)
+        for n, key in enumerate(pages):
             if key > hi:
                 return found
             if n >= limit:
