@@ -23,8 +23,10 @@ SUMMARY_NAME = "_summary.json"
 COUNTS_NAME = "_counts.csv"
 MAX_REASONS = 50
 CSV_COLUMNS = ("key", "status", "error_code", "person_num", "valid_persons", "error_msg",
-               "width", "height")
-"""width, height: the upright image's size, empty when unknown (failed images); exports read it."""
+               "width", "height", "etag", "bytes")
+"""width, height: the upright image's size, empty when unknown (failed images); exports read it.
+etag, bytes: the input object's version when its job listed it (empty when unknown: `run`,
+older tables); a rerun submits an image again when the listing says otherwise."""
 
 
 class Tally:
@@ -82,7 +84,8 @@ def summarize(records: Iterable[Record], meta: dict[str, Any]) -> dict[str, Any]
 
 def csv_row(r: Record) -> list[Any]:
     return [r.key, "ok" if r.ok else "error", r.error_code or "", r.person_num,
-            r.valid_persons, r.error_msg, _blank(r.width), _blank(r.height)]
+            r.valid_persons, r.error_msg, _blank(r.width), _blank(r.height), r.etag or "",
+            _blank(r.nbytes)]
 
 
 def counts_csv(records: Iterable[Record]) -> bytes:
@@ -125,34 +128,60 @@ def keep_known_sizes(dst: Any, records: list[Record], prefix: str = "",
     wrote one: a worker that died after writing results but before recording them (its batch
     is redelivered and skips them). Those few are read from the input; no pixel is decoded.
     """
-    missing = {r.key for r in records if r.ok and r.width is None}
+    missing = {r.key for r in records if r.ok and (r.width is None or r.etag is None)}
     if not missing:
         return records
-    sizes: dict[str, tuple[int, int]] = {}
+    known: dict[str, Record] = {}
     try:
         old = dst.read(prefix + COUNTS_NAME).decode("utf-8-sig")
     except (StorageNotFound, UnicodeDecodeError):
         old = ""
     for row in csv.DictReader(io.StringIO(old, newline="")):
-        if row.get("key") in missing and (row.get("width") or "").isdigit() and (
-                row.get("height") or "").isdigit():
-            sizes[row["key"]] = (int(row["width"]), int(row["height"]))
-    return [with_header_size(replace(r, width=sizes[r.key][0], height=sizes[r.key][1])
-                             if r.width is None and r.key in sizes else r, src)
-            for r in records]
+        if row.get("key") in missing:
+            known[row["key"]] = row_record(row)  # its size and the input version it had
+    return [with_header_size(_known(r, known.get(r.key)), src) for r in records]
+
+
+def _known(r: Record, old: Record | None) -> Record:
+    if old is None:
+        return r
+    if r.width is None and old.width is not None:
+        r = replace(r, width=old.width, height=old.height)
+    if r.etag is None and old.etag is not None:
+        r = replace(r, etag=old.etag, nbytes=old.nbytes)
+    return r
+
+
+HEADER_READS = (64 * 2**10, 2**20)
+"""Bytes of an image read (ranged GET) to find its size: 64 KiB hold the header of every
+JPEG, PNG and BMP but those with huge EXIF/ICC blocks before the frame header; 1 MiB then."""
+
+
+def header_size(src: Any, key: str) -> tuple[int, int] | None:
+    """The image's upright size from its first bytes only (``Storage.peek``: a ranged GET),
+    never the whole object; None when it cannot be told (gone, unreadable, no image)."""
+    for n in HEADER_READS:
+        try:
+            head = src.peek(key, n)
+        except (PosebatchError, OSError):  # gone or unreadable since
+            return None
+        try:
+            return upright_size(head)
+        except (OSError, SyntaxError, ValueError):  # cut before the frame header, or no image
+            if len(head) < n:
+                return None  # that was the whole object
+    return None
 
 
 def with_header_size(r: Record, src: Any) -> Record:
     """A record of an image skipped because its result exists carries no size; when no earlier
     table had it (a worker died after writing results but before recording them, so its batch was
-    redelivered and skipped them) it is read from the image's header. Rare by construction."""
+    redelivered and skipped them; a watch job's own table) it is read from the image's header,
+    a ranged GET of its first 64 KiB: a 12 MP photo is never downloaded for its size."""
     if not r.ok or r.width is not None or src is None:
         return r
-    try:
-        width, height = upright_size(src.read(r.key))
-    except (PosebatchError, OSError):  # gone or unreadable since: the size stays unknown
-        return r
-    return replace(r, width=width, height=height)
+    size = header_size(src, r.key)
+    return r if size is None else replace(r, width=size[0], height=size[1])
 
 
 # Fields of the summary that describe one run rather than the results; comparisons ignore them.
@@ -166,9 +195,10 @@ def records_from_counts_csv(data: bytes) -> list[Record]:
 
 
 def row_record(r: dict[str, str]) -> Record:
-    """One row of a ``_counts.csv`` (older tables have no width/height columns)."""
-    w, h = r.get("width") or "", r.get("height") or ""
+    """One row of a ``_counts.csv`` (older tables have no width/height or etag/bytes columns)."""
+    w, h, n = r.get("width") or "", r.get("height") or "", r.get("bytes") or ""
     return Record(r["key"], r["status"] == "ok",
                   int(r["error_code"]) if r["error_code"] else None,
                   int(r["person_num"]), int(r["valid_persons"]), r["error_msg"],
-                  int(w) if w.isdigit() else None, int(h) if h.isdigit() else None)
+                  int(w) if w.isdigit() else None, int(h) if h.isdigit() else None,
+                  r.get("etag") or None, int(n) if n.isdigit() else None)

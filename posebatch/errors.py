@@ -16,6 +16,10 @@ INTERNAL_ERROR = 282000
 UNREADABLE_PREFIX = "no image data: "
 """Starts the message of a 216200 result whose file could not be read (as opposed to an empty
 file): the next run retries those, since permissions or an archive may have been fixed."""
+NAME_TOO_LONG_PREFIX = "no result can be written: "
+"""Starts the message of a 282000 result whose ``<image>.json`` the output cannot hold (a file
+name over 255 bytes, an S3 key over 1024). Recorded in the job's tables only: the file itself
+cannot exist."""
 
 
 class PosebatchError(Exception):

@@ -16,6 +16,7 @@ import json
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from itertools import chain
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ def _spill(buf: list[Record], workdir: Path, n: int) -> Path:
     with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
         for r in buf:
             f.write(json.dumps([r.key, r.ok, r.error_code, r.person_num, r.valid_persons,
-                                r.error_msg, r.width, r.height], ensure_ascii=False) + "\n")
+                                r.error_msg, r.width, r.height, r.etag, r.nbytes],
+                               ensure_ascii=False) + "\n")
     return path
 
 
@@ -106,16 +108,52 @@ class Table:
         return summary
 
 
+INPUTS_NAME = "_inputs.csv"
+"""``_jobs/<job id>/_inputs.csv``: key, etag, bytes of every image the job was given, written by
+``submit`` from the listing; the finalize puts them in the count table's etag/bytes columns."""
+
+
+def read_inputs(path: Path) -> Iterator[Record]:
+    """The rows of an ``_inputs.csv`` as records that carry only a key and a version."""
+    with open(path, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            n = row.get("bytes") or ""
+            yield Record(row["key"], True, None, 0, 0, etag=row.get("etag") or None,
+                         nbytes=int(n) if n.isdigit() else None)
+
+
+def with_versions(mine: Iterator[Record], versions: Iterator[Record]) -> Iterator[Record]:
+    """``mine`` (sorted) with etag/bytes from ``versions`` (sorted), merge-joined by key."""
+    pending = next(versions, None)
+    for r in mine:
+        while pending is not None and pending.key < r.key:
+            pending = next(versions, None)
+        if pending is not None and pending.key == r.key and r.etag is None:
+            r = replace(r, etag=pending.etag, nbytes=pending.nbytes)
+        yield r
+
+
 def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: str,
              merge_root: bool, on_progress: Callable[[], None] = lambda: None,
-             src: Any = None) -> dict[str, Any]:
+             src: Any = None, inputs_key: str | None = None) -> dict[str, Any]:
     """Write the job's aggregates to ``dst`` at ``prefix``; with ``merge_root`` (a job writing
     to the output's root) also to ``_jobs/<job id>/``, and the root tables merge the previous
     root table (earlier jobs' rows) with this job's, the newest record of an image winning.
-    ``src`` (the job's input) gives the sizes no earlier table knows (``with_header_size``)."""
+    ``src`` (the job's input) gives the sizes no earlier table knows (``with_header_size``);
+    ``inputs_key`` names the job's ``_inputs.csv`` (the versions its listing saw), if any."""
     with tempfile.TemporaryDirectory(prefix="posebatch-finalize-") as tmp:
         work = Path(tmp)
         mine = external_sort(records, work, on_progress=on_progress)
+        if inputs_key is not None:
+            inputs_path = work / "inputs.csv"
+            try:
+                dst.download(inputs_key, str(inputs_path))
+            except StorageNotFound:
+                pass
+            else:
+                (work / "inputs").mkdir()
+                mine = with_versions(mine, external_sort(read_inputs(inputs_path),
+                                                         work / "inputs"))
         if not merge_root:
             table = Table(work / "counts.csv")
             for n, r in enumerate(mine, 1):
@@ -124,6 +162,13 @@ def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: 
                     on_progress()
             return table.publish(dst, prefix, meta)
         earlier_path = work / "earlier.csv"
+        first = next(mine, None)
+        if first is None and dst.exists(COUNTS_NAME):
+            # A rerun that found nothing new: the root tables already say everything; writing
+            # them again would cost a download and an upload of every earlier row for nothing.
+            return Table(work / "own.csv").publish(dst, f"_jobs/{meta['job_id']}/", meta)
+        if first is not None:
+            mine = chain([first], mine)
         try:
             dst.download(COUNTS_NAME, str(earlier_path))
             earlier: Iterator[Record] = iter_counts_csv(earlier_path)
@@ -136,11 +181,15 @@ def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: 
             while pending is not None and pending.key < r.key:
                 root.add(pending)
                 kept += 1
+                if kept % PROGRESS_EVERY == 0:
+                    on_progress()
                 pending = next(earlier, None)
             if pending is not None and pending.key == r.key:
                 if r.ok and r.width is None and pending.width is not None:
                     # skipped (result exists): its size is in the table being replaced
                     r = replace(r, width=pending.width, height=pending.height)
+                if r.ok and r.etag is None and pending.etag is not None:
+                    r = replace(r, etag=pending.etag, nbytes=pending.nbytes)
                 pending = next(earlier, None)  # replaced by this job's record
             r = with_header_size(r, src)
             own.add(r)
@@ -150,6 +199,8 @@ def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: 
         while pending is not None:
             root.add(pending)
             kept += 1
+            if kept % PROGRESS_EVERY == 0:
+                on_progress()
             pending = next(earlier, None)
         own.publish(dst, f"_jobs/{meta['job_id']}/", meta)
         return root.publish(dst, prefix, {**meta, **({"earlier_results": kept} if kept else {})})

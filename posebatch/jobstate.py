@@ -18,6 +18,7 @@ import functools
 import json
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,10 +38,21 @@ from posebatch.records import Record
 
 PREFIX = "posebatch"
 FINALIZE_LOCK_SECONDS = 120
+LOCK_RENEWALS_PER_TERM = 4
+"""The finalize lock is renewed this many times per ``FINALIZE_LOCK_SECONDS`` by a timer, so a
+step that does not return for minutes (downloading 4.7 GB of earlier rows, uploading the root
+table) never lets it lapse."""
 JOB_PARTS = ("", "records", "failed", "deliveries", "finalizing", "batches")
 """Every Redis key of a job (``posebatch:job:<id>`` plus these suffixes): what expires and what
 ``jobs prune`` deletes. A new per-job key must be added here (tests/test_jobstate_ttl.py checks
 that every key a finished job leaves behind has an expiry)."""
+IN_FLIGHT_PARTS = ("records", "failed", "deliveries", "batches")
+"""The keys a job needs only while it runs: deleted once its tables are written (the records are
+in ``_counts.csv`` then), so Redis holds what is in flight plus one small hash per finished job,
+not ~75 bytes per image for ``job_retention`` (0.75 GB a night at 10M images)."""
+INDEX_SWEEP = 200
+"""Index entries older than the retention checked per ``create``: expired ones are dropped, so
+the jobs index stays the size of the live jobs whatever the number ever submitted."""
 
 
 _P = ParamSpec("_P")
@@ -92,9 +104,72 @@ def translated(method: Callable[_P, _T]) -> Callable[_P, _T]:
 _RENEW_IF_OWNER = redis.Redis().register_script(
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('expire', KEYS[1], ARGV[2]) else return 0 end")
+_COUNT_DELIVERY = redis.Redis().register_script(
+    # A late duplicate of a batch of a finished job must not create a deliveries hash anew
+    # (it would have no expiry): 0 then, and nothing written.
+    "if redis.call('hget', KEYS[1], 'state') == 'done' then return 0 end "
+    "return redis.call('hincrby', KEYS[2], ARGV[1], 1)")
 _DELETE_IF_OWNER = redis.Redis().register_script(
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('del', KEYS[1]) else return 0 end")
+
+
+class RenewedLock:
+    """A Redis lock with a token, renewed from a thread every ``term / LOCK_RENEWALS_PER_TERM``
+    seconds while held.
+
+    Why a thread and not calls from the loop: the long steps of a finalize are single calls
+    (a download or a multipart upload of a 4.7 GB table), and with renewals only every 50,000
+    records the 120 s lock lapsed during them: past ~13M earlier rows another finalizer took
+    over and neither reached ``done``. The timer renews whatever the step; ``check()`` (called
+    by the loops) raises once a renewal found the lock taken by another. A process frozen for
+    longer than the term still loses it, which is what the term is for.
+    """
+
+    def __init__(self, client: redis.Redis, key: str, term: int) -> None:
+        self.r, self.key, self.term = client, key, term
+        self.token = secrets.token_hex(8)
+        self.renewals = 0
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        if not self.r.set(self.key, self.token, nx=True, ex=self.term):
+            return False
+        self._thread = threading.Thread(target=self._keep, name="finalize-lock", daemon=True)
+        self._thread.start()
+        return True
+
+    def _keep(self) -> None:
+        every = self.term / LOCK_RENEWALS_PER_TERM
+        while not self._stop.wait(every):
+            try:
+                self.renew()
+            except StateUnavailable:
+                return
+            except redis.RedisError:  # a blip: the next tick tries again, the term is long
+                continue
+
+    def renew(self) -> None:
+        """Extend the lock now; raise StateUnavailable if another finalizer holds it."""
+        if self.lost or not _RENEW_IF_OWNER(keys=[self.key], args=[self.token, self.term],
+                                            client=self.r):
+            self.lost = True
+            raise StateUnavailable(f"{self.key}: the finalize lock was lost (a pause over "
+                                   f"{self.term} s?); another finalizer takes over")
+        self.renewals += 1
+
+    def check(self) -> None:
+        if self.lost:
+            raise StateUnavailable(f"{self.key}: the finalize lock was lost; another "
+                                   "finalizer takes over")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        _DELETE_IF_OWNER(keys=[self.key], args=[self.token], client=self.r)
 
 
 def pack(record: Record) -> str:
@@ -165,6 +240,7 @@ class JobStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self.last_lock: RenewedLock | None = None
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
@@ -199,6 +275,26 @@ class JobStore:
         pipe.hset(self._k(job_id), mapping=fields)
         pipe.zadd(f"{PREFIX}:jobs", {job_id: time.time()})
         pipe.execute()
+        self.sweep_index()
+
+    @translated
+    def sweep_index(self, limit: int = INDEX_SWEEP) -> int:
+        """Drop from the jobs index up to ``limit`` ids older than the retention whose state has
+        expired; return how many. Why at each ``create``: the index has no expiry of its own
+        (a sorted set cannot expire members), and a service submitting every few minutes for
+        months would otherwise grow it without end; a bounded sweep per new job keeps it the
+        size of the jobs still in Redis."""
+        old = self.r.zrangebyscore(f"{PREFIX}:jobs", "-inf", time.time() - self._retention(),
+                                   start=0, num=limit)
+        if not old:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for raw in old:
+            pipe.exists(self._k(raw.decode()))
+        gone = [raw for raw, alive in zip(old, pipe.execute(), strict=True) if not alive]
+        if gone:
+            self.r.zrem(f"{PREFIX}:jobs", *gone)
+        return len(gone)
 
     @translated
     def mark_submitted(self, job_id: str, total: int, batches: int) -> None:
@@ -366,8 +462,10 @@ class JobStore:
 
     @translated
     def count_delivery(self, job_id: str, batch_id: str) -> int:
-        """How many times a batch has been started, across workers: bounds poison batches."""
-        return int(self.r.hincrby(self._k(job_id, "deliveries"), batch_id, 1))
+        """How many times a batch has been started, across workers: bounds poison batches
+        (0 for a batch of a finished job: nothing is written then)."""
+        return int(_COUNT_DELIVERY(keys=[self._k(job_id), self._k(job_id, "deliveries")],
+                                   args=[batch_id], client=self.r))
 
     @translated
     def note_model(self, job_id: str, model: dict[str, str]) -> dict[str, str]:
@@ -410,6 +508,8 @@ class JobStore:
         if not h:
             return None
         h = {k.decode(): v.decode() for k, v in h.items()}
+        if "done_count" in h:  # finished: its records are gone, their counts are kept here
+            done, failed = int(h["done_count"]), int(h.get("failed_count", 0))
         meta = json.loads(h.get("meta", "{}"))
         return JobProgress(
             job_id=job_id, state=h.get("state", "?"),
@@ -437,35 +537,64 @@ class JobStore:
             return False
         if p.state == "done":
             return True
-        lock = self._k(job_id, "finalizing")
-        token = secrets.token_hex(8)
-        if not self.r.set(lock, token, nx=True, ex=FINALIZE_LOCK_SECONDS):
+        lock = RenewedLock(self.r, self._k(job_id, "finalizing"), FINALIZE_LOCK_SECONDS)
+        if not lock.acquire():
             return False
-
-        def renew() -> None:
-            if not _RENEW_IF_OWNER(keys=[lock], args=[token, FINALIZE_LOCK_SECONDS],
-                                   client=self.r):
-                raise StateUnavailable(f"job {job_id}: the finalize lock was lost (a pause "
-                                       f"over {FINALIZE_LOCK_SECONDS} s?); another finalizer "
-                                       "takes over")
-
+        self.last_lock = lock  # for tests and benches: how often it was renewed
         try:
+            counted: dict[str, int] = {}
             try:
-                self.write_aggregates(job_id, on_progress=renew)
+                self.write_aggregates(job_id, on_progress=lock.check, counted=counted)
             except StorageNotFound as err:  # the output bucket is gone: waiting will not help
                 self.abandon(job_id, f"its tables cannot be written: {err}")
                 raise
-            renew()  # still the owner: only then say done
-            self.r.hset(self._k(job_id), mapping={"state": "done", "finished": now_iso()})
-            self._expire(job_id)
+            lock.renew()  # still the owner: only then say done
+            self._close(job_id, counted["images"], counted["failed"])
             return True
         finally:
-            _DELETE_IF_OWNER(keys=[lock], args=[token], client=self.r)
+            lock.release()
+
+    def _close(self, job_id: str, done: int, failed: int) -> None:
+        """Say done and drop what only a running job needs, in one transaction: the hash keeps
+        the counts ``status`` shows and expires after ``job_retention``; the records (now in
+        ``_counts.csv``), the failed set, delivery counts and outstanding batches go at once.
+        A finalizer killed between the tables and this leaves the job "running" with all its
+        records: the next caller finalizes it again (the tables are a pure function of them)."""
+        # How often batches ran (1: once; more: redelivered or retried), kept as a histogram of
+        # a few bytes instead of one field per batch: what fault analyses and `status` need.
+        starts = json.dumps(self._histogram(self.r.hvals(self._k(job_id, "deliveries"))))
+        pipe = self.r.pipeline()  # MULTI: never "done" with the records half deleted
+        pipe.hset(self._k(job_id), mapping={"state": "done", "finished": now_iso(),
+                                            "done_count": done, "failed_count": failed,
+                                            "batch_starts": starts})
+        pipe.delete(*(self._k(job_id, part) for part in IN_FLIGHT_PARTS))
+        pipe.expire(self._k(job_id), self._retention())
+        pipe.execute()
+
+    @staticmethod
+    def _histogram(values: Iterable[bytes]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for v in values:
+            counts[v.decode()] = counts.get(v.decode(), 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
 
     @translated
-    def write_aggregates(self, job_id: str,
-                         on_progress: Callable[[], None] = lambda: None) -> dict[str, Any]:
-        from posebatch.finalize import finalize
+    def batch_starts(self, job_id: str) -> dict[int, int]:
+        """How many batches of the job were started how many times ({1: 3120, 2: 4}): from
+        the live delivery counts while it runs, from the histogram kept in its hash once done."""
+        kept = self.r.hget(self._k(job_id), "batch_starts")
+        if kept is not None:
+            return {int(k): v for k, v in json.loads(kept).items()}
+        return {int(k): v for k, v in self._histogram(
+            self.r.hvals(self._k(job_id, "deliveries"))).items()}
+
+    @translated
+    def write_aggregates(self, job_id: str, on_progress: Callable[[], None] = lambda: None,
+                         counted: dict[str, int] | None = None) -> dict[str, Any]:
+        """Write the job's tables from its records; return the summary. ``counted`` receives
+        this job's own ``images`` and ``failed`` (the root summary may cover earlier jobs):
+        what the job hash keeps once the records are dropped."""
+        from posebatch.finalize import INPUTS_NAME, finalize
         from posebatch.storage import open_storage
 
         meta = self.meta(job_id) or {}
@@ -483,16 +612,22 @@ class JobStore:
         # summary covers every result in it (posebatch.finalize merges the previous root
         # table); each job's own figures also go to _jobs/<job id>/.
         batch_failed = False
+        counted = {} if counted is None else counted
+        counted.update(images=0, failed=0)
 
         def watched(records: Iterator[Record]) -> Iterator[Record]:
             nonlocal batch_failed
             for r in records:
+                counted["images"] += 1
+                if not r.ok:
+                    counted["failed"] += 1
                 if r.error_code == INTERNAL_ERROR and r.error_msg.startswith("batch "):
                     batch_failed = True
                 yield r
 
         summary = finalize(dst, watched(self.records(job_id)), summary_meta, prefix,
-                           merge_root=not prefix, on_progress=on_progress, src=src)
+                           merge_root=not prefix, on_progress=on_progress, src=src,
+                           inputs_key=f"_jobs/{job_id}/{INPUTS_NAME}")
         # A --force job that changed model or settings marked the output unfinished; clear the
         # mark only when no image may still hold an old result (a batch that failed for good
         # leaves its images' old results and records 282000 "batch ...": then it stays marked).

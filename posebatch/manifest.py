@@ -15,6 +15,11 @@ Two rules keep it honest:
 - A run claims the output only when it is about to write its first result (``claim_output`` is
   called then; ``check_output`` refuses early without writing): a run that failed before (a bad
   model file, a missing input) leaves the output as it was.
+- The claim of a new output is atomic (``Storage.create``: a hard link on a folder, a
+  conditional PUT ``If-None-Match: *`` on S3): of two runs with other settings that start into
+  one new output at the same moment, exactly one creates the manifest and the other is refused.
+  A run that wrote nothing (every result existed) never claimed, so ``run`` checks the manifest
+  once more at its end (``check_output``), before it writes a summary.
 
 The validity thresholds (``valid_*``) change only the counts, which every run recomputes from all
 results, so they are recorded but not compared: ``posebatch recount`` and a run with a stricter
@@ -24,6 +29,7 @@ results, so they are recorded but not compared: ``posebatch recount`` and a run 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from posebatch.errors import ConfigError, StorageNotFound
@@ -32,6 +38,9 @@ from posebatch.storage import Storage
 
 MANIFEST_NAME = "_posebatch.json"
 COUNT_ONLY_SETTINGS = ("valid_kpt_score", "valid_min_kpts", "valid_box_score")
+CLAIM_ATTEMPTS = 3
+"""Creates tried while the manifest is absent yet cannot be created: another run's write in
+flight (S3 409), or a manifest that is not JSON (then it is overwritten, as before)."""
 PINS_BEFORE_THEY_EXISTED = {"precision": "auto", "backend": "auto"}
 
 
@@ -89,7 +98,10 @@ def check_output(dst: Storage, wanted: dict[str, Any]) -> None:
     Only the fields ``wanted`` names are compared, so ``submit`` (settings only) and a run
     (model and settings) go through the same rule.
     """
-    current = read_manifest(dst)
+    _refuse(dst, read_manifest(dst), wanted)
+
+
+def _refuse(dst: Storage, current: dict[str, Any] | None, wanted: dict[str, Any]) -> None:
     if current is None:
         return
     where = dst.join(MANIFEST_NAME)
@@ -110,8 +122,17 @@ def claim_output(dst: Storage, wanted: dict[str, Any], force: bool) -> None:
     is written. A ``--force`` change of model or settings is marked unfinished until
     ``complete_output``."""
     current = read_manifest(dst)
+    for _ in range(CLAIM_ATTEMPTS):
+        if current is not None:
+            break
+        if dst.create(MANIFEST_NAME, _encode({**wanted, "complete": True}), "application/json"):
+            return  # created: no other run holds this output
+        # Another run created it first (or is creating it): its claim is the one to check.
+        current = read_manifest(dst)
+        if current is None:
+            time.sleep(0.2)  # its PUT still in flight (S3 409)
     if not force:
-        check_output(dst, wanted)
+        _refuse(dst, current, wanted)
     if force and current is not None and (current.get("complete") is False
                                           or _differs(current, wanted)):
         # What the output held before the first unfinished change, kept across retries.
@@ -132,5 +153,9 @@ def complete_output(dst: Storage, wanted: dict[str, Any]) -> None:
         _write(dst, {**wanted, "complete": True})
 
 
+def _encode(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2) + "\n").encode()
+
+
 def _write(dst: Storage, record: dict[str, Any]) -> None:
-    dst.write(MANIFEST_NAME, (json.dumps(record, indent=2) + "\n").encode(), "application/json")
+    dst.write(MANIFEST_NAME, _encode(record), "application/json")

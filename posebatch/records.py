@@ -30,6 +30,11 @@ class Record:
     """Upright image size in pixels, recorded when the image is processed (None when unknown:
     the image failed, or the record predates sizes), so exports never decode images again."""
     height: int | None = None
+    etag: str | None = None
+    """The input object's ETag (a folder: ``mtime:<ns>``) and size in bytes when it was listed
+    for the job that recorded this; a rerun compares them with the listing to find images
+    replaced since (``producer.rerun``). None when not known (a local run, older tables)."""
+    nbytes: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,57 @@ class RuntimeSettings:
                               f"{self.intra_threads}")
         if not 1 <= self.io_threads <= 64:
             raise ConfigError(f"io_threads: expected 1 to 64, got {self.io_threads}")
+
+    def check_urls(self) -> None:
+        """ConfigError (exit 3) naming the flag and variable of a malformed broker/state URL.
+        Called by the commands that use them (not in __post_init__: ``run`` ignores both)."""
+        check_redis_url(self.broker_url, "--broker or POSEBATCH_BROKER_URL")
+        if self.state_url is not None:
+            check_redis_url(self.state_url, "--state or POSEBATCH_STATE_URL")
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_redis_url(url: str, where: str) -> None:
+    """Refuse a broker/state URL Redis cannot take, naming where it came from (exit 3). Why
+    here: redis-py and Celery raise a bare ValueError deep inside (exit 70, "a bug") or, for
+    ``http://x``, try to reach it as Redis."""
+    expected = ("expected redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) or "
+                "unix:///path/to/redis.sock")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(f"{where}: {_redacted(url)!r} is not a Redis URL; {expected}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for "host:abc" or a port over 65535
+    except ValueError as err:
+        raise ConfigError(f"{where}: {_redacted(url)!r} has a bad port ({err}); {expected}") \
+            from err
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError(f"{where}: {_redacted(url)!r} names no socket path; {expected}")
+
+
+def check_endpoint_url(url: str, where: str) -> None:
+    """An S3 endpoint (``AWS_ENDPOINT_URL``) must be ``http(s)://host[:port]``: botocore's own
+    check raises a bare ValueError ("Invalid endpoint"), which read as a bug (exit 70)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for "host:abc" or a port over 65535
+        port_ok = True
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ConfigError(f"{where}={url!r} is not an S3 endpoint URL; expected "
+                          "http://HOST[:PORT] or https://HOST[:PORT] (unset it for AWS itself)")
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password: error messages end up in logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return url
 
 
 

@@ -125,7 +125,8 @@ def submit_job(input_url: str, output_url: str, settings: dict[str, Any] | None 
         job_id = submit(input_url, output_url, job=JobSettings.from_dict(settings or {}),
                         broker_url=rt.broker_url, state_url=rt.state_url,
                         batch_images=batch_images, force=force, on_batch=refresh)
-        store.r.set(f"{key}:last", job_id)
+        # Expires with the job's own state: a schedule removed from the file leaves nothing.
+        store.r.set(f"{key}:last", job_id, ex=from_env(ClusterSettings).job_retention)
         return job_id
     finally:
         store.r.delete(f"{key}:lock")

@@ -19,8 +19,11 @@ LOST_HINT = ("its state is gone from Redis (a restart without persistence, or an
 def describe(p: JobProgress, full: str | None = None) -> str:
     """One line on a job; ``full``: why Redis refuses writes now (``JobStore.full``)."""
     total = "?" if p.total is None else str(p.total)
-    line = (f"job {p.job_id}: {p.state}; {p.done}/{total} images done, {p.failed} failed, "
-            f"{p.rate:.1f} img/s")
+    # The rate counts the images that got a result: refused ones cost microseconds, and an
+    # all-failed job printed "14000.0 img/s".
+    ok = p.done - p.failed
+    speed = f"{p.rate * ok / p.done:.1f} img/s" if ok > 0 else "no rate (no image succeeded)"
+    line = f"job {p.job_id}: {p.state}; {p.done}/{total} images done, {p.failed} failed, {speed}"
     if not p.submitted and p.state != "abandoned":
         line += " (still being submitted, or the producer stopped before the end: resubmit)"
     if p.state == "done":

@@ -7,26 +7,32 @@ batches while the listing is still running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
-from typing import Any
+from typing import Any, TypeVar
 
+from posebatch.aggregate import COUNTS_NAME
 from posebatch.errors import ConfigError
+from posebatch.finalize import INPUTS_NAME
 from posebatch.jobstate import JobStore, connect, new_job_id, redis_errors
 from posebatch.manifest import check_output, manifest
 from posebatch.queue import PROCESS_BATCH, QUEUE, broker_errors, make_app
 from posebatch.selection import Selection, select_keys
 from posebatch.settings import DEFAULT_BATCH_IMAGES, ClusterSettings, JobSettings, from_env
-from posebatch.storage import Storage, open_storage
+from posebatch.storage import ObjectInfo, Storage, open_storage
+from producer.rerun import CHANGED, NEW, inputs_line, listed_objects, rerun_plan
 
 log = logging.getLogger(__name__)
 ENQUEUE_GROUP = 64
 """Batches whose key lists go to Redis in one round trip before their messages are sent."""
 JOBS_FOLDER = "_jobs/"
 JOB_RECORD = "_job.json"
+_T = TypeVar("_T")
 
 
 def chunked(keys: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -35,8 +41,8 @@ def chunked(keys: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def check_reachable(src: Storage, dst: Storage, job_id: str, listing: Iterator[str],
-                    meta: dict[str, Any]) -> Iterator[str]:
+def check_reachable(src: Storage, dst: Storage, job_id: str, listing: Iterator[_T],
+                    meta: dict[str, Any]) -> Iterator[_T]:
     """Fail before anything is queued when INPUT cannot be listed or OUTPUT cannot be written.
 
     Why: a job queued towards a missing bucket ran every batch into the same error, and `status`
@@ -51,10 +57,13 @@ def check_reachable(src: Storage, dst: Storage, job_id: str, listing: Iterator[s
     return listing if first is None else chain([first], listing)
 
 
-def backpressure(broker: Any, high_water: int, poll: float = 1.0) -> None:
+def backpressure(broker: Any, high_water: int, poll: float = 1.0,
+                 on_wait: Callable[[], None] | None = None) -> None:
     """Wait while the queue holds more than ``high_water`` batches: queued work costs Redis
     memory (~1.5 KB a batch of 32 plus its keys), and workers cannot use more than a few
-    batches ahead anyway. The wait is logged once, so a long submit says why it is slow."""
+    batches ahead anyway. The wait is logged once, so a long submit says why it is slow.
+    ``on_wait`` runs at every poll: the control worker refreshes its listing lock there, which
+    would otherwise lapse during a wait of hours and let the next scheduled run list too."""
     if not high_water:
         return
     said = False
@@ -63,6 +72,8 @@ def backpressure(broker: Any, high_water: int, poll: float = 1.0) -> None:
             log.warning("queue holds %d batches (more than POSEBATCH_QUEUE_HIGH_WATER=%d): "
                         "waiting for workers to drain it", depth, high_water)
             said = True
+        if on_wait is not None:
+            on_wait()
         time.sleep(poll)
 
 
@@ -76,6 +87,15 @@ def task_id(job_id: str, batch_id: str) -> str:
     return f"{job_id}.{batch_id}"
 
 
+FORCED_BATCH = "c"
+"""Batch ids starting with this hold images replaced since their result was written (a rerun's
+``changed`` keys): queued with ``force`` whatever the job's own, also when requeued."""
+
+
+def batch_forced(batch_id: str, meta: dict[str, Any]) -> bool:
+    return bool(meta["force"]) or batch_id.startswith(FORCED_BATCH)
+
+
 def send_batch(app: Any, producer: Any, job_id: str, batch_id: str,
                meta: dict[str, Any]) -> None:
     """Queue one batch. The message names the batch, not its keys (the worker reads them from
@@ -85,7 +105,7 @@ def send_batch(app: Any, producer: Any, job_id: str, batch_id: str,
         PROCESS_BATCH, queue=QUEUE, producer=producer, task_id=task_id(job_id, batch_id),
         kwargs={"job_id": job_id, "batch_id": batch_id, "input_url": meta["input"],
                 "output_url": meta["output"], "settings": meta["settings"],
-                "force": meta["force"]},
+                "force": batch_forced(batch_id, meta)},
         kwargsrepr=f"{{'job_id': {job_id!r}, 'batch_id': {batch_id!r}}}",
     )
 
@@ -111,38 +131,89 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
     job_id = job_id or new_job_id()
     meta = {"input": src.url, "output": dst.url, "settings": job.to_dict(), "force": force,
             "summary_prefix": summary_prefix}
-    listing = check_reachable(
-        src, dst, job_id, iter(keys) if keys is not None else
-        iter(select_keys(src, selection)), meta)
-    store.create(job_id, meta)
-    app = make_app(broker_url)
-    high_water = from_env(ClusterSettings).queue_high_water
-    broker = connect(broker_url)
-    total = batches = 0
-    try:
-        with broker_errors(), app.producer_or_acquire() as producer:
-            for group in chunked(chunked(listing, batch_images), ENQUEUE_GROUP):
-                backpressure(broker, high_water)
-                ids = {f"{batches + i:08d}": batch for i, batch in enumerate(group)}
-                store.add_batches(job_id, ids)  # one round trip for the group's key lists
-                for batch_id in ids:
-                    send_batch(app, producer, job_id, batch_id, meta)
-                batches += len(group)
-                for batch in group:
-                    total += len(batch)
-                    if on_batch:
-                        on_batch(len(batch))
-    except BaseException as err:
-        if batches == 0:
-            store.discard(job_id)
+    with contextlib.ExitStack() as stack:
+        listed = keys is None and (selection is None or selection.keys is None)
+        if not listed:
+            todo: Iterator[tuple[str, str]] = ((k, NEW) for k in (
+                keys if keys is not None else select_keys(src, selection)))
         else:
-            store.abandon(job_id, f"submission stopped after {batches} batches ({total} images)"
-                          f": {err}; run the same submit again (images with results are "
-                          "skipped)")
-        raise
-    store.mark_submitted(job_id, total, batches)
-    if total == 0:
+            inputs = stack.enter_context(tempfile.NamedTemporaryFile(
+                "w", encoding="utf-8", newline="", prefix="posebatch-inputs-", suffix=".csv"))
+            inputs.write("key,etag,bytes\n")
+            if not force and dst.exists(COUNTS_NAME):  # a rerun: submit only what is new
+                plan = stack.enter_context(rerun_plan(src, dst, selection))
+            else:
+                plan = ((info, NEW) for info in listed_objects(src, selection))
+            todo = _noted(plan, inputs)
+        listing = check_reachable(src, dst, job_id, todo, meta)
+        store.create(job_id, meta)
+        sent = {"images": 0, "batches": 0}
+        try:
+            _enqueue(store, job_id, meta, listing, broker_url, batch_images, on_batch, sent)
+            if listed:
+                inputs.flush()  # the versions the finalize puts into the count table
+                dst.upload(f"{JOBS_FOLDER}{job_id}/{INPUTS_NAME}", inputs.name, "text/csv")
+        except BaseException as err:
+            _failed(store, job_id, err, sent)
+            raise
+    store.mark_submitted(job_id, sent["images"], sent["batches"])
+    if sent["images"] == 0:
         store.write_aggregates(job_id)
     else:
         store.maybe_finalize(job_id)  # the workers may all have finished before we got here
     return job_id
+
+
+def _noted(plan: Iterable[tuple[ObjectInfo, str]], inputs: Any) -> Iterator[tuple[str, str]]:
+    """(key, why) of ``plan``, each object's version written to ``inputs`` on the way."""
+    for info, why in plan:
+        inputs.write(inputs_line(info))
+        yield info.key, why
+
+
+def _failed(store: JobStore, job_id: str, err: BaseException, sent: dict[str, int]) -> None:
+    """Leave no phantom job: forgotten before anything is queued, else marked abandoned."""
+    if sent["batches"] == 0:
+        store.discard(job_id)
+    else:
+        store.abandon(job_id, f"submission stopped after {sent['batches']} batches "
+                      f"({sent['images']} images): {err}; run the same submit again (images "
+                      "with results are skipped)")
+
+
+def _enqueue(store: JobStore, job_id: str, meta: dict[str, Any],
+             listing: Iterable[tuple[str, str]], broker_url: str, batch_images: int,
+             on_batch: Callable[[int], None] | None, sent: dict[str, int]) -> None:
+    """Queue the keys of ``listing`` in batches; ``changed`` ones (replaced since their result
+    was written) in forced batches after the others. ``sent`` counts images and batches."""
+    app = make_app(broker_url)
+    high_water = from_env(ClusterSettings).queue_high_water
+    broker = connect(broker_url)
+    replaced: list[str] = []
+
+    def plain() -> Iterator[str]:
+        for key, why in listing:
+            if why == CHANGED:
+                replaced.append(key)  # O(changed) in memory: queued once the listing ends
+            else:
+                yield key
+
+    def send(producer: Any, keys: Iterable[str], prefix: str) -> None:
+        for group in chunked(chunked(keys, batch_images), ENQUEUE_GROUP):
+            backpressure(broker, high_water,
+                         on_wait=None if on_batch is None else lambda: on_batch(0))
+            ids = {f"{prefix}{sent['batches'] + i:08d}": batch
+                   for i, batch in enumerate(group)}
+            store.add_batches(job_id, ids)  # one round trip for the group's key lists
+            for batch_id in ids:
+                send_batch(app, producer, job_id, batch_id, meta)
+            sent["batches"] += len(group)
+            for batch in group:
+                sent["images"] += len(batch)
+                if on_batch:
+                    on_batch(len(batch))
+
+    with broker_errors(), app.producer_or_acquire() as producer:
+        send(producer, plain(), "")
+        send(producer, replaced, FORCED_BATCH)
+

@@ -6,6 +6,16 @@ its version (S3 ETag and size; a folder's size and mtime); the hash outlives wat
 An image re-uploaded under the same name has another version: it is submitted again with
 ``force`` (its old result replaced). Keys are recorded only after their job is enqueued, so a
 crash between the two can at worst submit an image twice (harmless), never lose one.
+
+Why the versions hash stays small: each finished poll stores its start time (the cursor). An
+object that last changed more than ``settle`` seconds before the previous poll started was
+visible to that poll, so it was submitted then (or was unchanged): it is not looked up again,
+and its version is dropped from the hash. The hash holds the versions of the last ``settle``
+seconds of uploads, not 117 bytes for every object ever seen (1.1 GB at 10M). A re-upload
+changes the object's time, so it is looked up again; its version is gone by then, and the
+existence of its result tells a replaced image (submitted with force) from a new one.
+``settle`` must exceed the longest upload plus the clocks' skew (S3's LastModified is when the
+upload began; the object is listed only once it completed).
 """
 
 from __future__ import annotations
@@ -16,13 +26,18 @@ import time
 from collections.abc import Iterator
 
 from posebatch.jobstate import PREFIX, connect, redis_errors
-from posebatch.keys import is_image_key
+from posebatch.keys import is_image_key, result_key
 from posebatch.settings import DEFAULT_BATCH_IMAGES, JobSettings
 from posebatch.storage import open_storage
 from producer.submit import chunked, submit
 
 log = logging.getLogger(__name__)
 CHECK_CHUNK = 500
+SETTLE_SECONDS = 3600.0
+"""How long after an object's LastModified/ctime it may still appear in a listing (uploads in
+progress, clock skew): its version is kept that long, then dropped."""
+STATE_TTL = 30 * 24 * 3600
+"""A watcher's state (versions, cursor) expires this long after its last poll."""
 
 
 def seen_key(input_url: str, output_url: str) -> str:
@@ -36,32 +51,65 @@ def versions_key(input_url: str, output_url: str) -> str:
     return seen_key(input_url, output_url)[: -len(":seen")] + ":versions"
 
 
-def classify(r, versions: str, legacy: str,
-             listing: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str, str]]:
+def cursor_key(input_url: str, output_url: str) -> str:
+    """When the last finished poll started (seconds since the epoch)."""
+    return seen_key(input_url, output_url)[: -len(":seen")] + ":cursor"
+
+
+def classify(r, versions: str, legacy: str, listing: Iterator[tuple[str, str]],
+             has_result=None) -> Iterator[tuple[str, str, str]]:
     """(key, version, what) for keys that are ``new`` or ``changed`` (replaced since they were
-    submitted); unchanged keys are left out."""
+    submitted); unchanged keys are left out. ``has_result(key)``, when given, tells a key with
+    no version on record that already has a result (its version was dropped: a re-upload of an
+    old image) from a new one."""
     for chunk in chunked(listing, CHECK_CHUNK):
         keys = [k for k, _v in chunk]
         with redis_errors():
             known = r.hmget(versions, keys)
             old = r.smismember(legacy, keys) if r.exists(legacy) else [0] * len(keys)
         for (key, version), had, in_legacy in zip(chunk, known, old, strict=True):
-            if had is None:
-                yield key, version, "known" if in_legacy else "new"
+            if had is None and in_legacy:
+                yield key, version, "known"
+            elif had is None:
+                yield key, version, "changed" if has_result and has_result(key) else "new"
             elif had.decode() != version:
                 yield key, version, "changed"
 
 
 def poll_once(input_url: str, output_url: str, *, job: JobSettings, broker_url: str,
               state_url: str | None = None, batch_images: int = DEFAULT_BATCH_IMAGES,
-              max_job_images: int = 100_000) -> list[str]:
+              max_job_images: int = 100_000, settle: float = SETTLE_SECONDS) -> list[str]:
     """Submit the images not seen before, and those replaced since (ETag/size or size/mtime
-    changed: reprocessed with force); return the ids of the jobs created (maybe none)."""
+    changed: reprocessed with force); return the ids of the jobs created (maybe none).
+
+    Redis is asked only about objects that changed within ``settle`` seconds before the
+    previous poll began or since (module docstring); the versions of older ones are dropped."""
     src, dst = open_storage(input_url), open_storage(output_url)
     r = connect(state_url or broker_url)
     versions = versions_key(src.url, dst.url)
     legacy = seen_key(src.url, dst.url)
-    listing = ((k, v) for k, v in src.iter_versions() if is_image_key(k))
+    cursor = cursor_key(src.url, dst.url)
+    started = time.time()
+    with redis_errors():
+        raw = r.get(cursor)
+    horizon = float(raw) - settle if raw is not None else None
+    aged: list[str] = []  # versions no later poll needs: dropped once this poll is through
+
+    def recent() -> Iterator[tuple[str, str]]:
+        for key, version, changed in src.iter_stamped():
+            if not is_image_key(key):
+                continue
+            if changed < started - settle:
+                if horizon is None or changed >= horizon:
+                    aged.append(key)  # looked up now (maybe), never again
+                if horizon is not None and changed < horizon:
+                    continue  # seen by a finished poll already
+            yield key, version
+
+    def has_result(key: str) -> bool:
+        return horizon is not None and dst.exists(result_key(key))
+
+    listing = recent()
     jobs = []
     todo: dict[str, list[tuple[str, str]]] = {"new": [], "changed": []}
 
@@ -79,7 +127,7 @@ def poll_once(input_url: str, output_url: str, *, job: JobSettings, broker_url: 
         jobs.append(job_id)
         todo[what] = []
 
-    for key, version, what in classify(r, versions, legacy, listing):
+    for key, version, what in classify(r, versions, legacy, listing, has_result):
         if what == "known":  # submitted by an older version: remember its version only
             with redis_errors():
                 r.hset(versions, key, version)
@@ -89,6 +137,13 @@ def poll_once(input_url: str, output_url: str, *, job: JobSettings, broker_url: 
             flush(what)
     flush("new")
     flush("changed")
+    with redis_errors():  # every submission is queued: move the cursor, drop aged versions
+        for chunk in chunked(aged, CHECK_CHUNK):
+            r.hdel(versions, *chunk)
+        pipe = r.pipeline()
+        pipe.set(cursor, repr(started), ex=STATE_TTL)
+        pipe.expire(versions, STATE_TTL)
+        pipe.execute()
     return jobs
 
 

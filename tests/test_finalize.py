@@ -82,9 +82,9 @@ def test_a_slow_finalizer_never_deletes_the_lock_of_the_one_that_took_over(store
     lock = f"{PREFIX}:job:j:finalizing"
     real = store.write_aggregates
 
-    def slow(job_id, on_progress):
+    def slow(job_id, on_progress, **kwargs):
         store.r.set(lock, "the-next-finalizer")  # ours expired meanwhile; another took it
-        return real(job_id, on_progress)
+        return real(job_id, on_progress, **kwargs)
 
     monkeypatch.setattr(store, "write_aggregates", slow)
     from posebatch.errors import StateUnavailable

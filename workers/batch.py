@@ -19,6 +19,7 @@ from posebatch.errors import (
     BAD_SIZE,
     EMPTY_IMAGE,
     INTERNAL_ERROR,
+    NAME_TOO_LONG_PREFIX,
     UNREADABLE_PREFIX,
     ImageError,
     ObjectTooLarge,
@@ -93,7 +94,7 @@ def process_keys(
         dst.write(result_key(key), data, "application/json")
         timer.add("encode", t1 - t0)
         timer.add("write", perf_counter() - t1)
-        if overlays and image is not None:
+        if overlays and image is not None and dst.name_problem(overlay_key(key)) is None:
             _write_overlay(dst, key, api, image, job)
         return record_from_result(key, api, job,
                                   (image.width, image.height) if image is not None else None)
@@ -109,7 +110,7 @@ def process_keys(
         started = False
         # Unsafe keys are refused first: the existence check reads dst/<key>.json, and a
         # "../x" there raised UnsafeKeyError, failing every image of the batch instead of one.
-        safe = _refuse_unsafe(keys, done)
+        safe = _refuse_unsafe(keys, done, dst)
         todo = _filter_existing(safe, dst, job, done, writers, redo=not skip_existing)
         loaders = ((k, _loader(src, k, job.max_image_bytes)) for k in todo)
         for key, result, image in engine.run_results(loaders):
@@ -162,12 +163,20 @@ def _loader(src: Storage, key: str, max_bytes: int) -> Callable[[], bytes]:
     return load
 
 
-def _refuse_unsafe(keys: Iterable[str], done) -> Iterator[str]:
+def _refuse_unsafe(keys: Iterable[str], done, dst: Storage) -> Iterator[str]:
+    """Keys that are unsafe, or whose result the output cannot hold (a name over 255 bytes, an
+    S3 key over 1024): an error result each (recorded only: it cannot be written), never a
+    failed batch."""
     for key in keys:
         try:
             safe_key(key)
         except UnsafeKeyError as err:
             done(key, error_result(INTERNAL_ERROR, f"refused key: {err}"))
+            continue
+        problem = dst.name_problem(result_key(key))
+        if problem is not None:
+            done(key, error_result(INTERNAL_ERROR, f"{NAME_TOO_LONG_PREFIX}{problem}; rename the "
+                                   "image or use a shorter --out"))
             continue
         yield key
 
@@ -220,7 +229,10 @@ def listed_results(dst: Storage, keys: list[str]) -> set[str] | None:
     limit = 4 * len(wanted) + 1000
     found: set[str] = set()
     try:
-        for n, key in enumerate(dst.iter_keys(start_after=lo[:-1])):
+        # Pages sized to the task: its results, their overlays and a little more; a range
+        # holding more (other files) continues with further pages of that size.
+        pages = dst.iter_keys(start_after=lo[:-1], page_size=2 * len(wanted) + 8)
+        for n, key in enumerate(pages):
             if key > hi:
                 return found
             if n >= limit:

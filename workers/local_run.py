@@ -69,6 +69,9 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
     engine.close()
     log.debug("stages: %s", json.dumps(stage_summary(engine.stages.snapshot())))
     complete_output(dst, wanted)
+    # A run that wrote nothing (every result existed) never claimed the output: another run
+    # with other settings may have claimed it meanwhile. Refuse before the summary is written.
+    check_output(dst, wanted)
     meta = {"job_id": job_id, "input": src.url, "output": dst.url, "created": created,
             "finished": _now(), "model": {"name": model.name, "sha256": model.sha256},
             "runners": [label], "settings": job.to_dict()}

@@ -23,7 +23,9 @@ from posebatch.settings import DEFAULT_BATCH_IMAGES, RuntimeSettings, from_env
 
 
 def _runtime(ns: argparse.Namespace) -> RuntimeSettings:
-    return from_env(RuntimeSettings, {"broker_url": ns.broker_url, "state_url": ns.state_url})
+    rt = from_env(RuntimeSettings, {"broker_url": ns.broker_url, "state_url": ns.state_url})
+    rt.check_urls()
+    return rt
 
 
 def _store(ns: argparse.Namespace):

@@ -39,6 +39,7 @@ def cmd_prune(ns: argparse.Namespace) -> int:
         raise ConfigError("--stale-submitting: expected >= 60 seconds (a submission may be "
                           f"running right now), got {ns.stale_submitting}")
     rt = from_env(RuntimeSettings, {"broker_url": ns.broker_url, "state_url": ns.state_url})
+    rt.check_urls()
     removed = JobStore.from_url(rt.state_url or rt.broker_url).prune(ns.older_than,
                                                                      ns.stale_submitting)
     for job_id in removed:

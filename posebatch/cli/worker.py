@@ -55,10 +55,14 @@ def _celery_argv(ns: argparse.Namespace, concurrency: int, pool: str) -> list[st
 
 def cmd_worker(ns: argparse.Namespace) -> int:
     _export_runtime(ns)
+    from posebatch.storage import check_s3_environment
+
+    rt = from_env(RuntimeSettings)
+    rt.check_urls()  # a malformed broker or S3 endpoint URL: exit 3 now, naming it
+    check_s3_environment()
     from workers.celery_app import app
     from workers.loading import select_model
 
-    rt = from_env(RuntimeSettings)
     # Fail now, with a clear message, not later in each child process; and make the fp16 copy
     # here, once, before the children start.
     select_model(rt)
@@ -72,6 +76,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
 def cmd_control(ns: argparse.Namespace) -> int:
     _export_runtime(ns)
+    from_env(RuntimeSettings).check_urls()
     from producer.control import app
 
     app.worker_main(_celery_argv(ns, 1, "threads"))  # main thread: lease + watchdog

@@ -205,6 +205,15 @@ def batches_in_flight(worker: WorkerProcess) -> int:
 
 def rerun_batches(r: Any) -> int:
     """Batch starts beyond the first, over every job in this Redis: work done again
-    (redeliveries, retries), which the counts must not show."""
-    return sum(int(v) - 1 for key in r.scan_iter("posebatch:job:*:deliveries")
+    (redeliveries, retries), which the counts must not show. Running jobs: their delivery
+    counts; finished ones: the histogram their hash keeps (``JobStore.batch_starts``)."""
+    live = sum(int(v) - 1 for key in r.scan_iter("posebatch:job:*:deliveries")
                for v in r.hvals(key))
+    kept = 0
+    for key in r.scan_iter("posebatch:job:*"):
+        if key.count(b":") != 2:
+            continue  # a job's other keys; its hash is posebatch:job:<id>
+        raw = r.hget(key, "batch_starts") if r.type(key) == b"hash" else None
+        if raw is not None:
+            kept += sum((int(n) - 1) * count for n, count in json.loads(raw).items())
+    return live + kept

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 def free_ports(n: int) -> list[int]:
@@ -46,16 +46,27 @@ def find_binary(name: str) -> str | None:
     return shutil.which(name)
 
 
-def require_or_skip(name: str) -> str:
-    """Path of binary ``name``; skip the test locally if missing, but fail on CI (CI=true)."""
+def on_ci() -> bool:
+    """``CI`` set the way CI services set it (GitHub, GitLab: ``true``; some: ``1``)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_or_fail(message: str) -> NoReturn:
+    """The one rule for a test that lacks what it needs (a server binary, the dev set, the
+    built model, a browser): skip it on a developer's machine, fail it on CI, where a skipped
+    test would pass without testing anything."""
     import pytest
 
+    if on_ci():
+        pytest.fail(f"{message} (required on CI: CI={os.environ.get('CI')})")
+    pytest.skip(message)
+
+
+def require_or_skip(name: str) -> str:
+    """Path of binary ``name``; skip the test locally if missing, but fail on CI (CI=true)."""
     path = find_binary(name)
     if path is None:
-        msg = f"{name} not found next to {sys.executable} or on PATH"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{msg} (required on CI)")
-        pytest.skip(msg)
+        skip_or_fail(f"{name} not found next to {sys.executable} or on PATH")
     return path
 
 
@@ -262,11 +273,7 @@ def make_test_certificates(workdir: Path) -> Path:
     """A throwaway CA and a server certificate for 127.0.0.1 (``openssl`` CLI); returns the CA."""
     certs = Path(workdir) / "certs"
     certs.mkdir(parents=True, exist_ok=True)
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        import pytest
-
-        pytest.skip("openssl not found: cannot make TLS certificates")
+    openssl = require_or_skip("openssl")  # for the TLS certificates
 
     def run(*args: str) -> None:
         subprocess.run([openssl, *args], cwd=certs, check=True, capture_output=True, timeout=60)

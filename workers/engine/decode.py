@@ -9,17 +9,29 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
-from posebatch.errors import BAD_FORMAT, BAD_SIZE, EMPTY_IMAGE, ImageError
+from posebatch.errors import BAD_FORMAT, BAD_SIZE, EMPTY_IMAGE, INTERNAL_ERROR, ImageError
 from workers.engine.letterbox import PAD_GRAY
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP")
+
+# A broken EXIF block is read as orientation 1 (README, Input rules): the image is fine, so
+# Pillow's "Possibly corrupt EXIF data" warnings (from the TIFF parser it reads EXIF with) and
+# "malformed MPO" (a JPEG read as a plain JPEG) say nothing the user can act on and must not
+# reach stderr. A filter, not ``catch_warnings``: decoding runs on several threads, and
+# catch_warnings swaps the process-wide filter list, which is not thread-safe.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+warnings.filterwarnings("ignore", message=r"(Possibly )?[Cc]orrupt EXIF", category=UserWarning)
+warnings.filterwarnings("ignore", message="Image appears to be a malformed MPO file",
+                        category=UserWarning)
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,12 @@ def decode_image(data: bytes, limits: Limits = Limits(), target: int | None = No
     """
     if not data:
         raise ImageError(EMPTY_IMAGE, "image is empty (0 bytes)")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Set by some other library in this process: Pillow would then fill a truncated image
+        # with gray and call it whole. Refuse rather than give results of partial pixels.
+        raise ImageError(INTERNAL_ERROR, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this "
+                         "process (set by another library), so truncated images would pass as "
+                         "whole: posebatch refuses to decode; please report it")
     if len(data) > limits.max_bytes:
         raise ImageError(
             BAD_SIZE, f"image is {len(data)} bytes; the limit is {limits.max_bytes} bytes"
@@ -78,15 +96,20 @@ def decode_image(data: bytes, limits: Limits = Limits(), target: int | None = No
         raise ImageError(
             BAD_SIZE, f"image is {w}x{h}; the longest side must be at most {limits.max_side} px"
         )
-    orientation = _exif_orientation(im)
     if im.format == "JPEG" and im.mode in ("RGB", "L"):
         # Kept as the array simplejpeg returns: a round trip through a Pillow image costs a
         # copy made while holding the GIL (Image.tobytes), which capped a 16-core GPU host.
+        orientation = _exif_orientation(im)  # a JPEG's EXIF is in its header: no pixels read
         arr = _decode_jpeg_scaled(data, w, h, target)
         if orientation in _TRANSPOSES:
             arr = np.asarray(_apply_orientation(Image.fromarray(arr), orientation))
     else:
+        _check_integrity(im.format, data)
+        # Pixels first, EXIF after: a PNG's getexif() loads the pixels itself when its eXIf
+        # chunk may follow them, and the except below would have swallowed a decode error,
+        # leaving a half-decoded image that the later load() took as done.
         rgb_im = _decode_with_pillow(im, target)
+        orientation = _exif_orientation(im)
         if orientation in _TRANSPOSES:
             rgb_im = _apply_orientation(rgb_im, orientation)
         arr = np.asarray(rgb_im)
@@ -112,6 +135,49 @@ def _decode_jpeg_scaled(data: bytes, w: int, h: int, target: int | None) -> np.n
                                       min_height=-(-h // f))
     except ValueError as err:
         raise ImageError(BAD_FORMAT, f"image data is truncated or corrupt ({err})") from err
+
+
+def _check_integrity(fmt: str | None, data: bytes) -> None:
+    """Catch corrupt pixel data that Pillow would decode without a word.
+
+    PNG: every critical chunk's CRC-32 is checked (Pillow checks none of IDAT's), so one flipped
+    byte in the compressed pixels is an error, not a wrong or partly black image.
+    JPEG (the CMYK ones that take the Pillow path): Pillow ignores libjpeg's warnings about
+    corrupt entropy-coded data (a bad Huffman code, a marker inside the scan) and returns
+    whatever it decoded; libjpeg-turbo in strict mode raises on them, so the scan is decoded
+    once more at 1/8 scale (all of the Huffman decoding, a 64th of the IDCT) just to check it.
+    A bit flip that still decodes to valid codes cannot be found: JPEG has no checksum.
+    BMP: no checksum either; a truncated pixel array is refused by Pillow's load().
+    """
+    if fmt == "PNG":
+        _check_png_crcs(data)
+    elif fmt == "JPEG":
+        try:
+            simplejpeg.decode_jpeg(data, colorspace="CMYK", min_factor=8, strict=True)
+        except ValueError as err:
+            raise ImageError(BAD_FORMAT, f"image data is truncated or corrupt ({err})") from err
+
+
+_PNG_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+
+
+def _check_png_crcs(data: bytes) -> None:
+    pos = 8  # after the signature
+    end = len(data)
+    while pos + 12 <= end:
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind = data[pos + 4:pos + 8]
+        body_end = pos + 8 + length
+        if body_end + 4 > end:
+            return  # a truncated file: Pillow's load() reports it as truncated
+        if kind in _PNG_CRITICAL:
+            (stored,) = struct.unpack_from(">I", data, body_end)
+            if zlib.crc32(memoryview(data)[pos + 4:body_end]) != stored:
+                raise ImageError(BAD_FORMAT, f"PNG data is corrupt: the checksum (CRC) of its "
+                                 f"{kind.decode('ascii')} chunk at byte {pos} does not match")
+        if kind == b"IEND":
+            return
+        pos = body_end + 4
 
 
 def _decode_with_pillow(im: Image.Image, target: int | None) -> Image.Image:
