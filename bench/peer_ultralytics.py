@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,11 +39,23 @@ def weights_path() -> Path:
     return path
 
 
-def load_model():
+def load_model(export: str | None = None, imgsz: int = 640):
+    """The .pt weights, or (``export``: e.g. ``openvino``) Ultralytics' own export of them,
+    made once into the working directory: the set-up a user of Ultralytics on a CPU picks
+    (its OpenVINO export runs bf16 on AMX hosts, as OpenVINO's CPU plugin does by default)."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from ultralytics import YOLO
 
-    return YOLO(str(weights_path()), task="pose")
+    if export is None:
+        return YOLO(str(weights_path()), task="pose")
+    local = Path.cwd() / weights_path().name  # the export lands beside the weights: keep it here
+    if not local.exists():
+        shutil.copyfile(weights_path(), local)
+    made = {"openvino": local.with_name(f"{local.stem}_openvino_model"),
+            "onnx": local.with_suffix(".onnx")}[export]
+    if not made.exists():
+        YOLO(str(local), task="pose").export(format=export, imgsz=imgsz)
+    return YOLO(str(made), task="pose")
 
 
 def cmd_predict(ns: argparse.Namespace) -> dict:
@@ -51,7 +64,7 @@ def cmd_predict(ns: argparse.Namespace) -> dict:
 
     files = [line.strip() for line in Path(ns.files).read_text().splitlines() if line.strip()]
     t0 = time.perf_counter()
-    model = load_model()
+    model = load_model(ns.export, ns.imgsz)
     opts = {"imgsz": ns.imgsz, "conf": ns.conf, "iou": ns.iou, "verbose": False,
             "save": False, "device": "cpu"}
     if ns.batch:
@@ -79,6 +92,7 @@ def cmd_predict(ns: argparse.Namespace) -> dict:
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch": torch.__version__, "ultralytics": ultralytics.__version__,
         "torch_threads": torch.get_num_threads(), "options": opts,
+        "export": ns.export,
     }
 
 
@@ -111,6 +125,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads after warm-up (0: leave Ultralytics' choice)")
+    p.add_argument("--export", choices=["openvino", "onnx"],
+                   help="predict with Ultralytics' own export of the weights (made once in the "
+                        "working directory) instead of PyTorch")
     p = sub.add_parser("flops")
     p.add_argument("--shape", action="append", default=[], help="HxW, repeatable")
     ns = ap.parse_args()
