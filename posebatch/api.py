@@ -112,7 +112,7 @@ class Pose:
     def _paths(self, path: str) -> Iterator[tuple[str, Any]]:
         """A folder: its images as ``posebatch run`` selects them; a file: itself (any name)."""
         from posebatch.selection import open_input, select_keys
-        from workers.batch import _loader
+        from workers.batch import image_loader
 
         if not os.path.lexists(path):
             yield path, _refuse(f"no image data: {path} does not exist", code=None)
@@ -121,7 +121,7 @@ class Pose:
         keys = [single] if single is not None else select_keys(src)
         for key in keys:
             yield (path if single is not None else os.path.join(path, key),
-                   _loader(src, key, self.job.max_image_bytes))
+                   image_loader(src, key, self.job.max_image_bytes))
 
     def _pixels(self, image: Any, channels: str) -> Any:
         """An array or PIL image as decoded pixels, checked by the input rules on sides."""

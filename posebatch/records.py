@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from posebatch.schema import Failure, PoseResult, read_result
+from posebatch.schema import PoseResult, person_counts, result_failure
 from posebatch.settings import JobSettings
 
 
@@ -54,9 +54,10 @@ def record_from_result(key: str, result: dict[str, Any], job: JobSettings,
                        size: tuple[int, int] | None = None) -> Record:
     """Derive the record from the API result itself, so a skipped (already done) image and a
     freshly processed one produce the same record; ``size`` is the upright (width, height)."""
-    typed = read_result(result)
-    if isinstance(typed, Failure):
-        return Record(key, False, typed.code, 0, 0, typed.message)
+    failure = result_failure(result)
+    if failure is not None:
+        return Record(key, False, failure.code, 0, 0, failure.message)
+    persons, valid = person_counts(result, job.valid_kpt_score, job.valid_min_kpts,
+                                   job.valid_box_score)
     w, h = size if size is not None else (None, None)
-    return Record(key, True, None, len(typed), int(valid_flags(typed, job).sum()), width=w,
-                  height=h)
+    return Record(key, True, None, persons, valid, width=w, height=h)

@@ -227,6 +227,18 @@ class Failure:
         return error_result(self.code, self.message, log_id)
 
 
+def person_counts(result: dict[str, Any], kpt_score: float, min_kpts: int,
+                  box_score: float) -> tuple[int, int]:
+    """(persons, valid persons) of a result with persons, by ``PoseResult.valid``'s rule, read
+    straight off the JSON: every image's record is counted on the writer threads, and building
+    the arrays first cost 10x (620 vs 65 us for a 37-person image)."""
+    persons = result["person_info"]
+    valid = sum(1 for p in persons
+                if sum(1 for part in p["body_parts"].values() if part["score"] > kpt_score)
+                > min_kpts and p["location"]["score"] > box_score)
+    return len(persons), valid
+
+
 def result_failure(result: dict[str, Any]) -> Failure | None:
     """The failure of an error result (``{"error_code", "error_msg"}``), None for persons."""
     if "error_code" not in result:

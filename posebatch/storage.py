@@ -79,7 +79,7 @@ class ObjectInfo:
 
     @property
     def version(self) -> str:
-        """What ``iter_versions`` yields (kept as it was: watchers have these on record)."""
+        """What a watcher records per object (kept as it was: watchers have these on record)."""
         if self.etag.startswith("mtime:"):
             return f"{self.size}:{self.etag[len('mtime:'):]}"
         return f'"{self.etag}":{self.size}'
@@ -118,21 +118,13 @@ class Storage(Protocol):
         missing."""
         ...
 
-    def iter_versions(self) -> Iterator[tuple[str, str]]:
-        """(key, version) for every key, streamed; the version changes when the object is
-        replaced (S3: ETag; folder: size and mtime): lets a drop folder see a re-upload."""
-        ...
-
-    def iter_stamped(self) -> Iterator[tuple[str, str, float]]:
-        """(key, version, changed): ``iter_versions`` plus when the object last changed (S3:
-        LastModified; folder: the later of mtime and ctime, so a file moved in with an old
-        mtime still counts as new). Lets a watcher keep versions of recent objects only."""
-        ...
-
     def iter_objects(self, parallel: int = 1) -> Iterator[ObjectInfo]:
-        """Every object with its ETag and size, streamed from the listing itself (no HEAD):
-        what a rerun compares with the count table to find images replaced since. With
-        ``parallel`` > 1 (S3), sub-prefixes are listed concurrently, in no particular order."""
+        """Every object with its ETag, size, version and change time, streamed from the listing
+        itself (no HEAD): what a rerun compares with the count table to find images replaced
+        since, and what a drop folder watches (``version`` changes when an object is replaced;
+        ``changed``: S3 LastModified, a file's later mtime/ctime, so a file moved in with an old
+        mtime still counts as new). With ``parallel`` > 1 (S3), sub-prefixes are listed
+        concurrently, in no particular order."""
         ...
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
@@ -237,14 +229,6 @@ class LocalStorage:
             raise StorageNotFound(f"{src} does not exist") from err
         except OSError as err:
             raise StorageError(f"cannot read {src}: {err.strerror or err}") from err
-
-    def iter_versions(self) -> Iterator[tuple[str, str]]:
-        for info in self.iter_objects():
-            yield info.key, info.version
-
-    def iter_stamped(self) -> Iterator[tuple[str, str, float]]:
-        for info in self.iter_objects():
-            yield info.key, info.version, info.changed
 
     def iter_objects(self, parallel: int = 1) -> Iterator[ObjectInfo]:
         for key in self.iter_keys():
@@ -618,14 +602,6 @@ class S3Storage:
             self.client.download_file(self.bucket, full, path)
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "read", key) from err
-
-    def iter_versions(self) -> Iterator[tuple[str, str]]:
-        for info in self.iter_objects():
-            yield info.key, info.version
-
-    def iter_stamped(self) -> Iterator[tuple[str, str, float]]:
-        for info in self.iter_objects():
-            yield info.key, info.version, info.changed
 
     def iter_objects(self, parallel: int = 1) -> Iterator[ObjectInfo]:
         """With ``parallel`` > 1, the sub-prefixes below the root (by delimiter "/") are listed

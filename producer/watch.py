@@ -96,15 +96,15 @@ def poll_once(input_url: str, output_url: str, *, job: JobSettings, broker_url: 
     aged: list[str] = []  # versions no later poll needs: dropped once this poll is through
 
     def recent() -> Iterator[tuple[str, str]]:
-        for key, version, changed in src.iter_stamped():
-            if not is_image_key(key):
+        for info in src.iter_objects():
+            if not is_image_key(info.key):
                 continue
-            if changed < started - settle:
-                if horizon is None or changed >= horizon:
-                    aged.append(key)  # looked up now (maybe), never again
-                if horizon is not None and changed < horizon:
+            if info.changed < started - settle:
+                if horizon is None or info.changed >= horizon:
+                    aged.append(info.key)  # looked up now (maybe), never again
+                if horizon is not None and info.changed < horizon:
                     continue  # seen by a finished poll already
-            yield key, version
+            yield info.key, info.version
 
     def has_result(key: str) -> bool:
         return horizon is not None and dst.exists(result_key(key))

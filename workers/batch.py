@@ -112,7 +112,7 @@ def process_keys(
         # "../x" there raised UnsafeKeyError, failing every image of the batch instead of one.
         safe = _refuse_unsafe(keys, done, dst)
         todo = _filter_existing(safe, dst, job, done, writers, redo=not skip_existing)
-        loaders = ((k, _loader(src, k, job.max_image_bytes)) for k in todo)
+        loaders = ((k, image_loader(src, k, job.max_image_bytes)) for k in todo)
         for key, result, image in engine.run_results(loaders):
             t0 = perf_counter()
             if before_first_write is not None and not started:
@@ -144,7 +144,7 @@ def _write_overlay(dst: Storage, key: str, result: dict[str, Any], image: Decode
     dst.write(overlay_key(key), to_jpeg(over), "image/jpeg")
 
 
-def _loader(src: Storage, key: str, max_bytes: int) -> Callable[[], bytes]:
+def image_loader(src: Storage, key: str, max_bytes: int) -> Callable[[], bytes]:
     """Read one image, its size checked before its bytes are read; a problem of this one object
     becomes an ImageError (its error result), a problem of the storage propagates."""
 

@@ -78,7 +78,7 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
         pass  # the model cannot open for this job: the policy records why, in work() below
 
     def work() -> list[Record]:
-        return _run(job_id, input_url, output_url, keys, job, force)
+        return _run(job_id, input_url, output_url, keys, job, force, cluster.state_patience)
 
     try:
         with metrics.batch():
@@ -96,11 +96,10 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
 
 
 def _run(job_id: str, input_url: str, output_url: str, keys: list[str], job: JobSettings,
-         force: bool) -> list[Record]:
+         force: bool, state_patience: float) -> list[Record]:
     _model, ref, label = state.load_model(job)
     store = state.job_store()
-    policy.patiently(store.note_runner, job_id, label,
-                     patience=from_env(ClusterSettings).state_patience)
+    policy.patiently(store.note_runner, job_id, label, patience=state_patience)
     src, dst = _storage(input_url), _storage(output_url)
     _claim(job_id, dst, manifest(job, ref.sha256, ref.name, label), force)
     engine = state.engine(job)  # threads and batch memory kept from task to task
