@@ -101,10 +101,7 @@ class Pose:
             yield None, self._pixels(source, channels)
         elif isinstance(source, Iterable):
             for item in source:
-                if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):
-                    yield from self._paths(os.fspath(item))
-                else:
-                    yield from self._items(item, channels)
+                yield from self._items(item, channels)
         else:
             yield None, _refuse(f"not an image: a {type(source).__name__} (expected a path, "
                                 "bytes, an (h, w, 3) uint8 array or a PIL image)")
