@@ -90,8 +90,8 @@ def test_engine_batches_are_uint8_for_the_default_model():
     engine = PoseEngine(model, JobSettings(), 4, 2)
     assert engine.input_dtype == np.uint8
     seen: list[np.dtype] = []
-    run_raw = model.run_raw
-    model.run_raw = lambda batch: (seen.append(batch.dtype), run_raw(batch))[1]  # type: ignore[method-assign]
+    run_head = model.run_head
+    model.run_head = lambda batch: (seen.append(batch.dtype), run_head(batch))[1]  # type: ignore[method-assign]
     dev = require_dev_data()
     one = next(p for p in sorted((dev / "images").rglob("*.jpg")))
     results = dict(engine.run([("a", one.read_bytes)]))

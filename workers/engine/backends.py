@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from posebatch.errors import ModelError
-from workers.engine.layouts import Detections
+from workers.engine.layouts import Detections, Head
 from workers.engine.runner import ModelInfo, PoseModel
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class Runner(Protocol):
     def wants_fixed_batches(self) -> bool: ...
 
     def run_raw(self, batch: np.ndarray) -> list[np.ndarray]: ...
+
+    def run_head(self, batch: np.ndarray) -> Head: ...
 
     def infer(self, batch: np.ndarray, conf: float, iou: float,
               max_det: int) -> list[Detections]: ...

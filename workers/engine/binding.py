@@ -40,6 +40,7 @@ class BoundRunner:
         self.binding.bind_ortvalue_input(input_name, self.input)
         self.output_names = [o.name for o in session.get_outputs()]
         self.outputs: list[Any] | None = None
+        self._latest: dict[str, Any] = {}
         self.calls = 0
         # The first call must not be captured: its outputs are ORT-allocated (to learn their
         # shapes), and a graph captured then would replay into buffers that are dropped after.
@@ -47,7 +48,9 @@ class BoundRunner:
         self._first.add_run_config_entry(GRAPH_ID_KEY, "-1")
         self._later = ort.RunOptions()
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+    def run(self, batch: np.ndarray, names: list[str] | None = None) -> list[np.ndarray]:
+        """Host copies of the outputs ``names`` (default: all) for ``batch``; the others stay
+        in their buffers, where ``fetch`` finds them until the next call."""
         if batch.shape != self.shape:
             raise ValueError(f"batch {batch.shape} does not fit the bound shape {self.shape}")
         if batch.dtype != self.dtype and self.dtype == np.uint8:
@@ -56,9 +59,16 @@ class BoundRunner:
         self.input.update_inplace(np.ascontiguousarray(batch, dtype=self.dtype))
         self.calls += 1
         if self.outputs is None:
-            return self._first_run()
+            self._latest = dict(zip(self.output_names, self._first_run(), strict=True))
+            return [self._latest[n] for n in names or self.output_names]
         self.session.run_with_iobinding(self.binding, self._later)
-        return [self._to_host(v) for v in self.outputs]
+        self._latest = dict(zip(self.output_names, self.outputs, strict=True))
+        return [self.fetch(n) for n in names or self.output_names]
+
+    def fetch(self, name: str) -> np.ndarray:
+        """Output ``name`` of the latest call, on the host."""
+        value = self._latest[name]
+        return value if isinstance(value, np.ndarray) else self._to_host(value)
 
     def _first_run(self) -> list[np.ndarray]:
         """Let ONNX Runtime allocate the outputs once to learn their shapes, then bind buffers

@@ -6,6 +6,7 @@ in model-input pixels here (the letterbox inverse is applied by the caller).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,33 @@ class PersonBatch:
         return [Detections(b, s, k) for b, s, k in zip(
             np.split(self.boxes_xyxy, cuts), np.split(self.scores, cuts),
             np.split(self.kpts, cuts), strict=True)]
+
+
+@dataclass
+class Head:
+    """One model call's raw YOLO-pose head, as little of it on the host as decoding needs.
+
+    Either ``raw (B, 56, N)``, or the best columns ``top``/``index`` (``output_tail``) with
+    ``full()`` to fetch the whole head when they do not suffice (valid until the model's next
+    call: decode before running the next batch).
+    """
+
+    raw: np.ndarray | None = None
+    top: np.ndarray | None = None
+    index: np.ndarray | None = None
+    full: Callable[[], np.ndarray] | None = None
+
+    def persons(self, real: int, conf: float, iou: float, max_det: int) -> PersonBatch:
+        """The persons of the first ``real`` images (the rest pad a fixed-size batch)."""
+        if self.top is not None and self.index is not None:
+            persons = decode_yolo_top_batch(self.top[:real], self.index[:real], conf, iou,
+                                            max_det)
+            if persons is not None:
+                return persons
+        raw = self.raw if self.raw is not None else self.full() if self.full else None
+        if raw is None:
+            raise ValueError("a Head needs its raw output or a way to fetch it")
+        return decode_yolo_raw_batch(raw[:real], conf, iou, max_det)
 
 
 def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -162,6 +190,34 @@ def decode_yolo_raw_batch(out: np.ndarray, conf: float, iou: float, max_det: int
         # rare: the per-image cap keeps each image's top candidates, as decode_yolo_raw does
         return PersonBatch.from_list([decode_yolo_raw(o, conf, iou, max_det, nk) for o in out])
     sel = out[b_idx, :, a_idx]  # (m, rows), image by image, anchors ascending
+    return _persons(sel, b_idx, images, iou, max_det, nk)
+
+
+def decode_yolo_top_batch(top: np.ndarray, index: np.ndarray, conf: float, iou: float,
+                          max_det: int, nk: int = 17) -> PersonBatch | None:
+    """``decode_yolo_raw_batch`` from the head's best K columns per image (``output_tail``):
+    ``top (B, 4+1+nk*3, K)`` by descending score, ``index (B, K)`` their anchors. None when an
+    image's K-th score passes ``conf`` (or is NaN): more anchors may pass than were kept, and
+    the caller decodes the full head. Otherwise the same persons in the same order."""
+    expected_rows = 5 + nk * 3
+    if top.ndim != 3 or top.shape[1] != expected_rows or index.shape != (top.shape[0],
+                                                                        top.shape[2]):
+        raise ValueError(f"expected top candidates (B, {expected_rows}, K) and (B, K), got "
+                         f"{top.shape}, {index.shape}")
+    images = top.shape[0]
+    if top.shape[2] and not (top[:, 4, -1] < conf).all():
+        return None
+    b_idx, col = np.nonzero(top[:, 4, :] >= conf)
+    a_idx = index[b_idx, col]
+    order = np.lexsort((a_idx, b_idx))  # the full head's order: image by image, by anchor
+    b_idx, col = b_idx[order], col[order]
+    return _persons(top[b_idx, :, col], b_idx, images, iou, max_det, nk)
+
+
+def _persons(sel: np.ndarray, b_idx: np.ndarray, images: int, iou: float, max_det: int,
+             nk: int) -> PersonBatch:
+    """NMS and ``max_det`` over candidate rows ``sel (m, rows)`` of images ``b_idx (m,)``
+    (image by image, anchors ascending)."""
     cx, cy, w, h = sel[:, 0], sel[:, 1], sel[:, 2], sel[:, 3]
     boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
     keep = nms_batch(boxes, sel[:, 4], b_idx, images, iou)

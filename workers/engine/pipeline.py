@@ -24,7 +24,7 @@ from workers.engine.backends import Runner
 from workers.engine.batches import Batch, BatchPool
 from workers.engine.decode import DecodedImage, Limits, decode_image
 from workers.engine.keypoints import to_api21
-from workers.engine.layouts import Detections, PersonBatch, decode_yolo_raw_batch
+from workers.engine.layouts import Detections, PersonBatch
 from workers.engine.letterbox import Letterbox, fit, input_shape_for, write_input
 from workers.engine.runner import LAYOUT_YOLO_RAW
 from workers.engine.stages import StageTimer, perf_counter
@@ -343,7 +343,8 @@ class PoseEngine:
 
     def _run_persons(self, batch: np.ndarray) -> tuple[PersonBatch, float]:
         """The persons of ``batch`` and the seconds spent in the model itself. The raw YOLO-pose
-        head is decoded for the whole batch at once (``decode_yolo_raw_batch``); other layouts
+        head (or its best candidates, ``output_tail``) is decoded for the whole batch at once
+        (``Head.persons``); other layouts
         through the runner's ``infer`` (their seconds count as inference)."""
         raw = getattr(self.model.info, "layout", None) == LAYOUT_YOLO_RAW
         parts: list[PersonBatch] = []
@@ -351,10 +352,10 @@ class PoseEngine:
         for chunk, real in self._chunks(batch):
             t0 = perf_counter()
             if raw:
-                out = self.model.run_raw(chunk)[0]
+                head = self.model.run_head(chunk)
                 infer += perf_counter() - t0
-                parts.append(decode_yolo_raw_batch(out[:real], self.job.det_conf,
-                                                   self.job.nms_iou, self.job.max_persons))
+                parts.append(head.persons(real, self.job.det_conf, self.job.nms_iou,
+                                          self.job.max_persons))
             else:
                 dets = self.model.infer(chunk, self.job.det_conf, self.job.nms_iou,
                                         self.job.max_persons)

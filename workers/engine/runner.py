@@ -21,11 +21,13 @@ from posebatch.settings import default_cache_dir
 from workers.engine.binding import BoundRunner
 from workers.engine.layouts import (
     Detections,
+    Head,
     decode_rtmo,
     decode_yolo_det,
     decode_yolo_e2e,
     decode_yolo_raw_batch,
 )
+from workers.engine.output_tail import TOP, TOP_INDEX, add_top_candidates
 from workers.engine.providers import (
     CPU,
     CUDA,
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 UINT8_ENV = "POSEBATCH_UINT8_INPUT"
 """``0``: feed the graph float32 as it is (the engine's path before uint8 inputs, for checks)."""
+TAIL_ENV = "POSEBATCH_OUTPUT_TAIL"
+"""``0``: copy the whole raw head out of every call (the path before ``output_tail``)."""
 LAYOUT_YOLO_RAW = "yolo-raw"
 LAYOUT_YOLO_E2E = "yolo-e2e"
 LAYOUT_RTMO = "rtmo"
@@ -97,10 +101,16 @@ class PoseModel:
         RGB when the graph's input was folded (or is uint8 itself), else float32 in [0, 1]."""
         if uint8_input is None:
             uint8_input = os.environ.get(UINT8_ENV, "1") not in ("0", "false", "no")
-        folded = fold_uint8_input(Path(path).read_bytes()) if uint8_input else None
+        tail = os.environ.get(TAIL_ENV, "1") not in ("0", "false", "no")
+        original = Path(path).read_bytes() if uint8_input or tail else None
+        folded = fold_uint8_input(original) if uint8_input and original else None
         if folded is not None:
             self._source = folded[0]
             self.input_dtype = np.uint8
+        tailed = add_top_candidates(folded[0] if folded else original) if tail and original \
+            else None
+        if tailed is not None:
+            self._source = tailed
         available = ort.get_available_providers()
         preload_cuda_libraries(ort, available)
         if trt_present is None:  # only probe for TensorRT where onnxruntime could use it
@@ -113,15 +123,19 @@ class PoseModel:
         try:
             self.session = self._open(chain, self._options())
         except ModelError as err:
-            if folded is None:
+            if self._source == path:
                 raise
             # e.g. weights in an external data file, which a graph given as bytes cannot find
-            log.warning("the model with a uint8 input did not load (%s); running it with its "
-                        "float input", err)
+            log.warning("the model with a uint8 input or its output tail did not load (%s); "
+                        "running it as it is", err)
             self._source, self.input_dtype = path, np.float32
             self.session = self._open(chain, self._options())
         if self.session.get_inputs()[0].type == "tensor(uint8)":  # folded, or 0..255 itself
             self.input_dtype = np.uint8
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.tail = TOP in outputs
+        """The graph has the head's top candidates as outputs (``output_tail``)."""
+        self._raw_names = [n for n in outputs if n not in (TOP, TOP_INDEX)]
         self.info = self._inspect(path)
         if self.kind != "cpu" and self.info.provider not in GPU_PROVIDERS:
             message = (f"providers={providers}: ONNX Runtime could not start "
@@ -169,7 +183,8 @@ class PoseModel:
     def _inspect(self, path: str) -> ModelInfo:
         return inspect_io(
             path, [(i.name, i.shape) for i in self.session.get_inputs()],
-            [(o.name, o.shape) for o in self.session.get_outputs()],
+            [(o.name, o.shape) for o in self.session.get_outputs()
+             if o.name in self._raw_names],
             self.session.get_providers()[0],
         )
 
@@ -192,21 +207,44 @@ class PoseModel:
 
     def run_raw(self, batch: np.ndarray) -> list[np.ndarray]:
         """The graph's outputs for ``batch`` (see ``as_input`` for what it may be)."""
+        return self._run(batch, self._raw_names)[0]
+
+    def run_head(self, batch: np.ndarray) -> Head:
+        """A raw YOLO-pose model's head for ``batch``: its best candidates when the graph has
+        the output tail, the full head fetched only if they do not suffice."""
+        if not self.tail:
+            return Head(raw=self.run_raw(batch)[0])
+        batch = self.as_input(batch)
+        (top, index), runner = self._run(batch, [TOP, TOP_INDEX])
+        head_name = self._raw_names[0]
+        if runner is None:
+            def full() -> np.ndarray:  # rare: one more call, for this batch only
+                return self.session.run([head_name], {self.info.input_name: batch})[0]
+        else:
+            def full() -> np.ndarray:  # still in the bound buffer until the next call
+                return runner.fetch(head_name)
+        return Head(top=top, index=index, full=full)
+
+    def _run(self, batch: np.ndarray, names: list[str]
+             ) -> tuple[list[np.ndarray], BoundRunner | None]:
+        """Outputs ``names`` for ``batch``, and the bound runner that holds the others (None
+        without I/O binding)."""
         batch = self.as_input(batch)
         if not self.io_binding:
-            return self.session.run(None, {self.info.input_name: batch})
+            return self.session.run(names, {self.info.input_name: batch}), None
         shape = tuple(batch.shape)
         fixed = self._fixed_runner(shape)
         if fixed is not None:
             try:
-                return fixed.run(batch)
+                return fixed.run(batch, names), fixed
             except Exception as err:  # onnxruntime's untyped errors
                 if fixed.calls > self.GRAPH_TRIAL_CALLS:
                     raise  # it worked before: a real error, not a capture that cannot work
                 log.warning("fixed-shape session failed on call %d (%s); running %s without "
                             "it", fixed.calls, err, shape)
                 self._fixed = None
-        return self._bound_runner(shape).run(batch)
+        runner = self._bound_runner(shape)
+        return runner.run(batch, names), runner
 
     def _bound_runner(self, shape: tuple[int, ...]) -> BoundRunner:
         """This shape's buffers on the main (dynamic-shape) session, kept for the next call."""
@@ -259,8 +297,8 @@ class PoseModel:
             # RTMO is trained on BGR 0..255 without normalisation (MMPose's data preprocessor
             # with mean 0, std 1): same letterbox, other channel order and range.
             batch = np.ascontiguousarray(batch[:, ::-1] * 255.0)
-        names = [o.name for o in self.session.get_outputs()]
-        return decode_outputs(self.info.layout, names, self.run_raw(batch), conf, iou, max_det)
+        return decode_outputs(self.info.layout, self._raw_names, self.run_raw(batch), conf, iou,
+                              max_det)
 
 
 def inspect_io(path: str, inputs: list[tuple[str, Any]], outputs: list[tuple[str, Any]],

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from posebatch.errors import ModelError
-from workers.engine.layouts import Detections
+from workers.engine.layouts import Detections, Head
 from workers.engine.runner import (
     LAYOUT_RTMO,
     UINT8_ENV,
@@ -166,6 +166,11 @@ class OpenVinoModel:
             raise
         return [np.concatenate([r[k] for r in results if r is not None])
                 for k in range(len(self._out_names))]
+
+    def run_head(self, batch: np.ndarray) -> Head:
+        """The raw head of ``batch``: OpenVINO's outputs are host memory already, so the whole
+        head is handed over (no output tail)."""
+        return Head(raw=self.run_raw(batch)[0])
 
     def infer(self, batch: np.ndarray, conf: float, iou: float, max_det: int) -> list[Detections]:
         """Run ``batch (B, 3, H, W) float32 in [0, 1]`` and decode one Detections per image."""
