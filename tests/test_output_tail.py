@@ -76,7 +76,7 @@ def test_graphs_without_a_raw_head_are_left_alone():
 
 @pytest.mark.parametrize("io_binding", [False, True])
 def test_model_head_equals_the_full_heads_persons_including_the_fall_back(io_binding: bool):
-    plain = PoseModel(default_model(), "cpu", io_binding=io_binding)
+    plain = PoseModel(default_model(), "cpu", io_binding=io_binding, output_tail=True)
     assert plain.tail
     x = (np.random.default_rng(1).random((2, 3, 640, 640)) * 255).astype(np.uint8)
     full = plain.run_raw(x)[0]
@@ -88,14 +88,19 @@ def test_model_head_equals_the_full_heads_persons_including_the_fall_back(io_bin
         assert same_persons(got, decode_yolo_raw_batch(full, conf, 0.6, 300))
 
 
-def test_dev_set_results_with_and_without_the_tail_are_identical(monkeypatch):
+def test_tail_is_on_for_gpus_and_where_the_environment_asks(monkeypatch):
+    assert not PoseModel(default_model(), "cpu").tail  # auto: a CPU's head is host memory
+    monkeypatch.setenv("POSEBATCH_OUTPUT_TAIL", "1")
+    assert PoseModel(default_model(), "cpu").tail
+
+
+def test_dev_set_results_with_and_without_the_tail_are_identical():
     dev = require_dev_data()
     images = sorted((dev / "images").rglob("*.jpg"))
     items = [(p.name, p.read_bytes) for p in images]
     job = JobSettings()
-    with_tail = PoseModel(default_model(), "cpu")
-    monkeypatch.setenv("POSEBATCH_OUTPUT_TAIL", "0")
-    without = PoseModel(default_model(), "cpu")
+    with_tail = PoseModel(default_model(), "cpu", output_tail=True)
+    without = PoseModel(default_model(), "cpu", output_tail=False)
     assert with_tail.tail and not without.tail
     a = dict(PoseEngine(with_tail, job, 4, 2).run(items))
     b = dict(PoseEngine(without, job, 4, 2).run(items))

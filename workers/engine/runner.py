@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 UINT8_ENV = "POSEBATCH_UINT8_INPUT"
 """``0``: feed the graph float32 as it is (the engine's path before uint8 inputs, for checks)."""
 TAIL_ENV = "POSEBATCH_OUTPUT_TAIL"
-"""``0``: copy the whole raw head out of every call (the path before ``output_tail``)."""
+"""``1``: the head's best candidates come out of the graph (``output_tail``) on a CPU too;
+``0``: nowhere; ``auto`` (default): on GPU providers."""
 LAYOUT_YOLO_RAW = "yolo-raw"
 LAYOUT_YOLO_E2E = "yolo-e2e"
 LAYOUT_RTMO = "rtmo"
@@ -78,14 +79,17 @@ class PoseModel:
     def __init__(self, path: str, providers: str = "auto", intra_threads: int = 0, *,
                  precision: str = "fp32", cache_dir: Path | None = None,
                  io_binding: bool | None = None, fixed_shape_session: bool | None = None,
-                 trt_present: bool | None = None, uint8_input: bool | None = None) -> None:
+                 trt_present: bool | None = None, uint8_input: bool | None = None,
+                 output_tail: bool | None = None) -> None:
         """``precision`` is the one of the file at ``path`` (``fp16`` also turns on TensorRT's
         fp16 kernels). ``io_binding`` (default: on a GPU) runs through preallocated buffers;
         ``fixed_shape_session`` (default: on the CUDA provider) opens a second session fixed to
         the first full input shape, with CUDA graphs on CUDA (see ``_fixed_runner``).
         ``uint8_input`` (default: on, unless ``POSEBATCH_UINT8_INPUT=0``): run the graph with a
         uint8 input and its normalisation inside (workers.engine.uint8_input); ``input_dtype``
-        and ``input_order`` say what ``run_raw`` takes."""
+        and ``input_order`` say what ``run_raw`` takes. ``output_tail`` (default: on a GPU, or
+        as ``POSEBATCH_OUTPUT_TAIL`` says): a raw YOLO-pose graph also outputs its best
+        candidates (workers.engine.output_tail), and ``run_head`` copies only those."""
         import onnxruntime as ort
 
         if not os.path.isfile(path):
@@ -99,23 +103,29 @@ class PoseModel:
         self.input_dtype: type = np.float32
         """What ``run_raw`` takes without a conversion (``as_input``), ``(B, 3, H, W)``: uint8
         RGB when the graph's input was folded (or is uint8 itself), else float32 in [0, 1]."""
-        if uint8_input is None:
-            uint8_input = os.environ.get(UINT8_ENV, "1") not in ("0", "false", "no")
-        tail = os.environ.get(TAIL_ENV, "1") not in ("0", "false", "no")
-        original = Path(path).read_bytes() if uint8_input or tail else None
-        folded = fold_uint8_input(original) if uint8_input and original else None
-        if folded is not None:
-            self._source = folded[0]
-            self.input_dtype = np.uint8
-        tailed = add_top_candidates(folded[0] if folded else original) if tail and original \
-            else None
-        if tailed is not None:
-            self._source = tailed
         available = ort.get_available_providers()
         preload_cuda_libraries(ort, available)
         if trt_present is None:  # only probe for TensorRT where onnxruntime could use it
             trt_present = TRT in available and tensorrt_libraries_present()
         self.kind = choose_kind(providers, available, trt_present)
+        if uint8_input is None:
+            uint8_input = os.environ.get(UINT8_ENV, "1") not in ("0", "false", "no")
+        if output_tail is None:
+            # On a CPU the whole head is host memory already and the tail measured even
+            # (0.52-0.53 vs 0.52-0.56 ms per image of the model thread, null model, batch 4):
+            # it pays where the head would cross PCIe.
+            wanted = os.environ.get(TAIL_ENV, "auto")
+            output_tail = self.kind != "cpu" if wanted == "auto" else wanted not in (
+                "0", "false", "no")
+        original = Path(path).read_bytes() if uint8_input or output_tail else None
+        folded = fold_uint8_input(original) if uint8_input and original else None
+        if folded is not None:
+            self._source = folded[0]
+            self.input_dtype = np.uint8
+        tailed = (add_top_candidates(folded[0] if folded else original)
+                  if output_tail and original else None)
+        if tailed is not None:
+            self._source = tailed
         self._cache_dir = cache_dir or default_cache_dir()
         self._chain_args: dict[str, Any] = {"trt_present": trt_present, "precision": precision,
                                             "cache_dir": self._cache_dir}
