@@ -611,6 +611,13 @@ class S3Storage:
             return
         yield from self._objects(self.prefix)
 
+    def folders(self) -> list[str]:
+        """The names of the sub-prefixes right below the root (``a`` for ``root/a/...``)."""
+        found: list[str] = []
+        for _info in self._objects(self.prefix, "/", found):
+            pass
+        return [f[len(self.prefix):].rstrip("/") for f in found]
+
     def _info(self, obj: dict[str, Any]) -> ObjectInfo | None:
         key = obj["Key"][len(self.prefix):]
         if not key or key.endswith("/"):  # the root itself, or a folder marker

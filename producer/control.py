@@ -96,8 +96,10 @@ def schedule_key(input_url: str, output_url: str) -> str:
 
 @app.task(name=SUBMIT_JOB, queue=CONTROL_QUEUE)
 def submit_job(input_url: str, output_url: str, settings: dict[str, Any] | None = None,
-               batch_images: int = DEFAULT_BATCH_IMAGES, force: bool = False) -> str:
-    """What a beat schedule entry runs: list INPUT and enqueue its batches, like `submit`.
+               batch_images: int = DEFAULT_BATCH_IMAGES, force: bool = False,
+               inventory: str | None = None) -> str:
+    """What a beat schedule entry runs: list INPUT (or read its newest S3 Inventory report,
+    ``inventory``) and enqueue its batches, like `submit`.
 
     A run does not start while the previous run of the same INPUT -> OUTPUT is still going
     (listing, or its job still running): the nightly run of a folder that took 25 hours would
@@ -124,7 +126,8 @@ def submit_job(input_url: str, output_url: str, settings: dict[str, Any] | None 
     try:
         job_id = submit(input_url, output_url, job=JobSettings.from_dict(settings or {}),
                         broker_url=rt.broker_url, state_url=rt.state_url,
-                        batch_images=batch_images, force=force, on_batch=refresh)
+                        batch_images=batch_images, force=force, on_batch=refresh,
+                        inventory=inventory)
         # Expires with the job's own state: a schedule removed from the file leaves nothing.
         store.r.set(f"{key}:last", job_id, ex=from_env(ClusterSettings).job_retention)
         return job_id

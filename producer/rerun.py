@@ -76,13 +76,17 @@ class _Listed:
     lazily one at a time, so the object of the key it yields is that last one. No version is
     held for more than one key."""
 
-    def __init__(self, src: Storage, parallel: int = 1) -> None:
+    def __init__(self, src: Storage, parallel: int = 1,
+                 objects: Iterable[ObjectInfo] | None = None) -> None:
         self.src = src
         self.parallel = parallel
+        self.objects = objects
         self.last: ObjectInfo | None = None
 
     def iter_keys(self, suffixes=None, start_after=None, page_size=None) -> Iterator[str]:
-        for info in self.src.iter_objects(parallel=self.parallel):
+        objects = self.objects if self.objects is not None else self.src.iter_objects(
+            parallel=self.parallel)
+        for info in objects:
             self.last = info
             yield info.key
 
@@ -90,11 +94,12 @@ class _Listed:
         return getattr(self.src, name)
 
 
-def listed_objects(src: Storage, selection: Selection | None,
-                   parallel: int | None = None) -> Iterator[ObjectInfo]:
+def listed_objects(src: Storage, selection: Selection | None, parallel: int | None = None,
+                   objects: Iterable[ObjectInfo] | None = None) -> Iterator[ObjectInfo]:
     """The objects ``select_keys`` picks from INPUT, with their ETag and size; listed by
-    ``parallel`` paginators (default ``list_parallel()``), so in no particular order."""
-    view = _Listed(src, list_parallel() if parallel is None else parallel)
+    ``parallel`` paginators (default ``list_parallel()``), so in no particular order, or taken
+    from ``objects`` (an inventory report) instead of a listing."""
+    view = _Listed(src, list_parallel() if parallel is None else parallel, objects)
     for key in select_keys(view, selection):  # type: ignore[arg-type]
         info = view.last
         if info is None or info.key != key:  # pragma: no cover - select_keys changed shape
@@ -107,10 +112,12 @@ def _as_record(info: ObjectInfo) -> Record:
 
 
 @contextmanager
-def rerun_plan(src: Storage, dst: Storage,
-               selection: Selection | None) -> Iterator[Iterator[tuple[ObjectInfo, str]]]:
-    """(object, why) for every listed image that must be submitted, sorted by key; a context
-    manager because the sorted listing and the earlier table live in a temporary folder."""
+def rerun_plan(src: Storage, dst: Storage, selection: Selection | None,
+               objects: Iterable[ObjectInfo] | None = None
+               ) -> Iterator[Iterator[tuple[ObjectInfo, str]]]:
+    """(object, why) for every listed image (or every one of ``objects``) that must be
+    submitted, sorted by key; a context manager because the sorted listing and the earlier
+    table live in a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="posebatch-rerun-") as tmp:
         work = Path(tmp)
         table = work / "earlier.csv"
@@ -119,8 +126,8 @@ def rerun_plan(src: Storage, dst: Storage,
         except StorageNotFound:
             table.write_text("key,status,error_code,person_num,valid_persons,error_msg\n")
         (work / "listing").mkdir()
-        listing = external_sort((_as_record(i) for i in listed_objects(src, selection)),
-                                work / "listing")
+        listing = external_sort((_as_record(i) for i in listed_objects(
+            src, selection, objects=objects)), work / "listing")
         yield _merge(listing, iter_counts_csv(table))
 
 

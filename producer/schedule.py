@@ -68,6 +68,7 @@ def load_schedule(path: str | Path) -> dict[str, dict[str, Any]]:
             "kwargs": {"input_url": entry["input"], "output_url": entry["output"],
                        "settings": settings,
                        "batch_images": int(entry.get("batch_images", DEFAULT_BATCH_IMAGES)),
-                       "force": bool(entry.get("force", False))},
+                       "force": bool(entry.get("force", False)),
+                       "inventory": entry.get("inventory")},
         }
     return schedule

@@ -25,6 +25,7 @@ from posebatch.queue import PROCESS_BATCH, QUEUE, broker_errors, make_app
 from posebatch.selection import Selection, select_keys
 from posebatch.settings import DEFAULT_BATCH_IMAGES, ClusterSettings, JobSettings, from_env
 from posebatch.storage import ObjectInfo, Storage, open_storage
+from producer.inventory import inventory_objects
 from producer.rerun import CHANGED, NEW, inputs_line, listed_objects, rerun_plan
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,11 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
            state_url: str | None = None, batch_images: int = DEFAULT_BATCH_IMAGES,
            force: bool = False, job_id: str | None = None, keys: Iterable[str] | None = None,
            summary_prefix: str = "", on_batch: Callable[[int], None] | None = None,
-           selection: Selection | None = None) -> str:
+           selection: Selection | None = None, inventory: str | None = None) -> str:
     """Enqueue one job; return its id. ``keys`` (relative to INPUT) replaces the listing;
-    ``selection`` (key list, include/exclude) picks from INPUT as ``posebatch run`` does.
+    ``selection`` (key list, include/exclude) picks from INPUT as ``posebatch run`` does;
+    ``inventory`` (an S3 Inventory report, ``producer.inventory``) replaces the listing too,
+    with every object's version.
 
     A submission that fails leaves no phantom job: before anything is queued the job is
     forgotten; after that it is marked ``abandoned`` (with the error), so `wait` ends.
@@ -133,6 +136,9 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
             "summary_prefix": summary_prefix}
     with contextlib.ExitStack() as stack:
         listed = keys is None and (selection is None or selection.keys is None)
+        if inventory and not listed:
+            raise ConfigError("--inventory replaces the listing: it cannot be combined with "
+                              "a key list (--keys-from)")
         if not listed:
             todo: Iterator[tuple[str, str]] = ((k, NEW) for k in (
                 keys if keys is not None else select_keys(src, selection)))
@@ -140,10 +146,12 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
             inputs = stack.enter_context(tempfile.NamedTemporaryFile(
                 "w", encoding="utf-8", newline="", prefix="posebatch-inputs-", suffix=".csv"))
             inputs.write("key,etag,bytes\n")
+            objects = inventory_objects(inventory, src) if inventory else None
             if not force and dst.exists(COUNTS_NAME):  # a rerun: submit only what is new
-                plan = stack.enter_context(rerun_plan(src, dst, selection))
+                plan = stack.enter_context(rerun_plan(src, dst, selection, objects))
             else:
-                plan = ((info, NEW) for info in listed_objects(src, selection))
+                plan = ((info, NEW) for info in listed_objects(src, selection,
+                                                               objects=objects))
             todo = _noted(plan, inputs)
         listing = check_reachable(src, dst, job_id, todo, meta)
         store.create(job_id, meta)

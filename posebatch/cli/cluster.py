@@ -58,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _batch_images(p)
     p.add_argument("--force", action="store_true", help="reprocess images that have results")
     p.add_argument("--job-id", help="use this id instead of a generated one")
+    p.add_argument("--inventory", metavar="URL",
+                   help="take INPUT's objects from an S3 Inventory report (CSV) instead of "
+                        "listing: a manifest.json, or the inventory configuration's folder "
+                        "(its newest report); for prefixes too large to list")
     add_broker_flags(p)
     add_selection_flags(p)
     add_job_flags(p)
@@ -110,7 +114,8 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     src, single = open_input(ns.input)
     job_id = submit(src.url, ns.out, job=job_settings(ns), broker_url=rt.broker_url,
                     state_url=rt.state_url, batch_images=ns.batch_images, force=ns.force,
-                    job_id=ns.job_id, selection=selection(ns, src, single))
+                    job_id=ns.job_id, selection=selection(ns, src, single),
+                    inventory=ns.inventory)
     print(f"submitted; follow with: posebatch wait {job_id}", file=sys.stderr)
     print(job_id)
     return exitcodes.OK
