@@ -89,13 +89,16 @@ def generated_id(when: datetime) -> str:
     return when.strftime("%Y%m%d-%H%M%S-") + "abc123"
 
 
-@pytest.mark.parametrize(("job_id", "says", "never_says"), [
-    # (made after the server started: a generated id of this minute, a little ahead)
-    (generated_id(datetime.now(UTC) + timedelta(minutes=1)), "check the id", "state is gone"),
-    (generated_id(datetime(2020, 1, 1, tzinfo=UTC)), "state is gone", "check the id"),
-    ("my-own-id", "check the id", None),
+@pytest.mark.parametrize(("make_id", "says", "never_says"), [
+    # made after the server started: a generated id of this minute, a little ahead (computed
+    # when the test runs: at collection time it would be older than a server started later)
+    (lambda: generated_id(datetime.now(UTC) + timedelta(minutes=1)), "check the id",
+     "state is gone"),
+    (lambda: generated_id(datetime(2020, 1, 1, tzinfo=UTC)), "state is gone", "check the id"),
+    (lambda: "my-own-id", "check the id", None),
 ], ids=["created-after-redis-started", "created-before-redis-started", "hand-picked-id"])
-def test_status_of_an_unknown_id_says_mistyped_or_lost(env, job_id, says, never_says):
+def test_status_of_an_unknown_id_says_mistyped_or_lost(env, make_id, says, never_says):
+    job_id = make_id()
     for command in (["status", job_id], ["wait", job_id, "--timeout", "5"]):
         proc = run_cli(*command, env=env, check=False)
         assert proc.returncode == 3, proc.stdout + proc.stderr
