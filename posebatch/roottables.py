@@ -200,7 +200,7 @@ def carried(r: Record, old: Record) -> Record:
 def merged(tables: Sequence[Iterable[Record]]) -> Iterator[tuple[Record, int]]:
     """(row, the table it came from) for every key of ``tables`` (each sorted by key, oldest
     first), in key order: the newest table's row wins, carrying from the rows it replaces."""
-    tagged = [((r.key, -age, r) for r in t) for age, t in enumerate(tables)]
+    tagged = [_tagged(t, age) for age, t in enumerate(tables)]
     group: list[Record] = []
     newest = 0
     for key, neg_age, r in heapq.merge(*tagged):  # (key, -age) is unique: records never compared
@@ -212,6 +212,11 @@ def merged(tables: Sequence[Iterable[Record]]) -> Iterator[tuple[Record, int]]:
         group.append(r)
     if group:
         yield _fold(group), newest
+
+
+def _tagged(table: Iterable[Record], age: int) -> Iterator[tuple[str, int, Record]]:
+    for r in table:
+        yield r.key, -age, r
 
 
 def _fold(group: list[Record]) -> Record:
