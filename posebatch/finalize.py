@@ -110,9 +110,10 @@ def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: 
     to the output's root) to ``_jobs/<job id>/``, then the job's table goes into the root's
     index under ``tables_lock`` (``posebatch.roottables``: no earlier row is read unless the
     policy compacts). ``src`` (the job's input) gives the sizes of skipped images
-    (``with_header_size``); ``inputs_key`` names the job's ``_inputs.csv`` (the versions its
-    listing saw), if any. Returns the summary written at ``prefix`` (the root's, with
-    ``merge_root``)."""
+    (``with_header_size``; into the root, the compaction does, from the job's ``input``
+    in ``meta``, for the rows whose size no table knows); ``inputs_key`` names the job's
+    ``_inputs.csv`` (the versions its listing saw), if any. Returns the summary written at
+    ``prefix`` (the root's, with ``merge_root``)."""
     with tempfile.TemporaryDirectory(prefix="posebatch-finalize-") as tmp:
         work = Path(tmp)
         mine = external_sort(records, work, on_progress=on_progress)
@@ -128,7 +129,9 @@ def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: 
                                                          work / "inputs"))
         table = Table(work / "counts.csv")
         for n, r in enumerate(mine, 1):
-            table.add(with_header_size(r, src))
+            # Into the root, a skipped image's size is found at the compaction: from the row
+            # it replaces, else from its header (only then is it known that no table has it).
+            table.add(r if merge_root else with_header_size(r, src))
             if n % PROGRESS_EVERY == 0:
                 on_progress()
         if not merge_root:

@@ -21,7 +21,10 @@ input version takes it from the row it replaces (a skipped image, whose result e
 the merging finalize had). Memory is one row per table. Every reader of an output's rows uses it
 (exports, report, recount's sizes, reruns, `run`'s sizes).
 
-A *compaction* (``compact``) writes that merged view as the new base and empties the index. At a
+A *compaction* (``compact``) writes that merged view as the new base and empties the index; an
+``ok`` row that still has no size (a skipped image no table knew) has it read from its header
+in the job's input (``with_header_size``: a ranged GET of 64 KiB) there, once, so a job end
+never reads an image. At a
 job end it runs when the pending rows reach ``1 / COMPACT_RATIO`` of the base, or when more than
 ``MAX_PENDING`` tables are pending (readers download each), or when there is no base yet (the
 first job): a row is rewritten O(1) times amortized (at most ``COMPACT_RATIO + 1`` rows written
@@ -65,7 +68,7 @@ from posebatch.aggregate import (
 )
 from posebatch.errors import ConfigError, StorageNotFound
 from posebatch.records import Record
-from posebatch.storage import LocalStorage
+from posebatch.storage import LocalStorage, open_storage
 
 INDEX_NAME = "_tables.json"
 INDEX_FORMAT = 1
@@ -306,9 +309,14 @@ def compact(dst: Any, index: Index | None = None, on_progress: Check = lambda: N
                        [False, *(True for _ in index.pending)])
         on_progress()
         newest = len(paths) - 1
+        first_pending = len(paths) - len(index.pending)  # 1 with a base, 0 without
+        inputs: dict[str, Any] = {}
         base = Table(work / "base.csv")
         kept = 0
         for n, (r, source) in enumerate(merged([iter_counts_csv(p) for p in paths]), 1):
+            if r.ok and r.width is None and source >= first_pending:
+                r = with_header_size(r, _input_of(index.pending[source - first_pending],
+                                                  inputs))
             base.add(r)
             if source != newest:
                 kept += 1
@@ -327,6 +335,20 @@ def compact(dst: Any, index: Index | None = None, on_progress: Check = lambda: N
     on_progress()
     write_index(dst, Index(base.tally.seen, ()))
     return summary
+
+
+def _input_of(p: Pending, opened: dict[str, Any]) -> Any:
+    """The storage of the job's input (None if unknown or unreachable): where the size of a
+    skipped image no table knows is read from its header (a ranged GET, never the image)."""
+    url = p.meta.get("input")
+    if not url:
+        return None
+    if url not in opened:
+        try:
+            opened[url] = open_storage(url)
+        except (ConfigError, OSError):
+            opened[url] = None
+    return opened[url]
 
 
 def add_job(dst: Any, job_id: str, rows: int, meta: dict[str, Any],

@@ -285,3 +285,30 @@ def test_export_report_recount_and_rerun_read_pending_tables(tmp_path, monkeypat
     assert s["images_seen"] == 43 and read_index(dst).pending == ()
     with current_rows(dst) as rows:
         assert [r.key for r in rows] == everything
+
+
+def test_sizes_of_skipped_images_are_carried_or_read_once_at_the_compaction(tmp_path,
+                                                                               monkeypatch):
+    """A job end reads no image; the compaction carries a known size from the replaced row and
+    reads the header (a ranged peek) only of the images no table knows."""
+    src_dir = tmp_path / "in"
+    src_dir.mkdir()
+    for k in ("known.jpg", "unknown.jpg"):
+        (src_dir / k).write_bytes(jpeg(40, 30))
+    src, dst = open_storage(str(src_dir)), open_storage(str(tmp_path / "out"))
+    filler = [Record(f"f{i:03d}.jpg", True, None, 1, 1, width=9, height=9) for i in range(100)]
+    finalize(dst, iter([*filler, Record("known.jpg", True, None, 1, 1, width=400, height=300)]),
+             {"job_id": "j1", "input": src.url}, "", merge_root=True)
+    peeks: list[str] = []
+    real_peek = type(src).peek
+    monkeypatch.setattr(type(src), "peek", lambda self, key, n: peeks.append(key) or
+                        real_peek(self, key, n))
+    skipped = [Record("known.jpg", True, None, 2, 2), Record("unknown.jpg", True, None, 1, 1)]
+    finalize(dst, iter(skipped), {"job_id": "j2", "input": src.url}, "", merge_root=True,
+             src=src)
+    assert peeks == [] and len(read_index(dst).pending) == 1
+    compact(dst)
+    assert peeks == ["unknown.jpg"]
+    with current_rows(dst) as rows:
+        got = {r.key: (r.person_num, r.width, r.height) for r in rows}
+    assert got["known.jpg"] == (2, 400, 300) and got["unknown.jpg"] == (1, 40, 30)
