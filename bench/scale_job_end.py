@@ -9,7 +9,8 @@ peak RSS), a job of ``--new`` rows ends through ``JobStore.maybe_finalize``:
 - ``before``: compaction forced at the job end (``COMPACT_RATIO`` huge): download the base and
   the pending tables, merge, upload: what every job end did before (the merging finalize);
   its time per 1M rows is the compaction cost;
-- ``read``: the merged view (base + 2 pending tables) streamed by ``current_rows``.
+- ``read``: the merged view (base + 1 pending table) streamed by ``current_rows``;
+- ``old`` (with ``--old-src``): the merging finalize of an older checkout, on the same base.
 
 Measured: seconds, bytes read from the output (``S3Storage.read``/``download``/``peek``
 counted in the child), peak RSS of the child, finalize and output lock renewals.
@@ -36,7 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 CHILD = """
 import json, resource, sys, time
-import posebatch.roottables as rt
+try:
+    import posebatch.roottables as rt
+except ImportError:  # the merging finalize of an older checkout (--old-src)
+    rt = None
 from posebatch.jobstate import JobStore
 from posebatch.records import Record
 from posebatch.storage import S3Storage, open_storage
@@ -73,9 +77,12 @@ else:
     t = time.perf_counter()
     assert store.maybe_finalize(job)
     fig["lock_renewals"] = store.last_lock.renewals
-    fig["output_lock_renewals"] = store.last_output_lock.renewals
-    fig["pending_after"] = len(rt.read_index(open_storage(out)).pending)
+    if rt is not None:
+        fig["output_lock_renewals"] = store.last_output_lock.renewals
+        fig["pending_after"] = len(rt.read_index(open_storage(out)).pending)
 fig["seconds"] = time.perf_counter() - t
+import posebatch.finalize
+fig["code"] = posebatch.finalize.__file__
 fig.update(bytes_read=read["bytes"], read_calls=read["calls"], keys_read=sorted(read["keys"]),
            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 print(json.dumps(fig))
@@ -92,10 +99,10 @@ def base_table(path: Path, n: int) -> None:
             w.writerow([f"old/{i:09d}.jpg", "ok", "", 1, 1, "", 640, 480, f"{i:032x}", 1000])
 
 
-def child(redis_url: str, out: str, mode: str, new: int) -> dict:
+def child(redis_url: str, out: str, mode: str, new: int, src: Path = ROOT) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, redis_url, out, mode, str(new)],
-                          check=True, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          check=True, capture_output=True, text=True, cwd=src,
+                          env={**os.environ, "PYTHONPATH": str(src)})
     return json.loads(proc.stdout)
 
 
@@ -103,6 +110,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
     ap.add_argument("--new", type=int, default=5000, help="rows of the job that ends")
+    ap.add_argument("--old-src", type=Path,
+                    help="a checkout of the merging finalize (e.g. `git archive f3cc3ec "
+                         "posebatch | tar -x -C DIR`): its job end is measured too, as 'old'")
     ap.add_argument("--json")
     ns = ap.parse_args()
 
@@ -139,12 +149,15 @@ def main() -> None:
             for mode in ("after", "read", "before"):
                 size[mode] = child(redis_server.url, out.url, mode, ns.new)
                 print(json.dumps({"rows": n, mode: size[mode]}), flush=True)
+            if ns.old_src is not None:  # the same base (now compacted), the old job end
+                size["old"] = child(redis_server.url, out.url, "old", ns.new, ns.old_src)
+                print(json.dumps({"rows": n, "old": size["old"]}), flush=True)
             size["compaction_seconds_per_1m_rows"] = round(
                 size["before"]["seconds"] / ((n + 2 * ns.new) / 1e6), 2)
             figures["sizes"].append(size)
     figures["host"]["load_after"] = os.getloadavg()
     figures["command"] = (f"python bench/scale_job_end.py --rows {' '.join(map(str, ns.rows))} "
-                          f"--new {ns.new}")
+                          f"--new {ns.new}" + (" --old-src DIR" if ns.old_src else ""))
     text = json.dumps(figures, indent=2)
     print(text)
     if ns.json:

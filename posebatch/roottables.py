@@ -203,6 +203,9 @@ def carried(r: Record, old: Record) -> Record:
 def merged(tables: Sequence[Iterable[Record]]) -> Iterator[tuple[Record, int]]:
     """(row, the table it came from) for every key of ``tables`` (each sorted by key, oldest
     first), in key order: the newest table's row wins, carrying from the rows it replaces."""
+    if len(tables) == 1:  # a compacted output: no heap, no fold
+        yield from ((r, 0) for r in tables[0])
+        return
     tagged = [_tagged(t, age) for age, t in enumerate(tables)]
     group: list[Record] = []
     newest = 0
