@@ -37,9 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 CHILD = """
 import json, resource, sys, time
-try:
+import posebatch.finalize as fz
+if hasattr(fz, "add_job"):
     import posebatch.roottables as rt
-except ImportError:  # the merging finalize of an older checkout (--old-src)
+else:  # the merging finalize of an older checkout (--old-src)
     rt = None
 from posebatch.jobstate import JobStore
 from posebatch.records import Record
@@ -101,8 +102,10 @@ def base_table(path: Path, n: int) -> None:
 
 def child(redis_url: str, out: str, mode: str, new: int, src: Path = ROOT) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, redis_url, out, mode, str(new)],
-                          check=True, capture_output=True, text=True, cwd=src,
+                          capture_output=True, text=True, cwd=src,
                           env={**os.environ, "PYTHONPATH": str(src)})
+    if proc.returncode != 0:
+        raise SystemExit(f"the {mode} child failed:\n{proc.stderr}")
     return json.loads(proc.stdout)
 
 
