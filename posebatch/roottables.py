@@ -102,7 +102,12 @@ def iter_counts_csv(path: Path | str) -> Iterator[Record]:
             for row in rows:
                 yield row_record(dict(zip(header, row, strict=False)))
             return
-        for key, status, code, persons, valid, msg, w, h, etag, n in rows:
+        width = len(CSV_COLUMNS)
+        for row in rows:
+            if len(row) != width:  # a short row (blank trailing fields cut): as DictReader did
+                yield row_record({k: v or "" for k, v in zip(header, row, strict=False)})
+                continue
+            key, status, code, persons, valid, msg, w, h, etag, n = row
             yield Record(key, status == "ok", int(code) if code else None, int(persons),
                          int(valid), msg, int(w) if w.isdigit() else None,
                          int(h) if h.isdigit() else None, etag or None,
