@@ -178,9 +178,14 @@ def read_index(dst: Any) -> Index:
     if data.get("format", 0) > INDEX_FORMAT:
         raise ConfigError(f"{dst.join(INDEX_NAME)} was written by a newer posebatch (format "
                           f"{data['format']}): upgrade posebatch to read this output")
-    return Index(data.get("base_rows"),
-                 tuple(Pending(p["job_id"], int(p["rows"]), p.get("meta") or {})
-                       for p in data.get("pending", [])), exists=True)
+    pending = tuple(Pending(str(p["job_id"]), int(p["rows"]), p.get("meta") or {})
+                    for p in data.get("pending", []))
+    for p in pending:  # the index names files to read: never one outside _jobs/<job id>/
+        if not p.job_id or "/" in p.job_id or p.job_id in (".", ".."):
+            raise ConfigError(f"{dst.join(INDEX_NAME)} lists a job id {p.job_id!r} that is not "
+                              "a folder name under _jobs/: restore the file, or delete it and "
+                              "run `posebatch recount OUTPUT`")
+    return Index(data.get("base_rows"), pending, exists=True)
 
 
 def write_index(dst: Any, index: Index) -> None:
@@ -259,8 +264,8 @@ def _fetch(dst: Any, keys: Sequence[str], work: Path, required: Sequence[bool]) 
     one (the base of an output with none yet) is left out."""
     paths: list[str] = []
     for n, (key, needed) in enumerate(zip(keys, required, strict=True)):
-        if isinstance(dst, LocalStorage):
-            path = dst.join(key)
+        if isinstance(dst, LocalStorage):  # read in place (the real name: _path checks it)
+            path = dst._path(key)
             if not Path(path).is_file():
                 if needed:
                     _missing(dst, key)

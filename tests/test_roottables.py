@@ -312,3 +312,14 @@ def test_sizes_of_skipped_images_are_carried_or_read_once_at_the_compaction(tmp_
     with current_rows(dst) as rows:
         got = {r.key: (r.person_num, r.width, r.height) for r in rows}
     assert got["known.jpg"] == (2, 400, 300) and got["unknown.jpg"] == (1, 40, 30)
+
+
+def test_an_index_naming_a_file_outside_the_jobs_folder_is_refused(tmp_path):
+    from posebatch.errors import ConfigError
+
+    dst = open_storage(str(tmp_path / "out"))
+    end_jobs(dst, [[Record("a.jpg", True, None, 1, 1)]])
+    dst.write(INDEX_NAME, json.dumps({"format": 1, "base_rows": 1, "pending": [
+        {"job_id": "..", "rows": 1}]}).encode())
+    with pytest.raises(ConfigError, match="not a folder name"):
+        read_index(dst)
