@@ -49,6 +49,8 @@ with open(out + "/_counts.csv", "w", encoding="utf-8", newline="") as f:
                 "width", "height", "etag", "bytes"])
     for i in range(earlier):
         w.writerow([f"old/{i:09d}.jpg", "ok", "", 1, 1, "", 640, 480, f"{i:032x}", 1000])
+with open(out + "/_summary.json", "w", encoding="utf-8") as f:  # its base's size (roottables)
+    json.dump({"job_id": "earlier", "images_seen": earlier, "succeeded": earlier}, f)
 store = JobStore.from_url(url)
 store.r.flushall()
 store.create("end", {"input": None, "output": out, "settings": {}})

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from posebatch.errors import PosebatchError, StorageNotFound
+from posebatch.errors import PosebatchError
 from posebatch.imagesize import upright_size
 from posebatch.records import Record
 
@@ -104,52 +104,6 @@ def _blank(value: int | None) -> int | str:
 
 def summary_json(summary: dict[str, Any]) -> bytes:
     return (json.dumps(summary, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
-
-
-def write_aggregates(dst: Any, records: list[Record], meta: dict[str, Any],
-                     prefix: str = "", src: Any = None) -> dict[str, Any]:
-    """Write ``_counts.csv`` then ``_summary.json`` (the summary last: its presence means both
-    are complete) to storage ``dst``; return the summary. ``src`` (the job's input) fills the
-    sizes no earlier count table knows."""
-    summary = summarize(records, meta)
-    records = keep_known_sizes(dst, records, prefix, src)
-    dst.write(prefix + COUNTS_NAME, counts_csv(records), "text/csv")
-    dst.write(prefix + SUMMARY_NAME, summary_json(summary), "application/json")
-    return summary
-
-
-def keep_known_sizes(dst: Any, records: list[Record], prefix: str = "",
-                     src: Any = None) -> list[Record]:
-    """Fill the sizes that records of skipped images lack: from the count table being replaced,
-    else (with ``src``) from the image's header.
-
-    An image skipped because its result exists was not decoded in this run; its size was
-    recorded by the run that processed it, in the previous ``_counts.csv``, unless that run never
-    wrote one: a worker that died after writing results but before recording them (its batch
-    is redelivered and skips them). Those few are read from the input; no pixel is decoded.
-    """
-    missing = {r.key for r in records if r.ok and (r.width is None or r.etag is None)}
-    if not missing:
-        return records
-    known: dict[str, Record] = {}
-    try:
-        old = dst.read(prefix + COUNTS_NAME).decode("utf-8-sig")
-    except (StorageNotFound, UnicodeDecodeError):
-        old = ""
-    for row in csv.DictReader(io.StringIO(old, newline="")):
-        if row.get("key") in missing:
-            known[row["key"]] = row_record(row)  # its size and the input version it had
-    return [with_header_size(_known(r, known.get(r.key)), src) for r in records]
-
-
-def _known(r: Record, old: Record | None) -> Record:
-    if old is None:
-        return r
-    if r.width is None and old.width is not None:
-        r = replace(r, width=old.width, height=old.height)
-    if r.etag is None and old.etag is not None:
-        r = replace(r, etag=old.etag, nbytes=old.nbytes)
-    return r
 
 
 HEADER_READS = (64 * 2**10, 2**20)

@@ -1,5 +1,8 @@
 """The end of a job, streamed: records sorted on disk, tables written to files, files uploaded.
 
+A job writing into an output's root writes only its own tables (``_jobs/<job id>/``) and lists
+them in the root's index (``posebatch.roottables``): O(job), whatever the output already holds.
+
 Why: a job's aggregates used to be built in memory (every record in a list, the CSV as one
 string, one PUT): ~0.5 KB of RAM per image, an OOM kill from ~2M images in a 1 GiB pod. Here
 memory is bounded by ``CHUNK`` records whatever the job size: records are sorted in runs spilled
@@ -16,23 +19,20 @@ import json
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from itertools import chain
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
-from posebatch.aggregate import (
-    COUNTS_NAME,
-    CSV_COLUMNS,
-    SUMMARY_NAME,
-    Tally,
-    csv_row,
-    row_record,
-    summary_json,
-    with_header_size,
-)
+from posebatch.aggregate import COUNTS_NAME, with_header_size
 from posebatch.errors import StorageNotFound
 from posebatch.records import Record
+from posebatch.roottables import (
+    JOBS_FOLDER,
+    Table,
+    TablesLock,
+    add_job,
+    no_lock,
+)
 
 CHUNK = 200_000
 """Records held in memory at once while sorting (~60 MB of Python objects)."""
@@ -77,37 +77,6 @@ def _read_run(path: Path) -> Iterator[Record]:
             yield Record(*json.loads(line))
 
 
-def iter_counts_csv(path: Path) -> Iterator[Record]:
-    """Stream a ``_counts.csv`` (sorted by key, as written) back as records."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for r in csv.DictReader(f):
-            yield row_record(r)
-
-
-class Table:
-    """One ``_counts.csv`` being written to a local file, and its summary being tallied."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.file = open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115
-        self.file.write("\ufeff")  # UTF-8 with BOM so spreadsheets detect it
-        self.writer = csv.writer(self.file, lineterminator="\r\n")
-        self.writer.writerow(CSV_COLUMNS)
-        self.tally = Tally()
-
-    def add(self, r: Record) -> None:
-        self.writer.writerow(csv_row(r))
-        self.tally.add(r)
-
-    def publish(self, dst: Any, prefix: str, meta: dict[str, Any]) -> dict[str, Any]:
-        """Upload the table, then the summary (last: its presence means both are complete)."""
-        self.file.close()
-        dst.upload(prefix + COUNTS_NAME, str(self.path), "text/csv")
-        summary = self.tally.summary(meta)
-        dst.write(prefix + SUMMARY_NAME, summary_json(summary), "application/json")
-        return summary
-
-
 INPUTS_NAME = "_inputs.csv"
 """``_jobs/<job id>/_inputs.csv``: key, etag, bytes of every image the job was given, written by
 ``submit`` from the listing; the finalize puts them in the count table's etag/bytes columns."""
@@ -135,12 +104,16 @@ def with_versions(mine: Iterator[Record], versions: Iterator[Record]) -> Iterato
 
 def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: str,
              merge_root: bool, on_progress: Callable[[], None] = lambda: None,
-             src: Any = None, inputs_key: str | None = None) -> dict[str, Any]:
+             src: Any = None, inputs_key: str | None = None,
+             tables_lock: TablesLock = no_lock) -> dict[str, Any]:
     """Write the job's aggregates to ``dst`` at ``prefix``; with ``merge_root`` (a job writing
-    to the output's root) also to ``_jobs/<job id>/``, and the root tables merge the previous
-    root table (earlier jobs' rows) with this job's, the newest record of an image winning.
-    ``src`` (the job's input) gives the sizes no earlier table knows (``with_header_size``);
-    ``inputs_key`` names the job's ``_inputs.csv`` (the versions its listing saw), if any."""
+    to the output's root) to ``_jobs/<job id>/``, then the job's table goes into the root's
+    index under ``tables_lock`` (``posebatch.roottables``: no earlier row is read unless the
+    policy compacts). ``src`` (the job's input) gives the sizes of skipped images
+    (``with_header_size``; into the root, the compaction does, from the job's ``input``
+    in ``meta``, for the rows whose size no table knows); ``inputs_key`` names the job's
+    ``_inputs.csv`` (the versions its listing saw), if any. Returns the summary written at
+    ``prefix`` (the root's, with ``merge_root``)."""
     with tempfile.TemporaryDirectory(prefix="posebatch-finalize-") as tmp:
         work = Path(tmp)
         mine = external_sort(records, work, on_progress=on_progress)
@@ -154,53 +127,17 @@ def finalize(dst: Any, records: Iterable[Record], meta: dict[str, Any], prefix: 
                 (work / "inputs").mkdir()
                 mine = with_versions(mine, external_sort(read_inputs(inputs_path),
                                                          work / "inputs"))
-        if not merge_root:
-            table = Table(work / "counts.csv")
-            for n, r in enumerate(mine, 1):
-                table.add(with_header_size(r, src))
-                if n % PROGRESS_EVERY == 0:
-                    on_progress()
-            return table.publish(dst, prefix, meta)
-        earlier_path = work / "earlier.csv"
-        first = next(mine, None)
-        if first is None and dst.exists(COUNTS_NAME):
-            # A rerun that found nothing new: the root tables already say everything; writing
-            # them again would cost a download and an upload of every earlier row for nothing.
-            return Table(work / "own.csv").publish(dst, f"_jobs/{meta['job_id']}/", meta)
-        if first is not None:
-            mine = chain([first], mine)
-        try:
-            dst.download(COUNTS_NAME, str(earlier_path))
-            earlier: Iterator[Record] = iter_counts_csv(earlier_path)
-        except StorageNotFound:
-            earlier = iter(())
-        own, root = Table(work / "own.csv"), Table(work / "root.csv")
-        kept = 0
-        pending = next(earlier, None)
+        table = Table(work / "counts.csv")
         for n, r in enumerate(mine, 1):
-            while pending is not None and pending.key < r.key:
-                root.add(pending)
-                kept += 1
-                if kept % PROGRESS_EVERY == 0:
-                    on_progress()
-                pending = next(earlier, None)
-            if pending is not None and pending.key == r.key:
-                if r.ok and r.width is None and pending.width is not None:
-                    # skipped (result exists): its size is in the table being replaced
-                    r = replace(r, width=pending.width, height=pending.height)
-                if r.ok and r.etag is None and pending.etag is not None:
-                    r = replace(r, etag=pending.etag, nbytes=pending.nbytes)
-                pending = next(earlier, None)  # replaced by this job's record
-            r = with_header_size(r, src)
-            own.add(r)
-            root.add(r)
+            # Into the root, a skipped image's size is found at the compaction: from the row
+            # it replaces, else from its header (only then is it known that no table has it).
+            table.add(r if merge_root else with_header_size(r, src))
             if n % PROGRESS_EVERY == 0:
                 on_progress()
-        while pending is not None:
-            root.add(pending)
-            kept += 1
-            if kept % PROGRESS_EVERY == 0:
-                on_progress()
-            pending = next(earlier, None)
-        own.publish(dst, f"_jobs/{meta['job_id']}/", meta)
-        return root.publish(dst, prefix, {**meta, **({"earlier_results": kept} if kept else {})})
+        if not merge_root:
+            return table.publish(dst, prefix, meta)
+        own = table.publish(dst, f"{JOBS_FOLDER}{meta['job_id']}/", meta)
+        if own["images_seen"] == 0 and dst.exists(COUNTS_NAME):
+            # A rerun that found nothing new: the root tables already say everything.
+            return own
+        return add_job(dst, meta["job_id"], own["images_seen"], meta, tables_lock, on_progress)

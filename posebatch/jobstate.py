@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import re
 import secrets
@@ -588,6 +589,26 @@ class JobStore:
         return {int(k): v for k, v in self._histogram(
             self.r.hvals(self._k(job_id, "deliveries"))).items()}
 
+    @contextlib.contextmanager
+    def output_lock(self, output_url: str, on_wait: Callable[[], None] = lambda: None
+                    ) -> Iterator[Callable[[], None]]:
+        """Hold the lock of an output's root tables (``roottables``: the index, the base) for
+        as long as the block runs, renewed by a timer like the finalize lock, so a compaction of
+        any size keeps it; yields its ``check``. Waits while another holds it (a job end into
+        the same output, a compaction), calling ``on_wait`` (the caller's own lock check)."""
+        digest = hashlib.sha256(output_url.rstrip("/").encode()).hexdigest()[:32]
+        lock = RenewedLock(self.r, f"{PREFIX}:output:{digest}:tables", FINALIZE_LOCK_SECONDS)
+        with redis_errors():
+            while not lock.acquire():
+                on_wait()
+                time.sleep(0.1)
+        self.last_output_lock = lock  # for tests and benches: how often it was renewed
+        try:
+            yield lock.check
+        finally:
+            with redis_errors():
+                lock.release()
+
     @translated
     def write_aggregates(self, job_id: str, on_progress: Callable[[], None] = lambda: None,
                          counted: dict[str, int] | None = None) -> dict[str, Any]:
@@ -608,9 +629,9 @@ class JobStore:
                         "runners": runners, "settings": meta.get("settings")}
         prefix = meta.get("summary_prefix", "").replace("{job_id}", job_id)
         src = open_storage(meta["input"]) if meta.get("input") else None
-        # Several jobs may write into one output (other input folders, reruns): the root
-        # summary covers every result in it (posebatch.finalize merges the previous root
-        # table); each job's own figures also go to _jobs/<job id>/.
+        # Several jobs may write into one output (other input folders, reruns): each job's
+        # own tables go to _jobs/<job id>/ and into the root's index, under the output's lock
+        # (posebatch.roottables: the root's rows are the base and those tables, merged).
         batch_failed = False
         counted = {} if counted is None else counted
         counted.update(images=0, failed=0)
@@ -627,7 +648,8 @@ class JobStore:
 
         summary = finalize(dst, watched(self.records(job_id)), summary_meta, prefix,
                            merge_root=not prefix, on_progress=on_progress, src=src,
-                           inputs_key=f"_jobs/{job_id}/{INPUTS_NAME}")
+                           inputs_key=f"_jobs/{job_id}/{INPUTS_NAME}",
+                           tables_lock=lambda: self.output_lock(dst.url, on_progress))
         # A --force job that changed model or settings marked the output unfinished; clear the
         # mark only when no image may still hold an old result (a batch that failed for good
         # leaves its images' old results and records 282000 "batch ...": then it stays marked).

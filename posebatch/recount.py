@@ -14,17 +14,18 @@ from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
 
-from posebatch.aggregate import SUMMARY_NAME, write_aggregates
+from posebatch.aggregate import SUMMARY_NAME
 from posebatch.errors import ConfigError, StorageNotFound
 from posebatch.keys import RESULT_SUFFIX
 from posebatch.manifest import COUNT_ONLY_SETTINGS, MANIFEST_NAME, check_output, read_manifest
 from posebatch.records import Record, record_from_result
+from posebatch.roottables import INDEX_NAME, write_base
 from posebatch.schema import is_api_result
 from posebatch.settings import JobSettings
 from posebatch.storage import Storage
 
 READ_THREADS = 8
-BOOKKEEPING = (MANIFEST_NAME, SUMMARY_NAME)
+BOOKKEEPING = (MANIFEST_NAME, SUMMARY_NAME, INDEX_NAME)
 JOBS_FOLDER = "_jobs/"  # per-round summaries of `watch`: not results
 
 
@@ -49,7 +50,8 @@ def records_from_output(dst: Storage, job: JobSettings) -> Iterator[Record]:
 
 def recount(dst: Storage, thresholds: dict[str, Any]) -> dict[str, Any]:
     """Write new ``_summary.json``/``_counts.csv`` with ``thresholds`` (``valid_*`` settings;
-    None keeps the output's own); return the summary."""
+    None keeps the output's own); return the summary. The tables cover every result, so they
+    are the new base and the index of pending per-job tables (``roottables``) is emptied."""
     current = read_manifest(dst)
     if current is None:
         raise ConfigError(f"{dst.join(MANIFEST_NAME)} not found: {dst.url} holds no results of "
@@ -63,7 +65,7 @@ def recount(dst: Storage, thresholds: dict[str, Any]) -> dict[str, Any]:
                  "settings": job.to_dict()})
     if current.get("model_sha256"):
         meta["model"] = {"name": current.get("model_name"), "sha256": current["model_sha256"]}
-    summary = write_aggregates(dst, records, meta)
+    summary = write_base(dst, records, meta)  # every result's row: pending tables are moot
     if chosen:  # the manifest says which thresholds the counts use
         record = {**current, "settings": job.to_dict()}
         dst.write(MANIFEST_NAME, (json.dumps(record, indent=2) + "\n").encode(),

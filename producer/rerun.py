@@ -2,8 +2,9 @@
 
 Why: a nightly rerun of a 10M-image prefix with 50k new images used to queue all 10M keys; each
 worker then listed the output and GET every done result to rebuild its record (9.95M GETs, 1-2.7
-hours on 8 workers). The previous root ``_counts.csv`` already says, per key, what is done and
-with which input version. Here the listing (sorted on local disk, it is not in key order on
+hours on 8 workers). The output's current rows (the root ``_counts.csv`` and the per-job tables
+not compacted into it yet, merged: ``roottables.current_rows``) already say, per key, what is
+done and with which input version. Here the listing (sorted on local disk, it is not in key order on
 every server) is merge-joined with that table, and only keys that are
 
 - ``new``: no row;
@@ -25,16 +26,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from posebatch.aggregate import COUNTS_NAME
 from posebatch.errors import (
     EMPTY_IMAGE,
     INTERNAL_ERROR,
     UNREADABLE_PREFIX,
     ConfigError,
-    StorageNotFound,
 )
-from posebatch.finalize import external_sort, iter_counts_csv
+from posebatch.finalize import external_sort
 from posebatch.records import Record
+from posebatch.roottables import current_rows
 from posebatch.selection import Selection, select_keys
 from posebatch.storage import ObjectInfo, Storage
 
@@ -117,18 +117,12 @@ def rerun_plan(src: Storage, dst: Storage, selection: Selection | None,
                ) -> Iterator[Iterator[tuple[ObjectInfo, str]]]:
     """(object, why) for every listed image (or every one of ``objects``) that must be
     submitted, sorted by key; a context manager because the sorted listing and the earlier
-    table live in a temporary folder."""
-    with tempfile.TemporaryDirectory(prefix="posebatch-rerun-") as tmp:
-        work = Path(tmp)
-        table = work / "earlier.csv"
-        try:
-            dst.download(COUNTS_NAME, str(table))
-        except StorageNotFound:
-            table.write_text("key,status,error_code,person_num,valid_persons,error_msg\n")
-        (work / "listing").mkdir()
+    tables live in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="posebatch-rerun-") as tmp, \
+            current_rows(dst) as rows:
         listing = external_sort((_as_record(i) for i in listed_objects(
-            src, selection, objects=objects)), work / "listing")
-        yield _merge(listing, iter_counts_csv(table))
+            src, selection, objects=objects)), Path(tmp))
+        yield _merge(listing, rows)
 
 
 def _merge(listing: Iterable[Record], rows: Iterator[Record]) -> Iterator[tuple[ObjectInfo, str]]:

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
 from typing import Any, TypeVar
 
-from posebatch.aggregate import COUNTS_NAME
 from posebatch.errors import ConfigError
 from posebatch.finalize import INPUTS_NAME
 from posebatch.jobstate import JobStore, connect, new_job_id, redis_errors
 from posebatch.manifest import check_output, manifest
 from posebatch.queue import PROCESS_BATCH, QUEUE, broker_errors, make_app
+from posebatch.roottables import has_tables
 from posebatch.selection import Selection, select_keys
 from posebatch.settings import DEFAULT_BATCH_IMAGES, ClusterSettings, JobSettings, from_env
 from posebatch.storage import ObjectInfo, Storage, open_storage
@@ -147,7 +147,7 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
                 "w", encoding="utf-8", newline="", prefix="posebatch-inputs-", suffix=".csv"))
             inputs.write("key,etag,bytes\n")
             objects = inventory_objects(inventory, src) if inventory else None
-            if not force and dst.exists(COUNTS_NAME):  # a rerun: submit only what is new
+            if not force and has_tables(dst):  # a rerun: submit only what is new
                 plan = stack.enter_context(rerun_plan(src, dst, selection, objects))
             else:
                 plan = ((info, NEW) for info in listed_objects(src, selection,

@@ -162,7 +162,7 @@ def test_escaping_keys_are_refused_by_the_cluster_in_local_mode(secure, tmp_path
     jobs = f"out/_jobs/{job_id}/"  # the job's record and own figures (README "Several jobs")
     assert written == ["in/ok.jpg", "out/_counts.csv", f"{jobs}_counts.csv", f"{jobs}_job.json",
                        f"{jobs}_summary.json", "out/_posebatch.json", "out/_summary.json",
-                       "out/ok.jpg.json", "outside.jpg"]
+                       "out/_tables.json", "out/ok.jpg.json", "outside.jpg"]
 
 
 def test_escaping_keys_are_refused_by_the_local_batch_function(tmp_path):

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from posebatch.aggregate import write_aggregates
 from posebatch.manifest import check_output, claim_output, complete_output, manifest
 from posebatch.modelstore import ModelRef
 from posebatch.records import Record
+from posebatch.roottables import write_base
 from posebatch.selection import Selection, select_keys
 from posebatch.settings import JobSettings, RuntimeSettings
 from posebatch.storage import Storage
@@ -75,7 +75,7 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
     meta = {"job_id": job_id, "input": src.url, "output": dst.url, "created": created,
             "finished": _now(), "model": {"name": model.name, "sha256": model.sha256},
             "runners": [label], "settings": job.to_dict()}
-    summary = write_aggregates(dst, records, meta, src=src)
+    summary = write_base(dst, records, meta, src=src)  # the whole input's rows: a new base
     return RunOutcome(summary, time.monotonic() - started)
 
 

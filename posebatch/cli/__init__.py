@@ -26,10 +26,12 @@ from posebatch.cli import (
     recount,
     run,
     serve,
+    tables,
     worker,
 )
 
-COMMAND_GROUPS = (run, recount, model, evaluate, cluster, worker, exports, serve, jobs)
+COMMAND_GROUPS = (run, recount, tables, model, evaluate, cluster, worker, exports, serve,
+                  jobs)
 
 
 def make_argument_parser() -> argparse.ArgumentParser:

@@ -1,26 +1,26 @@
 """Reading a finished job's results back, streamed: the summary, the count table, each JSON.
 
-Why the count table drives it: ``_counts.csv`` lists every image once, sorted, with its status and
+Why the count table drives it: the current rows (``_counts.csv`` and the per-job tables not
+compacted into it yet, merged) list every image once, sorted, with its status and
 upright size, so an export visits results in a stable order, skips failures without opening them,
 and never decodes an image. Result files are fetched a window ahead on threads (S3 latency).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import IO, Any
+from typing import Any
 
-from posebatch.aggregate import COUNTS_NAME, SUMMARY_NAME
+from posebatch.aggregate import SUMMARY_NAME
 from posebatch.errors import ConfigError, StorageNotFound
 from posebatch.keys import result_key
+from posebatch.roottables import current_rows, current_summary
 from posebatch.settings import JobSettings
-from posebatch.storage import LocalStorage, Storage, open_storage
+from posebatch.storage import Storage, open_storage
 
 WINDOW = 64
 
@@ -60,18 +60,19 @@ class JobOutput:
         return open_storage(url) if url else None
 
     def rows(self) -> Iterator[Row]:
-        """The count table's rows, in its (key) order."""
-        with self._open_counts() as lines:
-            for rec in csv.DictReader(lines):
-                w, h = rec.get("width") or "", rec.get("height") or ""
-                yield Row(rec["key"], rec["status"] == "ok", int(w) if w else None,
-                          int(h) if h else None)
+        """The output's current rows (the root base and the per-job tables not compacted into
+        it yet, newest row of an image winning: ``roottables.current_rows``), in key order,
+        streamed from local files (a table on S3 is downloaded first, ~70 bytes per image)."""
+        with current_rows(self.storage) as records:
+            for r in records:
+                yield Row(r.key, r.ok, r.width, r.height)
 
-    def _open_counts(self) -> IO[str]:
-        # A local table is read line by line; from S3 it is one GET (about 70 bytes per image).
-        if isinstance(self.storage, LocalStorage):
-            return open(self.storage.join(COUNTS_NAME), encoding="utf-8-sig", newline="")
-        return io.StringIO(self.storage.read(COUNTS_NAME).decode("utf-8-sig"), newline="")
+    def current_summary(self) -> dict[str, Any]:
+        """The summary with exact counts: the stored one, or, while per-job tables are pending
+        (not compacted into the root tables yet), one tallied over the current rows."""
+        if not self.summary.get("pending"):
+            return self.summary
+        return current_summary(self.storage)
 
     def results(self, rows: Iterator[Row], threads: int = 8
                 ) -> Iterator[tuple[Row, dict[str, Any]]]:

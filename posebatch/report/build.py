@@ -100,7 +100,7 @@ def build_report(output_url: str, dest: Path, *, storage: Storage | None = None,
                  per_gallery: int = PER_GALLERY) -> Path:
     job_out = JobOutput(output_url, storage)
     job = job_out.job_settings()
-    summary = job_out.summary
+    summary = job_out.current_summary()  # exact while per-job tables are pending too
     means, valid_n, picks = collect(job_out, job, per_gallery)
     dest.mkdir(parents=True, exist_ok=True)
     src = job_out.input_storage()
