@@ -168,7 +168,7 @@ class EventIntake:
                  broker_url: str, state_url: str | None = None,
                  batch_images: int = DEFAULT_BATCH_IMAGES, window: float = WINDOW_SECONDS,
                  dedup_ttl: float = DEDUP_TTL, max_job_images: int = 10_000,
-                 sqs: Any = None) -> None:
+                 visibility: int = VISIBILITY_SECONDS, sqs: Any = None) -> None:
         src = open_storage(input_url)
         if not isinstance(src, S3Storage):
             raise ConfigError(f"--events needs an s3:// INPUT (its bucket sends the "
@@ -177,7 +177,7 @@ class EventIntake:
         self.sqs, self.queue_url = open_queue(queue, sqs)
         self.job, self.broker_url, self.state_url = job, broker_url, state_url
         self.batch_images, self.window, self.dedup_ttl = batch_images, window, dedup_ttl
-        self.max_job_images = max_job_images
+        self.max_job_images, self.visibility = max_job_images, visibility
         self.r = connect(state_url or broker_url)
         self.versions = versions_key(self.src.url, self.dst.url)
         base = self.versions[: -len(":versions")]
@@ -193,7 +193,7 @@ class EventIntake:
         """One ReceiveMessage (long poll of ``wait`` s); returns how many messages came."""
         reply = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
                                          WaitTimeSeconds=max(0, min(MAX_WAIT, wait)),
-                                         VisibilityTimeout=VISIBILITY_SECONDS)
+                                         VisibilityTimeout=self.visibility)
         messages = reply.get("Messages", [])
         for m in messages:
             self.take(m)
@@ -245,6 +245,7 @@ class EventIntake:
         """Submit what the window gathered, record it, then delete its messages."""
         items, handles = list(self.pending.values()), self.handles
         self.pending, self.handles, self.opened = {}, [], None
+        self.expire()  # what has outlived dedup_ttl counts as unknown below
         jobs = []
         for what, group in self.classify(items).items() if items else ():
             if not group:
@@ -257,7 +258,6 @@ class EventIntake:
             log.warning("job %s: %d %s images from events", job_id, len(group), what)
             jobs.append(job_id)
         self.delete(handles)
-        self.expire()
         return jobs
 
     def record(self, group: list[Created]) -> None:

@@ -164,3 +164,70 @@ def test_a_burst_of_uploads_is_one_job_in_the_running_watcher(stack, drop, tmp_p
 
 def _job_lines(path) -> list[str]:
     return path.read_text().split()
+
+
+def intake(stack, drop, **options):
+    """An EventIntake as the CLI builds it (the test has set the AWS_* variables)."""
+    from posebatch.settings import JobSettings
+    from producer.events import EventIntake
+
+    broker = options.pop("broker_url", stack["env"]["POSEBATCH_BROKER_URL"])
+    return EventIntake(f"s3://{drop['bucket']}/drop/", f"s3://{drop['bucket']}/out/",
+                       drop["queue"], job=JobSettings(), broker_url=broker, **options)
+
+
+def test_a_failed_flush_leaves_its_messages_to_be_delivered_again(stack, drop, monkeypatch):
+    """Redis unreachable while a window is submitted: nothing is deleted from the queue; the
+    messages come back after the visibility timeout and are submitted then, once."""
+    from posebatch.errors import StateUnavailable
+    from posebatch.testing.servers import free_ports
+
+    for name, value in stack["env"].items():
+        monkeypatch.setenv(name, value)
+    put(stack, drop, "drop/retry.jpg", jpeg(64, 48))
+    down = intake(stack, drop, broker_url=f"redis://127.0.0.1:{free_ports(1)[0]}/0",
+                  visibility=1)
+    with pytest.raises(StateUnavailable):
+        down.drain()
+    time.sleep(1.5)  # the visibility timeout passes: SQS hands the messages out again
+    jobs = intake(stack, drop).drain()
+    assert len(jobs) == 1
+    wait_job(stack, jobs[0])
+    assert job_images(stack, drop, jobs[0]) == 1
+
+
+def test_submitted_versions_expire_after_the_dedup_ttl(stack, drop, monkeypatch):
+    import redis
+
+    for name, value in stack["env"].items():
+        monkeypatch.setenv(name, value)
+    put(stack, drop, "drop/ttl.jpg", jpeg(64, 48))
+    events = intake(stack, drop, dedup_ttl=1)
+    assert len(events.drain()) == 1
+    r = redis.Redis.from_url(stack["env"]["POSEBATCH_BROKER_URL"])
+    assert r.hget(events.events, "ttl.jpg") is not None
+    assert r.hget(events.versions, "ttl.jpg") == r.hget(events.events, "ttl.jpg")
+    assert 0 < r.ttl(events.events) <= 30 * 24 * 3600  # the whole state expires too
+    time.sleep(1.1)
+    assert events.expire() == 1
+    assert (r.hlen(events.events), r.zcard(events.times)) == (0, 0)
+    assert r.hget(events.versions, "ttl.jpg") is None
+
+
+@pytest.mark.parametrize("body, expected", [
+    ('{"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "b"}', []),
+    ("not json", None),
+    ('{"Records": [{"eventName": "ObjectRemoved:Delete", "s3": {}}]}', []),
+    (s3_event("b", "in/a b+c%.jpg", "e1", 3), [("a b+c%.jpg", "e1", 3)]),
+    (s3_event("other", "in/a.jpg", "e1", 3), []),
+    (s3_event("b", "out/a.jpg", "e1", 3), []),
+    (s3_event("b", "in/notes.txt", "e1", 3), []),
+    (json.dumps({"Type": "Notification", "Message": s3_event("b", "in/s.png", "e2", 5)}),
+     [("s.png", "e2", 5)]),
+])
+def test_parse_message(body, expected):
+    """One function: the standard S3 event JSON (and SNS-wrapped), keys URL-decoded."""
+    from producer.events import parse_message
+
+    got = parse_message(body, "b", "in/")
+    assert (None if got is None else [(c.key, c.etag, c.size) for c in got]) == expected
