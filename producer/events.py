@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -195,32 +194,39 @@ class EventIntake:
                                          WaitTimeSeconds=max(0, min(MAX_WAIT, wait)),
                                          VisibilityTimeout=self.visibility)
         messages = reply.get("Messages", [])
-        for m in messages:
-            self.take(m)
+        self.delete([m["ReceiptHandle"] for m in messages if not self.take(m)])
         return len(messages)
 
-    def take(self, message: dict[str, Any]) -> None:
+    def take(self, message: dict[str, Any]) -> bool:
+        """Hold a message that announces images (the window opens at the first one); False
+        for one with nothing to submit (a test event, a removal, OUTPUT's own writes in the
+        same bucket): deleted at once, so it neither waits nor opens a window."""
         created = parse_message(message.get("Body", ""), self.src.bucket, self.src.prefix)
         if created is None:
             log.warning("ignoring a message that is no S3 event notification: %.200s",
                         message.get("Body", ""))
-        for c in created or ():
+        if not created:
+            return False
+        for c in created:
             old = self.pending.get(c.key)
             if old is None or c.later_than(old):
                 self.pending[c.key] = c
         self.handles.append(message["ReceiptHandle"])
         if self.opened is None:
             self.opened = time.monotonic()
+        return True
 
     def due(self) -> bool:
         return self.opened is not None and (
             time.monotonic() >= self.opened + self.window
             or len(self.pending) >= self.max_job_images)
 
-    def wait_seconds(self) -> int:
+    def wait_seconds(self) -> float:
+        """How long the next receive may wait: a long poll while no window is open, else
+        what is left of the window."""
         if self.opened is None:
-            return MAX_WAIT
-        return max(0, math.ceil(self.opened + self.window - time.monotonic()))
+            return float(MAX_WAIT)
+        return max(0.0, self.opened + self.window - time.monotonic())
 
     # -- submitting --------------------------------------------------------------------------
 
@@ -306,7 +312,11 @@ class EventIntake:
     def run(self, stop: threading.Event) -> Iterator[str]:
         """Job ids as they are created, until ``stop`` is set."""
         while not stop.is_set():
-            self.receive(self.wait_seconds())
+            wait = self.wait_seconds()
+            if wait >= 1:  # WaitTimeSeconds is whole seconds: the rest of a window is slept
+                self.receive(int(wait))
+            else:
+                stop.wait(wait)
             if self.due():
                 yield from self.flush()
         if self.handles:
