@@ -31,16 +31,18 @@ reconciliation period), or a reconciliation would take the image for a re-upload
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
-from posebatch.errors import ConfigError
+from posebatch.errors import ConfigError, RetryableError
 from posebatch.jobstate import connect, redis_errors
 from posebatch.keys import is_image_key, result_key
 from posebatch.settings import DEFAULT_BATCH_IMAGES, JobSettings
@@ -60,6 +62,8 @@ VISIBILITY_SECONDS = 300
 """A received message is hidden this long; deleted once its job is queued, else re-delivered."""
 MAX_WAIT = 20
 """SQS's longest long poll (seconds)."""
+HEAD_THREADS = 8
+"""Concurrent HEADs for keys not remembered (within botocore's pool of 10)."""
 _TRIM = """
 local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, k in ipairs(old) do
@@ -134,6 +138,25 @@ def parse_message(body: str, bucket: str, prefix: str) -> list[Created] | None:
     return out
 
 
+@contextlib.contextmanager
+def sqs_errors(queue_url: str) -> Iterator[None]:
+    """botocore's errors as the project's: a queue that is gone or refused is the user's to fix
+    (exit 3); anything else (network, throttling past the retries) is transient."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if "NonExistentQueue" in code or code in ("AccessDenied", "AccessDeniedException",
+                                                  "InvalidClientTokenId"):
+            raise ConfigError(f"SQS queue {queue_url}: {err}; check the queue and that these "
+                              "credentials may receive and delete its messages") from err
+        raise RetryableError(f"SQS queue {queue_url}: {err}") from err
+    except BotoCoreError as err:
+        raise RetryableError(f"SQS queue {queue_url}: {err}") from err
+
+
 def open_queue(spec: str, client: Any = None) -> tuple[Any, str]:
     """(SQS client, queue URL) for ``spec``: a queue URL (``https://sqs...``), ``sqs://NAME``
     or a plain name. The client is configured the standard way (AWS_* variables, including
@@ -190,9 +213,10 @@ class EventIntake:
 
     def receive(self, wait: int) -> int:
         """One ReceiveMessage (long poll of ``wait`` s); returns how many messages came."""
-        reply = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
-                                         WaitTimeSeconds=max(0, min(MAX_WAIT, wait)),
-                                         VisibilityTimeout=self.visibility)
+        with sqs_errors(self.queue_url):
+            reply = self.sqs.receive_message(
+                QueueUrl=self.queue_url, MaxNumberOfMessages=10,
+                WaitTimeSeconds=max(0, min(MAX_WAIT, wait)), VisibilityTimeout=self.visibility)
         messages = reply.get("Messages", [])
         self.delete([m["ReceiptHandle"] for m in messages if not self.take(m)])
         return len(messages)
@@ -237,14 +261,21 @@ class EventIntake:
             by_event = self.r.hmget(self.events, keys)
             by_poll = self.r.hmget(self.versions, keys)
         out: dict[str, list[Created]] = {"new": [], "changed": []}
+        unknown = []
         for c, ev, poll in zip(items, by_event, by_poll, strict=True):
             known = {v.decode() for v in (ev, poll) if v is not None}
             if c.version in known:
                 continue  # this very version was submitted already
-            if known or self.dst.exists(result_key(c.key)):
-                out["changed"].append(c)  # replaced since (or its record expired): force
+            if known:
+                out["changed"].append(c)  # replaced since it was submitted: force
             else:
-                out["new"].append(c)
+                unknown.append(c)
+        # A key not remembered with a result: replaced after its version expired (force).
+        # One HEAD per new image, HEAD_THREADS at a time (a burst of 10k: ~4 s, not 30 s).
+        with ThreadPoolExecutor(HEAD_THREADS) as pool:
+            had = list(pool.map(lambda c: self.dst.exists(result_key(c.key)), unknown))
+        for c, exists in zip(unknown, had, strict=True):
+            out["changed" if exists else "new"].append(c)
         return out
 
     def flush(self) -> list[str]:
@@ -292,8 +323,9 @@ class EventIntake:
 
     def delete(self, handles: list[str]) -> None:
         for chunk in chunked(handles, 10):
-            reply = self.sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=[
-                {"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)])
+            with sqs_errors(self.queue_url):
+                reply = self.sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=[
+                    {"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)])
             for failed in reply.get("Failed", ()):  # re-delivered later: dedup drops it then
                 log.warning("SQS kept message %s: %s", failed.get("Id"), failed.get("Message"))
 
@@ -366,7 +398,8 @@ def watch_events(input_url: str, output_url: str, queue: str, *, job: JobSetting
                                              reconcile_every) <= 0:
             reconcile()
         return
-    stop = stop or threading.Event()
+    if stop is None:
+        stop = threading.Event()
 
     def reconciler() -> None:
         while True:

@@ -231,3 +231,36 @@ def test_parse_message(body, expected):
 
     got = parse_message(body, "b", "in/")
     assert (None if got is None else [(c.key, c.etag, c.size) for c in got]) == expected
+
+
+def test_sigterm_submits_the_open_window_before_exiting(stack, drop, tmp_path):
+    """docker stop / k8s: the images of an unfinished window are submitted, not left in the
+    queue for the visibility timeout."""
+    log = tmp_path / "watch.out"
+    with open(log, "w") as out, open(tmp_path / "watch.err", "w") as err:
+        proc = subprocess.Popen([*CLI, "watch", *drop["args"], "--event-window", "5",
+                                 "--reconcile-every", "0"], stdout=out, stderr=err,
+                                env={**os.environ, **stack["env"]}, start_new_session=True)
+    try:
+        time.sleep(1.5)
+        put(stack, drop, "drop/late.jpg", jpeg(64, 48))
+        time.sleep(1)  # received; its window is still open
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(20) == 0, (tmp_path / "watch.err").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (job,) = _job_lines(log)
+    wait_job(stack, job)
+    assert job_images(stack, drop, job) == 1
+
+
+@pytest.mark.parametrize("args, says", [
+    (["/tmp/folder", "--out", "/tmp/out", "--events", "q"], "needs an s3:// INPUT"),
+    (["s3://b/in/", "--out", "s3://b/out/", "--events", "q", "--dedup-ttl", "3600"],
+     "--dedup-ttl 3600 is shorter"),
+    (["s3://b/in/", "--out", "s3://b/out/", "--events", "a/b"], "expected a queue URL"),
+])
+def test_watch_events_refuses_what_cannot_work(stack, args, says):
+    proc = run_cli("watch", *args, "--once", env=stack["env"], check=False)
+    assert proc.returncode == 3 and says in proc.stderr, proc.stderr
