@@ -148,7 +148,7 @@ def test_a_burst_of_uploads_is_one_job_in_the_running_watcher(stack, drop, tmp_p
                                  "--reconcile-every", "0"], stdout=out, stderr=err,
                                 env={**os.environ, **stack["env"]}, start_new_session=True)
     try:
-        time.sleep(1.5)  # started and long-polling (an event sent earlier would wait anyway)
+        started(stack, drop, proc)
         for i in range(3):
             put(stack, drop, f"drop/burst/{i}.jpg", jpeg(48 + 8 * i, 40))
         wait_until(lambda: _job_lines(log), 60, "the watcher to submit the burst")
@@ -160,6 +160,21 @@ def test_a_burst_of_uploads_is_one_job_in_the_running_watcher(stack, drop, tmp_p
     assert len(jobs) == 1, (tmp_path / "watch.err").read_text()
     wait_job(stack, jobs[0])
     assert job_images(stack, drop, jobs[0]) == 3
+
+
+def started(stack, drop, proc) -> None:
+    """Wait until the watcher runs (its signal handler set): it has taken the s3:TestEvent that
+    configuring the notification put into the queue."""
+    sqs = stack["server"].client("sqs")
+
+    def empty() -> bool:
+        assert proc.poll() is None, "the watcher exited"
+        attrs = sqs.get_queue_attributes(QueueUrl=drop["queue"], AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])
+        return set(attrs["Attributes"].values()) == {"0"}
+
+    wait_until(empty, 60, "the watcher to take the test event")
+    time.sleep(0.5)  # and to be in its next long poll
 
 
 def _job_lines(path) -> list[str]:
@@ -242,7 +257,7 @@ def test_sigterm_submits_the_open_window_before_exiting(stack, drop, tmp_path):
                                  "--reconcile-every", "0"], stdout=out, stderr=err,
                                 env={**os.environ, **stack["env"]}, start_new_session=True)
     try:
-        time.sleep(1.5)
+        started(stack, drop, proc)
         put(stack, drop, "drop/late.jpg", jpeg(64, 48))
         time.sleep(1)  # received; its window is still open
         os.killpg(proc.pid, signal.SIGTERM)
@@ -264,3 +279,24 @@ def test_sigterm_submits_the_open_window_before_exiting(stack, drop, tmp_path):
 def test_watch_events_refuses_what_cannot_work(stack, args, says):
     proc = run_cli("watch", *args, "--once", env=stack["env"], check=False)
     assert proc.returncode == 3 and says in proc.stderr, proc.stderr
+
+
+def test_the_running_watcher_reconciles_in_its_own_thread(stack, drop, tmp_path):
+    """A watcher that never listed reconciles at start, beside the event loop: an image put
+    while notifications were off is submitted without any event."""
+    stack["server"].notify(drop["bucket"], None)
+    put(stack, drop, "drop/before.jpg", jpeg(64, 48))
+    stack["server"].notify(drop["bucket"], drop["arn"])
+    log = tmp_path / "watch.out"
+    with open(log, "w") as out, open(tmp_path / "watch.err", "w") as err:
+        proc = subprocess.Popen([*CLI, "watch", *drop["args"]], stdout=out, stderr=err,
+                                env={**os.environ, **stack["env"]}, start_new_session=True)
+    try:
+        wait_until(lambda: _job_lines(log), 60, "the reconciliation to submit before.jpg")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    (job,) = _job_lines(log)
+    wait_job(stack, job)
+    assert job_images(stack, drop, job) == 1
+    assert "reconciliation" in (tmp_path / "watch.err").read_text()
