@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -280,21 +281,24 @@ class EventIntake:
 
     def flush(self) -> list[str]:
         """Submit what the window gathered, record it, then delete its messages."""
-        items, handles = list(self.pending.values()), self.handles
-        self.pending, self.handles, self.opened = {}, [], None
-        self.expire()  # what has outlived dedup_ttl counts as unknown below
+        items = list(self.pending.values())
+        self.pending, self.opened = {}, None
         jobs = []
-        for what, group in self.classify(items).items() if items else ():
-            if not group:
-                continue
-            job_id = submit(self.src.url, self.dst.url, job=self.job,
-                            broker_url=self.broker_url, state_url=self.state_url,
-                            batch_images=self.batch_images, keys=[c.key for c in group],
-                            force=what == "changed", summary_prefix="_jobs/{job_id}/")
-            self.record(group)  # only after the job is queued: a crash re-delivers
-            log.warning("job %s: %d %s images from events", job_id, len(group), what)
-            jobs.append(job_id)
-        self.delete(handles)
+        try:  # self.handles stays set until the end: SIGTERM meanwhile waits for this flush
+            self.expire()  # what has outlived dedup_ttl counts as unknown below
+            for what, group in self.classify(items).items() if items else ():
+                if not group:
+                    continue
+                job_id = submit(self.src.url, self.dst.url, job=self.job,
+                                broker_url=self.broker_url, state_url=self.state_url,
+                                batch_images=self.batch_images, keys=[c.key for c in group],
+                                force=what == "changed", summary_prefix="_jobs/{job_id}/")
+                self.record(group)  # only after the job is queued: a crash re-delivers
+                log.warning("job %s: %d %s images from events", job_id, len(group), what)
+                jobs.append(job_id)
+            self.delete(self.handles)
+        finally:  # on an error the messages come back after the visibility timeout
+            self.handles = []
         return jobs
 
     def record(self, group: list[Created]) -> None:
@@ -370,10 +374,12 @@ def watch_events(input_url: str, output_url: str, queue: str, *, job: JobSetting
                  reconcile_every: float = RECONCILE_SECONDS, dedup_ttl: float = DEDUP_TTL,
                  settle: float = SETTLE_SECONDS, once: bool = False,
                  emit: Callable[[str], None] = print,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, on_sigterm: bool = False) -> None:
     """Submit images as their events arrive; reconcile by listing every ``reconcile_every``
     seconds (in a thread, so a long listing never holds up events). ``once``: drain the queue,
-    reconcile if due, return. Each job id goes to ``emit``."""
+    reconcile if due, return. Each job id goes to ``emit``. ``on_sigterm`` (the CLI): SIGTERM
+    submits an open window first (its receives are short: at most the window), or exits at
+    once when nothing is held (not waiting out a 20 s long poll: ``docker stop`` gives 10 s)."""
     if reconcile_every and dedup_ttl < settle + 2 * reconcile_every:
         raise ConfigError(f"--dedup-ttl {dedup_ttl:g} is shorter than the reconciliation's "
                           f"look-back (settle {settle:g} s + 2 x --reconcile-every "
@@ -400,6 +406,13 @@ def watch_events(input_url: str, output_url: str, queue: str, *, job: JobSetting
         return
     if stop is None:
         stop = threading.Event()
+    if on_sigterm:
+        def terminate(_signum: int, _frame: Any) -> None:
+            stop.set()
+            if not intake.handles:  # nothing held; a message in flight comes back later
+                raise SystemExit(0)
+
+        signal.signal(signal.SIGTERM, terminate)
 
     def reconciler() -> None:
         while True:

@@ -173,20 +173,13 @@ def cmd_watch(ns: argparse.Namespace) -> int:
 
     rt = _runtime(ns)
     if ns.events:
-        import signal
-        import threading
-
         from producer.events import watch_events
 
-        # SIGTERM (docker stop, k8s) ends the current long poll and submits what the open
-        # window holds before exiting, instead of leaving it to come back in 5 minutes.
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         watch_events(ns.input, ns.out, ns.events, job=job_settings(ns),
                      broker_url=rt.broker_url, state_url=rt.state_url,
                      batch_images=ns.batch_images, window=ns.event_window,
                      reconcile_every=ns.reconcile_every, dedup_ttl=ns.dedup_ttl, once=ns.once,
-                     emit=lambda job_id: print(job_id, flush=True), stop=stop)
+                     emit=lambda job_id: print(job_id, flush=True), on_sigterm=True)
         return exitcodes.OK
     watch(ns.input, ns.out, interval=ns.interval, once=ns.once, job=job_settings(ns),
           broker_url=rt.broker_url, state_url=rt.state_url, batch_images=ns.batch_images)
