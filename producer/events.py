@@ -24,9 +24,10 @@ What it guarantees:
 Redis state (all named after INPUT and OUTPUT, like the polling watcher's): ``...:events``
 (key -> version of each image submitted from an event) and ``...:evtimes`` (key -> when),
 trimmed to the last ``dedup_ttl`` seconds at every flush: ~370 B per image of that window with
-30-byte keys, the poll's versions entry included (measured, 100k records). The trim also drops the version from the poll's hash when it is still the one the
-event wrote; so ``dedup_ttl`` must outlast the poll's own look-back (``settle`` plus the
-reconciliation period), or a reconciliation would take the image for a re-upload.
+30-byte keys, the poll's versions entry included (measured, 100k records). The trim also
+drops the version from the poll's hash when it is still the one the event wrote; so
+``dedup_ttl`` must outlast the poll's own look-back (``settle`` plus twice the reconciliation
+period), or a reconciliation would take the image for a re-upload.
 """
 
 from __future__ import annotations
