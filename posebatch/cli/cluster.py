@@ -79,14 +79,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="give up after this many seconds (exit 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("watch", help="poll a drop folder and submit each new image once",
+    p = sub.add_parser("watch", help="submit each new image of a drop folder once (polling, "
+                       "or S3 event notifications with --events)",
                        description="Every --interval seconds list INPUT and submit the images "
                        "never submitted before (remembered in Redis across restarts). Each "
-                       "round is one job; its summary goes to OUTPUT/_jobs/<job id>/.")
+                       "round is one job; its summary goes to OUTPUT/_jobs/<job id>/. With "
+                       "--events QUEUE, read the bucket's ObjectCreated notifications from an "
+                       "SQS queue instead (no listing per image; a burst of uploads is one "
+                       "job) and list INPUT only every --reconcile-every seconds, to catch "
+                       "events that never came.")
     add_input_output(p, "to watch")
     p.add_argument("--interval", type=bounded(float, 1, 86400), default=30.0,
-                   help="seconds between polls (default 30)")
-    p.add_argument("--once", action="store_true", help="poll once and exit")
+                   help="seconds between polls (default 30; not used with --events)")
+    p.add_argument("--once", action="store_true", help="poll once and exit (with --events: "
+                   "take what the queue holds now, reconcile if due, exit)")
+    p.add_argument("--events", metavar="QUEUE",
+                   help="SQS queue the s3:// INPUT bucket sends s3:ObjectCreated:* "
+                        "notifications to: its URL, sqs://NAME or NAME (endpoint and "
+                        "credentials from the AWS_* variables)")
+    p.add_argument("--reconcile-every", type=bounded(float, 0, 30 * 86400), default=3600.0,
+                   metavar="SECONDS", help="with --events: list INPUT this often to submit "
+                   "images no event announced (default 3600; 0: never)")
+    p.add_argument("--event-window", type=bounded(float, 0, 600), default=2.0,
+                   metavar="SECONDS", help="with --events: images whose events come within "
+                   "this long of a burst's first one form one job (default 2)")
+    p.add_argument("--dedup-ttl", type=bounded(float, 60, 30 * 86400), default=6 * 3600.0,
+                   metavar="SECONDS", help="with --events: how long a submitted (key, ETag) "
+                   "is remembered, so a re-delivered event is not submitted again (default "
+                   "21600; at least 3600 + 2 x --reconcile-every)")
     _batch_images(p)
     add_broker_flags(p)
     add_job_flags(p)
@@ -157,6 +177,15 @@ def cmd_watch(ns: argparse.Namespace) -> int:
     from producer.watch import watch
 
     rt = _runtime(ns)
+    if ns.events:
+        from producer.events import watch_events
+
+        watch_events(ns.input, ns.out, ns.events, job=job_settings(ns),
+                     broker_url=rt.broker_url, state_url=rt.state_url,
+                     batch_images=ns.batch_images, window=ns.event_window,
+                     reconcile_every=ns.reconcile_every, dedup_ttl=ns.dedup_ttl, once=ns.once,
+                     emit=lambda job_id: print(job_id, flush=True), on_sigterm=True)
+        return exitcodes.OK
     watch(ns.input, ns.out, interval=ns.interval, once=ns.once, job=job_settings(ns),
           broker_url=rt.broker_url, state_url=rt.state_url, batch_images=ns.batch_images)
     return exitcodes.OK

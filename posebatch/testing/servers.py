@@ -1,4 +1,5 @@
-"""Real servers for tests: redis-server and SeaweedFS (``weed server -s3``) on free loopback ports.
+"""Real servers for tests: redis-server, SeaweedFS (``weed server -s3``) and moto's server (S3
+with event notifications into SQS) on free loopback ports.
 
 Why real servers: the failures we care about (a bucket that is missing, a broker that restarts, a
 signature that is wrong) are exactly what fakes get wrong. Each server runs in its own tmp dir,
@@ -413,6 +414,81 @@ class S3Server(ServerProcess):
                     os.unlink(path)
 
 
+class EventsServer(ServerProcess):
+    """moto's standalone server (``moto_server``): S3 *and* SQS on one loopback port, with the
+    bucket notifications real S3 sends (``s3:TestEvent``, ``ObjectCreated:*``) into its queues.
+
+    Why moto and not SeaweedFS: SeaweedFS's S3 gateway has no PutBucketNotificationConfiguration
+    (it answers ``PUT ?notification`` as CreateBucket: BucketAlreadyOwnedByYou), and its filer
+    notifications are its own protobuf messages, not the S3 event JSON. moto runs as a separate
+    process speaking HTTP, so the watcher and the worker talk to it exactly as to AWS. It accepts
+    any credentials (no auth checks); the SeaweedFS server stays the one for auth tests."""
+
+    name = "moto"
+    ready_timeout = 30.0
+    region = "us-east-1"
+
+    def __init__(self, workdir: Path, binary: str) -> None:
+        super().__init__(workdir)
+        self.binary = binary
+        self.port = free_ports(1)[0]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [self.binary, "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def child_env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS_* variables that point boto3 (S3 and SQS) at this server."""
+        return {"AWS_ACCESS_KEY_ID": "posebatch-test", "AWS_SECRET_ACCESS_KEY": "posebatch-test",
+                "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def client(self, service: str = "s3") -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            service, endpoint_url=self.endpoint, region_name=self.region,
+            aws_access_key_id="posebatch-test", aws_secret_access_key="posebatch-test",
+            config=Config(retries={"mode": "standard", "max_attempts": 3},
+                          s3={"addressing_style": "path"}))
+
+    def make_queue(self, name: str) -> tuple[str, str]:
+        """(URL, ARN) of a new SQS queue."""
+        sqs = self.client("sqs")
+        url = sqs.create_queue(QueueName=name)["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+        return url, arn["Attributes"]["QueueArn"]
+
+    def make_bucket(self, name: str, queue_arn: str | None = None) -> str:
+        """A bucket; with ``queue_arn`` its ObjectCreated/ObjectRemoved events go there."""
+        self.client().create_bucket(Bucket=name)
+        if queue_arn:
+            self.notify(name, queue_arn)
+        return name
+
+    def notify(self, bucket: str, queue_arn: str | None) -> None:
+        """Point the bucket's notifications at ``queue_arn``; None turns them off."""
+        config: dict[str, Any] = {}
+        if queue_arn:
+            config["QueueConfigurations"] = [{
+                "QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}]
+        self.client().put_bucket_notification_configuration(
+            Bucket=bucket, NotificationConfiguration=config)
+
+    def ready(self) -> None:
+        import boto3
+        from botocore.config import Config
+
+        boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint, region_name=self.region,
+            aws_access_key_id="x", aws_secret_access_key="x",
+            config=Config(connect_timeout=1, read_timeout=5,
+                          retries={"mode": "standard", "max_attempts": 1})).list_buckets()
+
+
 @contextlib.contextmanager
 def running_redis(workdir: Path, **options: Any) -> Iterator[RedisServer]:
     """The one way tests and bench/ start a redis-server (``options``: see ``RedisServer``);
@@ -434,3 +510,15 @@ def running_s3(workdir: Path) -> Iterator[S3Server]:
         yield server
     finally:
         server.stop(timeout=5)  # data is thrown away: no need to wait out the graceful stop
+
+
+@contextlib.contextmanager
+def running_events_server(workdir: Path) -> Iterator[EventsServer]:
+    """The one way tests and bench/ start moto's S3+SQS server (``pip install 'moto[server]'``,
+    in the dev extra); killed on exit."""
+    server = EventsServer(workdir, require_or_skip("moto_server"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
