@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,3 +28,11 @@ def best_of(repeat: int, fn, *args) -> dict[str, Any]:
     runs = [fn(*args) for _ in range(max(1, repeat))]
     best = max(runs, key=lambda x: x["img_per_s"])
     return {**best, "all_img_per_s": [round(x["img_per_s"], 2) for x in runs]}
+
+
+def emit(figures: dict[str, Any], path: str | None) -> None:
+    """Print the figures as JSON, and write them to ``path`` too when given (bench/results/)."""
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")

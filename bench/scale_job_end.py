@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common import emit  # noqa: E402  (bench/ is the script's folder)
 
 CHILD = """
 import json, resource, sys, time
@@ -161,10 +162,7 @@ def main() -> None:
     figures["host"]["load_after"] = os.getloadavg()
     figures["command"] = (f"python bench/scale_job_end.py --rows {' '.join(map(str, ns.rows))} "
                           f"--new {ns.new}" + (" --old-src DIR" if ns.old_src else ""))
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if ns.json:
-        Path(ns.json).write_text(text + "\n")
+    emit(figures, ns.json)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common import emit  # noqa: E402  (bench/ is the script's folder)
 
 
 def free_port() -> int:
@@ -157,10 +158,7 @@ def main() -> None:
                  "note": "2 cores shared by 7 agents at the time"},
         "command": f"python bench/scale_redis.py --images {n}",
     }
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if ns.json:
-        Path(ns.json).write_text(text + "\n")
+    emit(figures, ns.json)
 
 
 if __name__ == "__main__":

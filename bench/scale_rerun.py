@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common import emit  # noqa: E402  (bench/ is the script's folder)
 
 from bench.scale_redis import cpu_model, key_name  # noqa: E402
 
@@ -204,10 +205,7 @@ def main() -> None:
     figures["host"]["load_after"] = os.getloadavg()
     figures["command"] = (f"python bench/scale_rerun.py --objects {ns.objects} --reruns "
                           f"{ns.reruns} --earlier {ns.earlier}")
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if ns.json:
-        Path(ns.json).write_text(text + "\n")
+    emit(figures, ns.json)
 
 
 if __name__ == "__main__":
