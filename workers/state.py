@@ -66,7 +66,8 @@ def engine(job: JobSettings) -> PoseEngine:
     if found is None:
         model, _ref, _label = load_model(job)
         rt = runtime()
-        found = _engines[key] = PoseEngine(model, job, rt.batch_size, rt.io_threads)
+        found = _engines[key] = PoseEngine(model, job, rt.batch_size, rt.io_threads,
+                                           rt.decode_workers)
         if len(_engines) > MAX_ENGINES:
             _engines.popitem(last=False)[1].close()
     _engines.move_to_end(key)
