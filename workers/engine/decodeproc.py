@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 DECODE_TIMEOUT_S = 120.0
 """A decode process that has not answered for this long is killed and its image retried: a
 decoder stuck in a loop must not hang the run."""
+CRASH_MARK_ENV = "POSEBATCH_TEST_DECODE_CRASH"
+"""Fault injection for tests: a decode process aborts on an image whose bytes hold this value
+(a real decoder crash cannot be had on demand)."""
 CRASH_MESSAGE = ("internal error: the decoder process crashed twice on this image (a decoder "
                  "bug or the machine ran out of memory); try --decode-workers 0 to decode it "
                  "in threads, and please report it")
@@ -158,12 +161,15 @@ def _serve(conn: Connection) -> None:
         cv2.setNumThreads(1)  # one process per core already: OpenCV's own pool would oversubscribe
     except Exception:
         pass
+    crash = os.environ.get(CRASH_MARK_ENV, "").encode()
     while True:
         try:
             header = conn.recv()
             data = conn.recv_bytes()
         except (EOFError, OSError):  # the parent closed the pipe or died
             return
+        if crash and crash in data:  # fault injection (tests): die as a decoder crash would
+            os.abort()
         conn.send(decode_into(header, data))
 
 
