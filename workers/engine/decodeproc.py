@@ -11,10 +11,11 @@ or the image's error result). No pixel is pickled.
 Why fetched in the parent: the storage clients (boto3, the local folder reader) and their
 connection pools live there; the bytes of a JPEG are small next to its pixels.
 
-Why one pipe per process and not ``ProcessPoolExecutor``: each process decodes one image at a
-time on its own pipe, so when a process dies (a decoder crash, the OOM killer) the image it was
-decoding is known exactly: it is retried once on a fresh process, and gets an error result if
-that one dies too; the other images are not touched, and the dead process is replaced.
+Why one socket per process and not ``ProcessPoolExecutor``: each process decodes its images in
+the order they were sent on its own socket, so when a process dies (a decoder crash, the OOM
+killer) the image it was decoding is known exactly: it is retried once on another process, and
+gets an error result if that one dies too; the images queued behind it are sent again, and the
+dead process is replaced. (A broken ProcessPoolExecutor fails every pending future alike.)
 
 The same rules and error codes as the thread path: the child runs the same ``decode_image``,
 ``fit`` and ``write_input`` (workers.engine.pipeline.prepare), so the pixels are the same bytes.
@@ -26,13 +27,14 @@ import contextlib
 import logging
 import mmap
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import weakref
+from collections import deque
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -176,15 +178,29 @@ def _serve(conn: Connection) -> None:
 # --- the parent's side -----------------------------------------------------------------------
 
 
+_LOST = ("lost",)
+"""The answer of a request queued behind the image a process died on: sent again elsewhere."""
+_CULPRIT = ("culprit",)
+"""The answer of the request a process was decoding when it died (or hung)."""
+
+
 class _Proc:
-    """One decode process: ``python -m workers.engine.decodeproc FD``, a socket to it.
+    """One decode process: ``python -m workers.engine.decodeproc FD``, a socket to it, and a
+    thread that reads its answers in order.
 
     Why a plain subprocess and not ``multiprocessing.Process``: spawn and forkserver re-import
     the parent's ``__main__`` in the child, which fails (or runs the script again) for any
     script without an ``if __name__ == "__main__"`` guard, e.g. a user's own around the Python
-    API; and fork is unsafe after threads and ONNX Runtime's pools."""
+    API; and fork is unsafe after threads and ONNX Runtime's pools.
 
-    def __init__(self) -> None:
+    Why requests are queued (``pending``) and not sent one at a time: the answer of one image
+    is read by a parent thread that first has to get the GIL (milliseconds when the model's
+    thread or a writer holds it); with the next image already in the socket the process goes on
+    decoding meanwhile. It decodes in order, so when it dies the oldest pending request is the
+    one it died on.
+    """
+
+    def __init__(self, timeout: float, on_death: Any) -> None:
         ours, theirs = socket.socketpair()
         root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ,
@@ -195,18 +211,71 @@ class _Proc:
                                      stdin=subprocess.DEVNULL, env=env, close_fds=True)
         theirs.close()
         self.conn = Connection(ours.detach())
+        self.timeout = timeout
+        self.pending: deque[tuple[Future[tuple[Any, ...]], float]] = deque()
+        self.dead = False
+        self._lock = threading.Lock()
+        self._on_death = on_death
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name=f"decode-proc-{self.proc.pid}")
+        self._reader.start()
 
-    def ask(self, header: tuple[Any, ...], data: bytes, timeout: float) -> tuple[Any, ...]:
-        """Raises ``EOFError``/``OSError`` when the process died, ``TimeoutError`` when it hangs."""
-        self.conn.send(header)
-        self.conn.send_bytes(data)
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"decode process {self.proc.pid} did not answer in {timeout:g} s")
-        return self.conn.recv()
+    def submit(self, header: tuple[Any, ...], data: bytes) -> Future[tuple[Any, ...]] | None:
+        """Queue one image; None when this process is already dead (pick another)."""
+        fut: Future[tuple[Any, ...]] = Future()
+        with self._lock:
+            if self.dead:
+                return None
+            self.pending.append((fut, perf_counter()))
+            try:
+                self.conn.send(header)
+                self.conn.send_bytes(data)
+            except OSError:  # it died: the reader sees EOF and answers every pending request
+                pass
+        return fut
 
-    def stop(self, *, kill: bool = False) -> None:
-        if kill and self.proc.poll() is None:
+    def _read(self) -> None:
+        why = "exited"
+        while True:
+            try:
+                if self.conn.poll(1.0):
+                    answer = self.conn.recv()
+                    with self._lock:
+                        fut, _sent = self.pending.popleft()
+                    fut.set_result(answer)
+                    continue
+            except (EOFError, OSError, IndexError):
+                break
+            with self._lock:
+                if self.dead:
+                    return
+                oldest = self.pending[0][1] if self.pending else None
+            if oldest is not None and perf_counter() - oldest > self.timeout:
+                why = f"did not answer in {self.timeout:g} s"
+                break
+        with self._lock:
+            if self.dead:
+                return  # closed by the parent
+            self.dead = True
+            lost = list(self.pending)
+            self.pending.clear()
+        if self.proc.poll() is None:
             self.proc.kill()
+        self.proc.wait()
+        if lost:
+            log.warning("decode process %s %s (code %s) while decoding an image; %d queued "
+                        "image(s) go to another process", self.proc.pid, why,
+                        self.proc.returncode, len(lost) - 1)
+        self._on_death(self)  # a replacement exists before any request is sent again
+        for n, (fut, _sent) in enumerate(lost):
+            fut.set_result(_CULPRIT if n == 0 else _LOST)
+
+    def load(self) -> int:
+        return len(self.pending)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.dead = True
         with contextlib.suppress(OSError):
             self.conn.close()  # EOF: the child's loop ends
         try:
@@ -217,8 +286,9 @@ class _Proc:
 
 
 class DecodeProcs:
-    """``n`` decode processes; ``decode`` may be called from several threads at once (each call
-    takes an idle process for one image). Made once per engine, kept between runs and tasks."""
+    """``n`` decode processes; ``decode`` may be called from several threads at once (each
+    call queues one image on the least busy process). Made once per engine, kept between runs
+    and tasks."""
 
     def __init__(self, n: int, timeout: float = DECODE_TIMEOUT_S) -> None:
         if n < 1:
@@ -227,48 +297,49 @@ class DecodeProcs:
         self.timeout = timeout
         self.restarts = 0
         """Processes replaced after a crash or a hang (tests and logs read it)."""
-        self._idle: queue.SimpleQueue[_Proc] = queue.SimpleQueue()
-        self._all: list[_Proc] = []
         self._lock = threading.Lock()
-        for _ in range(n):
-            self._idle.put(self._add())
+        self._all: list[_Proc] = [self._new() for _ in range(n)]
+        self._closed = False
 
-    def _add(self) -> _Proc:
-        p = _Proc()
-        with self._lock:
-            self._all.append(p)
-        return p
+    def _new(self) -> _Proc:
+        return _Proc(self.timeout, self._replace)
 
     def pids(self) -> list[int]:
         with self._lock:
             return [p.proc.pid for p in self._all]
 
     def decode(self, header: tuple[Any, ...], data: bytes) -> tuple[Any, ...]:
-        """One image: ``decode_into``'s answer from a process, the crash error result after
-        two processes died on it."""
-        for attempt in (1, 2):
-            p = self._idle.get()
-            try:
-                answer = p.ask(header, data, self.timeout)
-            except (EOFError, OSError, TimeoutError) as err:
-                log.warning("decode process %s failed on an image (attempt %d): %s; replacing "
-                            "it", p.proc.pid, attempt, err or type(err).__name__)
-                self._replace(p)
-                continue
-            self._idle.put(p)
-            return answer
-        return ("err", error_result(INTERNAL_ERROR, CRASH_MESSAGE), 0.0, 0.0, 0.0)
+        """One image: ``decode_into``'s answer from a process; the crash error result after two
+        processes died on it. Blocks the calling thread (a fetch thread) until then."""
+        deaths = 0
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the decode processes were closed")
+                p = min(self._all, key=_Proc.load)
+            fut = p.submit(header, data)
+            if fut is None:
+                continue  # it died just now: its replacement is being started
+            answer = fut.result()
+            if answer is _CULPRIT:
+                deaths += 1
+                if deaths >= 2:
+                    return ("err", error_result(INTERNAL_ERROR, CRASH_MESSAGE), 0.0, 0.0, 0.0)
+            elif answer is not _LOST:
+                return answer
 
     def _replace(self, dead: _Proc) -> None:
-        dead.stop(kill=True)
         with self._lock:
-            if dead in self._all:
-                self._all.remove(dead)
+            if self._closed or dead not in self._all:
+                return
             self.restarts += 1
-        self._idle.put(self._add())
+        fresh = self._new()
+        with self._lock:
+            self._all[self._all.index(dead)] = fresh
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             procs, self._all = self._all, []
         for p in procs:
             p.stop()

@@ -292,8 +292,7 @@ class PoseEngine:
         on the threads; otherwise, with ``decode_workers``, in the decode processes, and
         ``rgb`` is empty (``NO_PIXELS``)."""
         hw = None if pixels else self.process_hw()
-        workers = self.io_threads if hw is None else max(self.io_threads,
-                                                         2 * self.decode_workers)
+        workers = self.io_threads if hw is None else self._fetchers()
         ahead = self.batch_size * 2 + workers
         pool = self._pool
         threads = self.decoders()
@@ -349,11 +348,14 @@ class PoseEngine:
     def decoders(self) -> ThreadPoolExecutor:
         """The decode threads, made on first use and kept for every later run (a worker runs
         one engine for all its batch tasks: workers.state.engine). With decode processes they
-        fetch and wait for a process: at least two per process, so each has its next image."""
+        fetch and wait for a process: several per process, so each has its next images queued
+        while its last answer waits for the GIL here."""
         if self._decoders is None:
-            n = max(self.io_threads, 2 * self.decode_workers)
-            self._decoders = ThreadPoolExecutor(n, thread_name_prefix="decode")
+            self._decoders = ThreadPoolExecutor(self._fetchers(), thread_name_prefix="decode")
         return self._decoders
+
+    def _fetchers(self) -> int:
+        return max(self.io_threads, 4 * self.decode_workers)
 
     def procs(self) -> DecodeProcs:
         """The decode processes, started on first use and kept like ``decoders``."""
