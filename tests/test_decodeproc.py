@@ -100,3 +100,28 @@ def test_the_shared_batches_are_freed_on_close():
 def test_decode_workers_out_of_range_is_refused(value):
     with pytest.raises(ConfigError, match="decode_workers: expected 0"):
         RuntimeSettings(decode_workers=value)
+
+
+def test_posebatch_run_with_decode_processes_writes_the_thread_runs_files(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    require_model()
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for i in range(5):
+        (src / f"img{i}.jpg").write_bytes(jpeg(160 + 16 * i, 96))
+    (src / "sub" / "broken.jpg").write_bytes(jpeg(160, 96)[:300])
+    outs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"out{workers}"
+        proc = subprocess.run([sys.executable, "-m", "posebatch.cli", "run", str(src), "--out",
+                               str(out), "--backend", "ort", "--no-progress",
+                               "--decode-workers", workers], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outs[workers] = {p.relative_to(out).as_posix(): without_log_id(json.loads(p.read_bytes()))
+                         for p in out.rglob("*.jpg.json")}
+    assert len(outs["0"]) == 6 and outs["2"] == outs["0"]
+    assert b"error_code" in outs["2"]["sub/broken.jpg.json"]
