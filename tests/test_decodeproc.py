@@ -125,3 +125,17 @@ def test_posebatch_run_with_decode_processes_writes_the_thread_runs_files(tmp_pa
                          for p in out.rglob("*.jpg.json")}
     assert len(outs["0"]) == 6 and outs["2"] == outs["0"]
     assert b"error_code" in outs["2"]["sub/broken.jpg.json"]
+
+
+def test_too_little_shared_memory_is_a_config_error_that_says_what_to_do(monkeypatch):
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    pool = SharedBatchPool(2, np.uint8)
+    with pytest.raises(ConfigError, match=r"--shm-size=1g.*--decode-workers 0"):
+        pool.claim((32, 32))
+    assert not pool._segments
+    pool.close()

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from posebatch.errors import INTERNAL_ERROR, ImageError
+from posebatch.errors import INTERNAL_ERROR, ConfigError, ImageError
 from posebatch.schema import error_result
 from workers.engine.batches import Batch, BatchPool
 from workers.engine.stages import perf_counter
@@ -74,6 +74,7 @@ class SharedBatchPool(BatchPool):
         shape = (self.size, 3, *hw)
         nbytes = int(np.prod(shape)) * np.dtype(self.dtype).itemsize
         shm = SharedMemory(create=True, size=nbytes)
+        _reserve(shm, nbytes, len(self._segments))
         array: np.ndarray = np.ndarray(shape, self.dtype, buffer=shm.buf)
         self._segments[id(array)] = shm
         return array
@@ -87,6 +88,24 @@ class SharedBatchPool(BatchPool):
             self._filling.clear()
             self._free.clear()
             _unlink_all(self._segments)
+
+
+def _reserve(shm: SharedMemory, nbytes: int, held: int) -> None:
+    """Allocate the segment's pages now: a tmpfs that is too small (Docker's /dev/shm is 64 MB
+    unless ``--shm-size`` says more) would otherwise let the segment be made and then kill the
+    process that first writes past its end (SIGBUS), far from the cause."""
+    fd = getattr(shm, "_fd", -1)
+    if fd < 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as err:
+        _close(shm, unlink=True)
+        raise ConfigError(
+            f"decode processes: no room for a {nbytes / 2**20:.0f} MB batch in shared memory "
+            f"(/dev/shm, {held} batches held already): {err.strerror}. Give the container more "
+            "(docker run --shm-size=1g, compose shm_size), use a smaller --batch-size, or "
+            "decode in threads (--decode-workers 0)") from err
 
 
 def _unlink_all(segments: dict[int, SharedMemory]) -> None:

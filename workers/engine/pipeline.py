@@ -249,6 +249,7 @@ class PoseEngine:
                       else BatchPool(self.batch_size, self.input_dtype))
         """Batch memory, reused by every run of this engine."""
         self._procs: DecodeProcs | None = None
+        self._told_threads = False
         self._decoders: ThreadPoolExecutor | None = None
         self._writers: ThreadPoolExecutor | None = None
 
@@ -292,6 +293,12 @@ class PoseEngine:
         on the threads; otherwise, with ``decode_workers``, in the decode processes, and
         ``rgb`` is empty (``NO_PIXELS``)."""
         hw = None if pixels else self.process_hw()
+        if self.decode_workers and hw is None and not self._told_threads:
+            self._told_threads = True
+            log.warning("--decode-workers %d: this run decodes in threads instead; decode "
+                        "processes need the same input shape for every image and nothing "
+                        "but the batch (no --rect, --quality fast, no top-down model, no "
+                        "overlays)", self.decode_workers)
         workers = self.io_threads if hw is None else self._fetchers()
         ahead = self.batch_size * 2 + workers
         pool = self._pool
