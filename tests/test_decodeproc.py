@@ -139,3 +139,22 @@ def test_too_little_shared_memory_is_a_config_error_that_says_what_to_do(monkeyp
         pool.claim((32, 32))
     assert not pool._segments
     pool.close()
+
+
+def test_a_hanging_decode_process_is_killed_and_its_image_gets_an_error(monkeypatch):
+    import workers.engine.decodeproc as decodeproc
+
+    monkeypatch.setenv(decodeproc.HANG_MARK_ENV, "POSEBATCH-HANG-HERE")
+    monkeypatch.setattr(decodeproc, "DECODE_TIMEOUT_S", 1.0)
+    engine = PoseEngine(RecordingModel(), JobSettings(imgsz=64), batch_size=2, io_threads=2,
+                        decode_workers=2)
+    blobs = {f"k{i}": jpeg(96, 64) for i in range(4)}
+    blobs["k1"] = blobs["k1"] + b"POSEBATCH-HANG-HERE"
+    try:
+        out = run(engine, blobs)
+        assert sorted(out) == sorted(blobs)
+        assert out["k1"]["error_msg"] == CRASH_MESSAGE
+        assert all(out[k]["person_num"] == 0 for k in blobs if k != "k1")
+        assert engine.procs().restarts == 2
+    finally:
+        engine.close()

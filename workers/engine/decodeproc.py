@@ -53,11 +53,12 @@ DECODE_TIMEOUT_S = 120.0
 """A decode process that has not answered for this long is killed and its image retried: a
 decoder stuck in a loop must not hang the run."""
 CRASH_MARK_ENV = "POSEBATCH_TEST_DECODE_CRASH"
-"""Fault injection for tests: a decode process aborts on an image whose bytes hold this value
-(a real decoder crash cannot be had on demand)."""
-CRASH_MESSAGE = ("internal error: the decoder process crashed twice on this image (a decoder "
-                 "bug or the machine ran out of memory); try --decode-workers 0 to decode it "
-                 "in threads, and please report it")
+HANG_MARK_ENV = "POSEBATCH_TEST_DECODE_HANG"
+"""Fault injection for tests: a decode process aborts (or hangs) on an image whose bytes hold
+this variable's value (a real decoder crash or endless loop cannot be had on demand)."""
+CRASH_MESSAGE = ("internal error: the decoder process crashed (or hung) twice on this image (a "
+                 "decoder bug or the machine ran out of memory); try --decode-workers 0 to "
+                 "decode it in threads, and please report it")
 
 
 class SharedBatchPool(BatchPool):
@@ -183,6 +184,7 @@ def _serve(conn: Connection) -> None:
     except Exception:
         pass
     crash = os.environ.get(CRASH_MARK_ENV, "").encode()
+    hang = os.environ.get(HANG_MARK_ENV, "").encode()
     while True:
         try:
             header = conn.recv()
@@ -191,6 +193,8 @@ def _serve(conn: Connection) -> None:
             return
         if crash and crash in data:  # fault injection (tests): die as a decoder crash would
             os.abort()
+        if hang and hang in data:
+            signal.pause()
         conn.send(decode_into(header, data))
 
 
@@ -309,11 +313,11 @@ class DecodeProcs:
     call queues one image on the least busy process). Made once per engine, kept between runs
     and tasks."""
 
-    def __init__(self, n: int, timeout: float = DECODE_TIMEOUT_S) -> None:
+    def __init__(self, n: int, timeout: float | None = None) -> None:
         if n < 1:
             raise ValueError(f"expected at least 1 decode process, got {n}")
         self.n = n
-        self.timeout = timeout
+        self.timeout = DECODE_TIMEOUT_S if timeout is None else timeout
         self.restarts = 0
         """Processes replaced after a crash or a hang (tests and logs read it)."""
         self._lock = threading.Lock()
