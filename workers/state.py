@@ -59,8 +59,9 @@ def load_model(job: JobSettings | None = None) -> tuple[Runner | TopDownModel, M
 
 
 def engine(job: JobSettings) -> PoseEngine:
-    """This process's engine for ``job``'s settings: its decode and writer threads and its batch
-    memory are made once and serve every batch task (each task made its own before)."""
+    """This process's engine for ``job``'s settings: its decode and writer threads, its decode
+    processes (``decode_workers``) and its batch memory are made once and serve every batch
+    task (each task made its own before)."""
     key = json.dumps(job.to_dict(), sort_keys=True)
     found = _engines.get(key)
     if found is None:
