@@ -10,8 +10,12 @@ real CLI as a subprocess, its CPU from wait4()); the steady state is the differe
     cores busy = (cpu_3N - cpu_N) / (wall_3N - wall_N)
 
 The 3N run's stage timers (``-vv``: the engine's ``stages:`` log line) are printed beside.
+``--variant`` runs the same corpora with other flags, interleaved run by run with the others
+(the host is shared: drift between windows hits every variant alike), e.g. threads vs decode
+processes:
 
     python host_ceiling.py [--sizes 640x360,1920x1080] [--n 1000,300] [--repeat 3] [--json F]
+        [--model M.onnx] [--variant "--decode-workers 0" --variant "--decode-workers 2"]
 """
 
 from __future__ import annotations
@@ -69,24 +73,28 @@ def steady(n: int, small: dict[str, Any], big: dict[str, Any]) -> dict[str, Any]
 
 
 def measure(size: tuple[int, int], n: int, repeat: int, model: Path, extra: list[str],
-            roots: list[Path]) -> list[dict[str, Any]]:
-    """Best of ``repeat`` N/3N pairs per checkout in ``roots``, interleaved run by run."""
+            roots: list[Path], variants: list[str] | None = None) -> list[dict[str, Any]]:
+    """Best of ``repeat`` N/3N pairs per checkout in ``roots`` and flag variant, interleaved
+    run by run."""
     small_dir, big_dir = corpus(n, size), corpus(3 * n, size)
-    runs: dict[Path, list[dict[str, Any]]] = {root: [] for root in roots}
+    combos = [(root, v) for root in roots for v in (variants or [""])]
+    runs: dict[tuple[Path, str], list[dict[str, Any]]] = {c: [] for c in combos}
     with tempfile.TemporaryDirectory(prefix="host-ceiling-") as tmp:
         work = Path(tmp)
         for i in range(repeat):
-            for root in roots:
-                s = run_once(small_dir, model, extra, work, root)
-                b = run_once(big_dir, model, extra, work, root)
-                runs[root].append(steady(n, s, b))
-                log(f"{root.name} {size[0]}x{size[1]} run {i + 1}: "
-                    f"{runs[root][-1]['img_per_s']:.0f} img/s, "
-                    f"{runs[root][-1]['cpu_ms_per_img']:.2f} CPU ms/img")
+            for root, variant in combos:
+                flags = [*extra, *variant.split()]
+                s = run_once(small_dir, model, flags, work, root)
+                b = run_once(big_dir, model, flags, work, root)
+                rs = runs[(root, variant)]
+                rs.append(steady(n, s, b))
+                log(f"{root.name} {variant} {size[0]}x{size[1]} run {i + 1}: "
+                    f"{rs[-1]['img_per_s']:.0f} img/s, {rs[-1]['cpu_ms_per_img']:.2f} CPU ms/img")
     out = []
-    for root, rs in runs.items():
+    for (root, variant), rs in runs.items():
         best = max(rs, key=lambda r: r["img_per_s"])
-        out.append({**best, "root": str(root), "size": f"{size[0]}x{size[1]}", "n": n,
+        out.append({**best, "root": str(root), "variant": variant,
+                    "size": f"{size[0]}x{size[1]}", "n": n,
                     "all_img_per_s": [round(r["img_per_s"], 1) for r in rs],
                     "all_cpu_ms_per_img": [round(r["cpu_ms_per_img"], 2) for r in rs]})
     return out
@@ -127,20 +135,25 @@ def main() -> int:
                     help="another checkout to run the same way, interleaved (e.g. main's)")
     ap.add_argument("--uint8", action="store_true",
                     help="null-u8.onnx: a uint8 input, so no scaling to float is counted")
+    ap.add_argument("--model", type=Path,
+                    help="another model instead of the null one (the real model: its path)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="extra flags for posebatch run, one variant per use (interleaved)")
     ap.add_argument("args", nargs="*", help="more flags for posebatch run (after --)")
     ns = ap.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in ns.sizes.split(",")]
     ns_ = [int(v) for v in ns.n.split(",")]
-    model = (null_model.ensure(null_model.HERE / "null-u8.onnx", uint8=True) if ns.uint8
-             else null_model.ensure())
+    model = ns.model or (null_model.ensure(null_model.HERE / "null-u8.onnx", uint8=True)
+                         if ns.uint8 else null_model.ensure())
     print(f"model: {model.name}")
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"host: {host()}\nuptime before: {load}")
     results = []
     for size, n in zip(sizes, ns_, strict=True):
-        for r in measure(size, n, ns.repeat, model, ns.args, [ROOT, *ns.also]):
+        for r in measure(size, n, ns.repeat, model, ns.args, [ROOT, *ns.also], ns.variant):
             results.append(r)
-            print(f"{r['root']} {r['size']} (N = {n}): {r['img_per_s']:.0f} img/s steady, "
+            print(f"{r['root']} {r['variant']} {r['size']} (N = {n}): "
+                  f"{r['img_per_s']:.0f} img/s steady, "
                   f"{r['cpu_ms_per_img']:.2f} CPU ms/img, {r['cores_busy']:.2f} cores busy "
                   f"(others {r['others_cores']:.2f}); all runs {r['all_img_per_s']} img/s, "
                   f"{r['all_cpu_ms_per_img']} ms")

@@ -139,6 +139,10 @@ class RuntimeSettings:
     """ONNX Runtime intra-op threads; 0 lets it use one per physical core."""
     io_threads: int = 4
     """Threads that download and decode images while the model runs."""
+    decode_workers: int = 0
+    """Processes that decode images into shared-memory batches (workers.engine.decodeproc);
+    0: the io threads decode. Used where every image gets the same input shape (no ``rect``,
+    ``quality fast``, no overlays); elsewhere the threads decode."""
     broker_url: str = "redis://127.0.0.1:6379/0"
     state_url: str | None = None
     """Redis holding job state and per-image records; defaults to the broker's URL."""
@@ -161,6 +165,9 @@ class RuntimeSettings:
                               f"{self.intra_threads}")
         if not 1 <= self.io_threads <= 64:
             raise ConfigError(f"io_threads: expected 1 to 64, got {self.io_threads}")
+        if not 0 <= self.decode_workers <= 64:
+            raise ConfigError(f"decode_workers: expected 0 (decode in the io threads) to 64 "
+                              f"processes, got {self.decode_workers}")
 
     def check_urls(self) -> None:
         """ConfigError (exit 3) naming the flag and variable of a malformed broker/state URL.

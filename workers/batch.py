@@ -113,7 +113,7 @@ def process_keys(
         safe = _refuse_unsafe(keys, done, dst)
         todo = _filter_existing(safe, dst, job, done, writers, redo=not skip_existing)
         loaders = ((k, image_loader(src, k, job.max_image_bytes)) for k in todo)
-        for key, result, image in engine.run_results(loaders):
+        for key, result, image in engine.run_results(loaders, pixels=overlays):
             t0 = perf_counter()
             if before_first_write is not None and not started:
                 before_first_write()

@@ -59,14 +59,16 @@ def load_model(job: JobSettings | None = None) -> tuple[Runner | TopDownModel, M
 
 
 def engine(job: JobSettings) -> PoseEngine:
-    """This process's engine for ``job``'s settings: its decode and writer threads and its batch
-    memory are made once and serve every batch task (each task made its own before)."""
+    """This process's engine for ``job``'s settings: its decode and writer threads, its decode
+    processes (``decode_workers``) and its batch memory are made once and serve every batch
+    task (each task made its own before)."""
     key = json.dumps(job.to_dict(), sort_keys=True)
     found = _engines.get(key)
     if found is None:
         model, _ref, _label = load_model(job)
         rt = runtime()
-        found = _engines[key] = PoseEngine(model, job, rt.batch_size, rt.io_threads)
+        found = _engines[key] = PoseEngine(model, job, rt.batch_size, rt.io_threads,
+                                           rt.decode_workers)
         if len(_engines) > MAX_ENGINES:
             _engines.popitem(last=False)[1].close()
     _engines.move_to_end(key)

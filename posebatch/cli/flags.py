@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
               "valid_box_score", "max_image_bytes", "quality", "precision", "backend")
 RUNTIME_FIELDS = ("model", "detector", "providers", "precision", "backend", "batch_size",
-                  "intra_threads", "io_threads", "broker_url", "state_url")
+                  "intra_threads", "io_threads", "decode_workers", "broker_url", "state_url")
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -84,6 +84,9 @@ def add_runtime_flags(p: argparse.ArgumentParser, *, engine: bool = False) -> No
                    help="images per model call (default 0 = auto: 4 on CPU, 32 on CUDA)")
     g.add_argument("--intra-threads", type=int, help="ONNX Runtime threads (0 = per core)")
     g.add_argument("--io-threads", type=int, help="download/decode threads (default 4)")
+    g.add_argument("--decode-workers", type=int, metavar="N",
+                   help="decode in N processes writing into shared-memory batches (default 0: "
+                        "decode in the io threads; README \"Decode processes\")")
 
 
 def add_input_output(p: argparse.ArgumentParser, what: str = "with images") -> None:

@@ -59,11 +59,15 @@ class BatchPool:
             batch = self._filling.get(hw)
             if batch is None or batch.claimed == batch.size:
                 free = self._free.get(hw)
-                array = free.pop() if free else np.empty((self.size, 3, *hw), self.dtype)
+                array = free.pop() if free else self._alloc(hw)
                 batch = self._filling[hw] = Batch(array, hw)
             slot = batch.claimed
             batch.claimed += 1
             return batch, slot
+
+    def _alloc(self, hw: tuple[int, int]) -> np.ndarray:
+        """A new batch's memory (workers.engine.decodeproc.SharedBatchPool: shared memory)."""
+        return np.empty((self.size, 3, *hw), self.dtype)
 
     def reset(self) -> None:
         """Forget the batches being filled (a run ended early): their memory is free again."""

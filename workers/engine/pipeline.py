@@ -3,6 +3,11 @@
 Why threads: Pillow's decoders and resize release the GIL, and so does ONNX Runtime while it
 runs, so a small pool that downloads, decodes and letterboxes the next images while the main
 thread runs the model keeps the model busy without extra processes or copies between them.
+
+Why decode processes too (``decode_workers``, workers.engine.decodeproc): the Python around
+the decoders does not release the GIL, and on small images it made decoding, the model's thread
+and the writers take turns on one core. With processes the threads only fetch the bytes and
+wait; the pixels are written into shared-memory batches by the processes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from posebatch.settings import JobSettings
 from workers.engine.backends import Runner
 from workers.engine.batches import Batch, BatchPool
 from workers.engine.decode import DecodedImage, Limits, decode_image
+from workers.engine.decodeproc import DecodeProcs, SharedBatchPool
 from workers.engine.keypoints import to_api21
 from workers.engine.layouts import Detections, PersonBatch
 from workers.engine.letterbox import Letterbox, fit, input_shape_for, write_input
@@ -111,6 +117,54 @@ def prepare(key: str, load: Loader, job: JobSettings,
             timer.add("copy_in", max(0.0, t4 - t3) if t3 > t0 else 0.0)
 
 
+NO_PIXELS = np.empty((0, 0, 3), np.uint8)
+"""``DecodedImage.rgb`` of an image decoded in a process: its pixels are in the batch only."""
+
+
+def prepare_in_process(key: str, load: Loader, job: JobSettings, hw: tuple[int, int],
+                       pool: SharedBatchPool, procs: DecodeProcs,
+                       timer: StageTimer | None = None) -> Prepared:
+    """``prepare`` with the decoding in a decode process (on a fetch thread, which waits).
+
+    The slot is claimed before decoding (the input shape is fixed on this path), so an image
+    that turns out bad leaves a hole in its batch: its Prepared has both the error and the slot
+    (``PoseEngine`` skips it). Never raises for a bad image.
+    """
+    t0 = perf_counter()
+    try:
+        data = load()
+    except ImageError as err:
+        return Prepared(key, error=error_result(err.code, err.message))
+    except (RetryableError, ConfigError):
+        raise
+    except Exception as err:
+        log.exception("unexpected error reading %s", key)
+        return Prepared(key, error=error_result(INTERNAL_ERROR, f"internal error: {err}"))
+    finally:
+        if timer is not None:
+            timer.add("fetch", perf_counter() - t0)
+    if isinstance(data, DecodedImage):  # pixels already (the Python API): letterbox here
+        return prepare(key, lambda: data, job, hw, pool, timer)
+    batch, slot = pool.claim(hw)
+    array = batch.array
+    header = (pool.segment(batch), array.shape, array.dtype.str, slot, hw,
+              (job.max_image_bytes, job.min_side, job.max_side),
+              decode_side(job.quality, job.imgsz))
+    answer = procs.decode(header, data)
+    if answer[0] != "ok":
+        if timer is not None:
+            timer.add("decode", answer[2])
+        return Prepared(key, error=answer[1], batch=batch, slot=slot)
+    (_, width, height, sx, sy, scale, pad_x, pad_y, _h, _w,
+     t_decode, t_resize, t_copy) = answer
+    if timer is not None:
+        timer.add("decode", t_decode)
+        timer.add("resize", t_resize)
+        timer.add("copy_in", t_copy)
+    return Prepared(key, image=DecodedImage(NO_PIXELS, width, height, (sx, sy)),
+                    box=Letterbox(scale, pad_x, pad_y, hw), batch=batch, slot=slot)
+
+
 def to_results(persons: PersonBatch, items: list[Prepared]) -> list[PoseResult]:
     """Model pixels -> upright original pixels, then the 21 API keypoints, clamped: for every
     person of a batch in one set of array operations, one PoseResult per item.
@@ -175,7 +229,7 @@ class PoseEngine:
     """
 
     def __init__(self, model: Runner | TopDownModel, job: JobSettings, batch_size: int = 0,
-                 io_threads: int = 4) -> None:
+                 io_threads: int = 4, decode_workers: int = 0) -> None:
         self.model = model
         self.job = job
         auto = CUDA_BATCH if model.on_cuda else CPU_BATCH
@@ -188,8 +242,14 @@ class PoseEngine:
         plain = not any(passes(job.quality)) and not isinstance(model, TopDownModel)
         uint8 = plain and getattr(model, "input_dtype", np.float32) == np.uint8
         self.input_dtype: type = np.uint8 if uint8 else np.float32
-        self._pool = BatchPool(self.batch_size, self.input_dtype)
+        self.decode_workers = decode_workers
+        """Decode processes (0: decode on the io threads); used where the input shape is known
+        before decoding (``process_hw``), else the threads decode."""
+        self._pool = (SharedBatchPool(self.batch_size, self.input_dtype) if decode_workers
+                      else BatchPool(self.batch_size, self.input_dtype))
         """Batch memory, reused by every run of this engine."""
+        self._procs: DecodeProcs | None = None
+        self._told_threads = False
         self._decoders: ThreadPoolExecutor | None = None
         self._writers: ThreadPoolExecutor | None = None
 
@@ -212,13 +272,38 @@ class PoseEngine:
         return ((key, api_result(result), image)
                 for key, result, image in self.run_results(items))
 
-    def run_results(self, items: Iterable[tuple[str, Loader]]
+    def process_hw(self) -> tuple[int, int] | None:
+        """The input shape every image gets when it is known before decoding (no ``rect``), and
+        the result needs no more than the batch (no best-quality passes, no top-down model: they
+        read the decoded pixels): where decode processes can write the batch. Else None."""
+        if not self.decode_workers or any(passes(self.job.quality)) \
+                or isinstance(self.model, TopDownModel):
+            return None
+        fixed = self.model.info.fixed_hw
+        if fixed is not None:
+            return tuple(fixed)  # type: ignore[return-value]
+        return None if self.job.rect else (self.job.imgsz, self.job.imgsz)
+
+    def run_results(self, items: Iterable[tuple[str, Loader]], *, pixels: bool = False
                     ) -> Iterator[tuple[str, Result, DecodedImage | None]]:
         """Like ``run_images``, with persons as ``PoseResult`` (``api_result`` makes the dict):
-        the caller makes dicts and JSON on its own threads, the model's thread only infers."""
-        ahead = self.batch_size * 2 + self.io_threads
+        the caller makes dicts and JSON on its own threads, the model's thread only infers.
+
+        ``pixels``: the caller reads ``DecodedImage.rgb`` (overlays), so the images are decoded
+        on the threads; otherwise, with ``decode_workers``, in the decode processes, and
+        ``rgb`` is empty (``NO_PIXELS``)."""
+        hw = None if pixels else self.process_hw()
+        if self.decode_workers and hw is None and not self._told_threads:
+            self._told_threads = True
+            log.warning("--decode-workers %d: this run decodes in threads instead; decode "
+                        "processes need the same input shape for every image and nothing "
+                        "but the batch (no --rect, --quality fast, no top-down model, no "
+                        "overlays)", self.decode_workers)
+        workers = self.io_threads if hw is None else self._fetchers()
+        ahead = self.batch_size * 2 + workers
         pool = self._pool
         threads = self.decoders()
+        procs = self.procs() if hw is not None else None
         open_batches: list[Batch] = []
         futures: deque[Future[Prepared]] = deque()
         try:
@@ -231,14 +316,20 @@ class PoseEngine:
                         exhausted = True
                         break
                     key, load = nxt
-                    futures.append(threads.submit(prepare, key, load, self.job,
-                                                  self.model.info.fixed_hw, pool, self.stages))
+                    if procs is not None:
+                        futures.append(threads.submit(prepare_in_process, key, load, self.job,
+                                                      hw, pool, procs, self.stages))
+                    else:
+                        futures.append(threads.submit(prepare, key, load, self.job,
+                                                      self.model.info.fixed_hw, pool,
+                                                      self.stages))
                 if not futures:
                     break
                 item = futures.popleft().result()
                 if item.error is not None:
                     yield item.key, item.error, None
-                    continue
+                    if item.batch is None:
+                        continue  # a hole (decoded in a process): its batch still counts it
                 assert item.batch is not None
                 batch = item.batch
                 if not batch.seen:
@@ -263,10 +354,21 @@ class PoseEngine:
 
     def decoders(self) -> ThreadPoolExecutor:
         """The decode threads, made on first use and kept for every later run (a worker runs
-        one engine for all its batch tasks: workers.state.engine)."""
+        one engine for all its batch tasks: workers.state.engine). With decode processes they
+        fetch and wait for a process: several per process, so each has its next images queued
+        while its last answer waits for the GIL here."""
         if self._decoders is None:
-            self._decoders = ThreadPoolExecutor(self.io_threads, thread_name_prefix="decode")
+            self._decoders = ThreadPoolExecutor(self._fetchers(), thread_name_prefix="decode")
         return self._decoders
+
+    def _fetchers(self) -> int:
+        return max(self.io_threads, 4 * self.decode_workers)
+
+    def procs(self) -> DecodeProcs:
+        """The decode processes, started on first use and kept like ``decoders``."""
+        if self._procs is None:
+            self._procs = DecodeProcs(self.decode_workers)
+        return self._procs
 
     def writers(self) -> ThreadPoolExecutor:
         """Threads for the results' dicts, JSON and writes (workers.batch), kept like
@@ -281,12 +383,19 @@ class PoseEngine:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         self._decoders = self._writers = None
+        if self._procs is not None:
+            self._procs.close()
+            self._procs = None
 
     def _infer_batch(self, batch: Batch, pool: BatchPool
                      ) -> Iterator[tuple[str, Result, DecodedImage | None]]:
         group = sorted(batch.seen, key=lambda p: p.slot)
         try:
-            results = self._infer(group, batch.array[:len(group)])
+            real = [p for p in group if p.error is None]
+            if len(real) == len(group):
+                results = self._infer(group, batch.array[:len(group)])
+            else:  # holes: bad images whose slots were claimed before decoding (processes)
+                results = self._infer(real, batch.array[[p.slot for p in real]]) if real else []
         finally:
             pool.release(batch)
         for item, result in results:
