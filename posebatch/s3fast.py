@@ -63,6 +63,8 @@ class FastS3:
 
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         session = boto3.session.Session()
+        if session.get_credentials() is None:  # boto3 says what is missing, in its own words
+            raise Unsupported("no credentials")
         options: dict[str, Any] = {"connect_timeout": f"{connect_timeout}s",
                                    "timeout": f"{read_timeout}s",
                                    "pool_max_idle_per_host": "64"}

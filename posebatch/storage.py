@@ -525,7 +525,11 @@ class S3Storage:
             with self._lock:
                 if self._fast is None or self._fast_pid != os.getpid():
                     check_s3_environment()
-                    self._fast = s3fast.FastS3(self.bucket, **S3_TIMEOUTS)
+                    try:
+                        self._fast = s3fast.FastS3(self.bucket, **S3_TIMEOUTS)
+                    except s3fast.Unsupported:  # e.g. no credentials: boto3 reports it
+                        self._use_fast = False
+                        return None
                     self._fast_pid = os.getpid()
         return self._fast
 
