@@ -62,6 +62,45 @@ def held_delivery_tags() -> list[str]:
     return tags
 
 
+FULL_POLL_S = 1.0
+FULL_LOG_S = 30.0
+
+
+def hold_deliveries_while_full() -> None:
+    """Make kombu's Redis ``QoS.append`` wait out a full Redis instead of losing the message.
+
+    Why: the consumer takes a message off the queue (BRPOP, allowed on a full Redis: it frees
+    memory) and then records it as unacknowledged (ZADD ``unacked_index`` + HSET ``unacked``).
+    At ``maxmemory`` with ``noeviction`` that write is refused with OutOfMemoryError: the
+    consumer stopped, the worker exited, and the message, off the queue and in no unacked hash,
+    was gone (seen in tests/test_faults.py's full-Redis test). Here the write is retried every
+    second until Redis takes writes again, the message held in memory meanwhile; the timers
+    (lease renewals) wait too, which at worst lets a lease lapse and the batch run twice.
+    Relies on ``kombu.transport.redis.QoS.append(message, delivery_tag)`` (kombu pinned).
+    """
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.QoS.append
+    if getattr(original, "_posebatch_patient", False):
+        return
+
+    def append(self: Any, message: Any, delivery_tag: Any) -> Any:
+        told = 0.0
+        while True:
+            try:
+                return original(self, message, delivery_tag)
+            except (redis.exceptions.OutOfMemoryError, redis.exceptions.ExecAbortError) as err:
+                if time.monotonic() - told >= FULL_LOG_S:
+                    log.error("Redis is full (%s): a delivered batch waits to be recorded "
+                              "(checking every %.0f s); free memory or raise maxmemory", err,
+                              FULL_POLL_S)
+                    told = time.monotonic()
+                time.sleep(FULL_POLL_S)
+
+    append._posebatch_patient = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.append = append
+
+
 class LeaseRenewal(bootsteps.StartStopStep):
     """Consumer bootstep: a timer in the worker's main process renewing its held deliveries.
 
@@ -82,6 +121,8 @@ class LeaseRenewal(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         from posebatch.jobstate import connect
 
+        if c.app.conf.broker_url.startswith(("redis://", "rediss://")):
+            hold_deliveries_while_full()
         opts = c.app.conf.broker_transport_options or {}
         interval = float(c.app.conf.get(LEASE_RENEW_CONF) or 0)
         if interval <= 0 or not c.app.conf.broker_url.startswith(("redis://", "rediss://")):

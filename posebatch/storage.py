@@ -36,6 +36,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
+from posebatch import s3fast
 from posebatch.errors import (
     ConfigError,
     ObjectTooLarge,
@@ -453,8 +454,16 @@ def check_s3_environment() -> None:
             check_endpoint_url(os.environ[name], name)
 
 
+S3_TIMEOUTS = {"max_attempts": 4, "connect_timeout": 5.0, "read_timeout": 60.0}
+S3_POOL = 64
+"""Connections a process keeps per client: a GPU worker's 16 decode and 16 writer threads
+share one (botocore's default of 10 made them wait for, and drop, connections)."""
+
+
 def make_s3_client(
-    *, max_attempts: int = 4, connect_timeout: float = 5.0, read_timeout: float = 60.0
+    *, max_attempts: int = S3_TIMEOUTS["max_attempts"],
+    connect_timeout: float = S3_TIMEOUTS["connect_timeout"],
+    read_timeout: float = S3_TIMEOUTS["read_timeout"],
 ) -> Any:
     """A boto3 S3 client configured only the standard way (AWS_* env vars, incl. AWS_ENDPOINT_URL).
 
@@ -468,6 +477,7 @@ def make_s3_client(
         retries={"mode": "standard", "max_attempts": max_attempts},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
+        max_pool_connections=S3_POOL,
         s3={"addressing_style": "path"} if custom else None,
     )
     return boto3.session.Session().client("s3", config=config)
@@ -491,6 +501,11 @@ class S3Storage:
         self._client = client
         self._client_pid = os.getpid() if client is not None else None
         self._lock = threading.Lock()
+        # The per-image GET and PUT go through obstore (posebatch.s3fast) unless a client was
+        # handed in (tests, benches counting boto3's requests) or POSEBATCH_S3_CLIENT=boto3.
+        self._fast: Any = None
+        self._fast_pid: int | None = None
+        self._use_fast = client is None and s3fast.wanted()
 
     @property
     def client(self) -> Any:
@@ -500,6 +515,23 @@ class S3Storage:
                 if self._client is None or self._client_pid != os.getpid():
                     self._client, self._client_pid = make_s3_client(), os.getpid()
         return self._client
+
+    @property
+    def fast(self) -> Any:
+        """obstore's store for GET/PUT (None: boto3 for everything), made again after a fork."""
+        if not self._use_fast:
+            return None
+        if self._fast is None or self._fast_pid != os.getpid():
+            with self._lock:
+                if self._fast is None or self._fast_pid != os.getpid():
+                    check_s3_environment()
+                    try:
+                        self._fast = s3fast.FastS3(self.bucket, **S3_TIMEOUTS)
+                    except s3fast.Unsupported:  # e.g. no credentials: boto3 reports it
+                        self._use_fast = False
+                        return None
+                    self._fast_pid = os.getpid()
+        return self._fast
 
     def join(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"
@@ -703,6 +735,18 @@ class S3Storage:
         """One GET; its Content-Length is checked before the body is read, so an oversized
         object costs no transfer and no extra HEAD request."""
         full = self.prefix + safe_key(key)
+        fast = self.fast
+        if fast is not None:
+            try:
+                size, body = fast.get(full, max_bytes)
+            except s3fast.Unsupported:
+                pass  # a key obstore cannot express: boto3 below
+            except Exception as err:
+                raise self._error(err, "read", key) from err
+            else:
+                if body is None:
+                    raise ObjectTooLarge(self.join(key), size, max_bytes or 0)
+                return body
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=full)
             size = int(response.get("ContentLength", 0))
@@ -730,6 +774,15 @@ class S3Storage:
         """One PUT: S3 objects appear whole or not at all, so this is atomic already."""
         full = self.prefix + safe_key(key)
         ctype = content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"
+        fast = self.fast
+        if fast is not None:
+            try:
+                fast.put(full, data, ctype)
+                return
+            except s3fast.Unsupported:
+                pass  # boto3 below
+            except Exception as err:
+                raise self._error(err, "write", key) from err
         try:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=ctype)
         except (ClientError, BotoCoreError) as err:

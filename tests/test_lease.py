@@ -112,3 +112,34 @@ def test_cluster_settings_out_of_bounds_are_refused(env, message):
 
     with pytest.raises(ConfigError, match=message):
         from_env(ClusterSettings, env=env)
+
+
+def test_a_delivery_on_a_full_redis_waits_to_be_recorded_instead_of_being_lost(broker):
+    """A consumer took the message off the queue when Redis was full: recording it as
+    unacknowledged was refused and the message was gone. Now the record waits for memory."""
+    import threading
+
+    from posebatch.lease import hold_deliveries_while_full
+
+    hold_deliveries_while_full()
+    url, r = broker
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    conn = Connection(url)
+    q = conn.SimpleQueue(queue)
+    q.put({"x": 1})
+    got: list = []
+    r.config_set("maxmemory", "1")  # every write refused; BRPOP still pops
+    try:
+        taker = threading.Thread(target=lambda: got.append(q.get(timeout=10)), daemon=True)
+        taker.start()
+        time.sleep(2.5)
+        assert not got and r.llen(queue) == 0  # popped, and held while Redis is full
+    finally:
+        r.config_set("maxmemory", "0")
+    taker.join(10)
+    try:
+        assert got and got[0].payload == {"x": 1}
+        assert r.hexists("unacked", got[0].delivery_tag)  # recorded: a lost worker returns it
+    finally:
+        q.close()
+        conn.release()
