@@ -185,7 +185,9 @@ class JobProgress:
 
 
 class JobStore:
-    """Reads and writes the Redis keys of jobs; one instance per process is enough."""
+    """Reads and writes the Redis keys of jobs; one instance per process is enough. It decides
+    nothing about a job's end: ``posebatch.jobend`` reads it, writes the tables and calls
+    ``mark_done``."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
