@@ -112,10 +112,13 @@ def iter_counts_csv(path: Path | str) -> Iterator[Record]:
             if len(row) != width:  # a short row (blank trailing fields cut): as DictReader did
                 yield row_record({k: v or "" for k, v in zip(header, row, strict=False)})
                 continue
-            key, status, code, persons, valid, msg, w, h, etag, n = row[:10]
-            error_code = int(code) if code else None
-            batch = (row[10] == "1") if flagged else legacy_batch_failure(error_code, msg)
-            yield Record(key, status == "ok", error_code, int(persons),
+            if flagged:
+                key, status, code, persons, valid, msg, w, h, etag, n, flag = row
+                batch = flag == "1"
+            else:
+                key, status, code, persons, valid, msg, w, h, etag, n = row
+                batch = bool(code) and legacy_batch_failure(int(code), msg)
+            yield Record(key, status == "ok", int(code) if code else None, int(persons),
                          int(valid), msg, int(w) if w.isdigit() else None,
                          int(h) if h.isdigit() else None, etag or None,
                          int(n) if n.isdigit() else None, batch)
