@@ -3,7 +3,7 @@ item 4), on loopback SeaweedFS S3 and redis-server (``posebatch.testing.servers`
 
 Per size: a root ``_counts.csv`` of N stubbed rows (+ its ``_summary.json``, no ``_tables.json``:
 an output written by the merging finalize) is uploaded; then, each in a child process (its own
-peak RSS), a job of ``--new`` rows ends through ``JobStore.maybe_finalize``:
+peak RSS), a job of ``--new`` rows ends through ``jobend.maybe_finalize``:
 
 - ``after``: the index: the job's table and ``_tables.json``, no earlier row read;
 - ``before``: compaction forced at the job end (``COMPACT_RATIO`` huge): download the base and
@@ -43,6 +43,7 @@ if hasattr(fz, "add_job"):
     import posebatch.roottables as rt
 else:  # the merging finalize of an older checkout (--old-src)
     rt = None
+from posebatch.jobend import maybe_finalize
 from posebatch.jobstate import JobStore
 from posebatch.records import Record
 from posebatch.storage import S3Storage, open_storage
@@ -77,7 +78,7 @@ else:
     store.add_records(job, [Record(f"new-{mode}/{i:09d}.jpg", True, None, 1, 1, width=64,
                                    height=48) for i in range(new)])
     t = time.perf_counter()
-    assert store.maybe_finalize(job)
+    assert maybe_finalize(store, job)
     fig["lock_renewals"] = store.last_lock.renewals
     if rt is not None:
         fig["output_lock_renewals"] = store.last_output_lock.renewals

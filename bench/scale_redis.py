@@ -57,10 +57,11 @@ def mem(r) -> dict[str, int]:
 
 FINALIZE = """
 import json, resource, sys, time
+from posebatch.jobend import maybe_finalize
 from posebatch.jobstate import JobStore
 store = JobStore.from_url(sys.argv[1])
 t = time.perf_counter()
-assert store.maybe_finalize(sys.argv[2])
+assert maybe_finalize(store, sys.argv[2])
 print(json.dumps({"seconds": time.perf_counter() - t}))
 """
 

@@ -40,6 +40,7 @@ from bench.scale_redis import cpu_model, key_name  # noqa: E402
 
 JOB_END = """
 import csv, json, sys, time
+from posebatch.jobend import maybe_finalize
 from posebatch.jobstate import JobStore
 from posebatch.records import Record
 url, out, earlier, mine = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -59,7 +60,7 @@ store.mark_submitted("end", mine, 1)
 store.add_records("end", [Record(f"new/{i:09d}.jpg", True, None, 1, 1, width=64, height=48)
                           for i in range(mine)])
 t = time.perf_counter()
-assert store.maybe_finalize("end")
+assert maybe_finalize(store, "end")
 print(json.dumps({"seconds": time.perf_counter() - t,
                   "renewals": store.last_lock.renewals}))
 """
@@ -118,6 +119,7 @@ def main() -> None:
     os.environ["POSEBATCH_QUEUE_HIGH_WATER"] = "0"  # no workers: measure an unthrottled queue
 
     import posebatch.storage as storage
+    from posebatch.jobend import maybe_finalize
     from posebatch.jobstate import JobStore
     from posebatch.settings import JobSettings
     from posebatch.storage import S3Storage
@@ -163,7 +165,7 @@ def main() -> None:
             figures["first_submit_requests"] = dict(calls)
             play_workers(store, r, job)
             t = time.perf_counter()
-            assert store.maybe_finalize(job)
+            assert maybe_finalize(store, job)
             figures["first_job_end_seconds"] = round(time.perf_counter() - t, 1)
         figures["first_job_redis_peak_bytes"] = peak.peak - empty
         total = ns.objects
@@ -181,7 +183,7 @@ def main() -> None:
                 p = store.progress(job)
                 play_workers(store, r, job)
                 t = time.perf_counter()
-                assert store.maybe_finalize(job)
+                assert maybe_finalize(store, job)
                 end_s = time.perf_counter() - t
             figures["reruns"].append({
                 "listed": total, "queued": p.total, "submit_seconds": round(submit_s, 2),

@@ -17,16 +17,21 @@ from typing import Any
 
 from posebatch.errors import PosebatchError
 from posebatch.imagesize import upright_size
-from posebatch.records import Record
+from posebatch.records import Record, legacy_batch_failure
 
 SUMMARY_NAME = "_summary.json"
 COUNTS_NAME = "_counts.csv"
 MAX_REASONS = 50
 CSV_COLUMNS = ("key", "status", "error_code", "person_num", "valid_persons", "error_msg",
-               "width", "height", "etag", "bytes")
+               "width", "height", "etag", "bytes", "batch_failure")
 """width, height: the upright image's size, empty when unknown (failed images); exports read it.
 etag, bytes: the input object's version when its job listed it (empty when unknown: `run`,
-older tables); a rerun submits an image again when the listing says otherwise."""
+older tables); a rerun submits an image again when the listing says otherwise.
+batch_failure: ``1`` when the image failed because its whole batch did
+(``Record.batch_failure``: a rerun retries it), empty otherwise. Tables written before the
+column read through ``legacy_batch_failure`` (their 282000 "batch ..." rows)."""
+PREVIOUS_COLUMNS = CSV_COLUMNS[:-1]
+"""The columns of tables written before ``batch_failure``: still read by position."""
 
 
 class Tally:
@@ -85,7 +90,7 @@ def summarize(records: Iterable[Record], meta: dict[str, Any]) -> dict[str, Any]
 def csv_row(r: Record) -> list[Any]:
     return [r.key, "ok" if r.ok else "error", r.error_code or "", r.person_num,
             r.valid_persons, r.error_msg, _blank(r.width), _blank(r.height), r.etag or "",
-            _blank(r.nbytes)]
+            _blank(r.nbytes), "1" if r.batch_failure else ""]
 
 
 def counts_csv(records: Iterable[Record]) -> bytes:
@@ -149,10 +154,13 @@ def records_from_counts_csv(data: bytes) -> list[Record]:
 
 
 def row_record(r: dict[str, str]) -> Record:
-    """One row of a ``_counts.csv`` (older tables have no width/height or etag/bytes columns)."""
+    """One row of a ``_counts.csv`` (older tables have no width/height, etag/bytes or
+    batch_failure columns; a row without the last reads it from the old message prefix)."""
     w, h, n = r.get("width") or "", r.get("height") or "", r.get("bytes") or ""
-    return Record(r["key"], r["status"] == "ok",
-                  int(r["error_code"]) if r["error_code"] else None,
+    code = int(r["error_code"]) if r["error_code"] else None
+    flag = r.get("batch_failure")
+    return Record(r["key"], r["status"] == "ok", code,
                   int(r["person_num"]), int(r["valid_persons"]), r["error_msg"],
                   int(w) if w.isdigit() else None, int(h) if h.isdigit() else None,
-                  r.get("etag") or None, int(n) if n.isdigit() else None)
+                  r.get("etag") or None, int(n) if n.isdigit() else None,
+                  legacy_batch_failure(code, r["error_msg"]) if flag is None else flag == "1")

@@ -66,7 +66,8 @@ def _spill(buf: list[Record], workdir: Path, n: int) -> Path:
     with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
         for r in buf:
             f.write(json.dumps([r.key, r.ok, r.error_code, r.person_num, r.valid_persons,
-                                r.error_msg, r.width, r.height, r.etag, r.nbytes],
+                                r.error_msg, r.width, r.height, r.etag, r.nbytes,
+                                r.batch_failure],
                                ensure_ascii=False) + "\n")
     return path
 

@@ -1,8 +1,12 @@
-"""A job's state in Redis: its parameters, one record per image, and its completion.
+"""A job's state in Redis: its parameters, one record per image, its batches and its locks.
 
-(The output manifest, in the output storage, is ``posebatch.manifest``.) Redis errors are
-translated here, at the boundary, into the project's errors (``StateUnavailable`` to retry,
-``StateAuthError`` to fix the URL), so no caller imports redis to catch them.
+A store that only stores: the Redis keys, their encodings and the atomic operations on them.
+When a job is done, who writes its tables and what it then keeps is the end-of-job policy,
+``posebatch.jobend`` (as dramatiq keeps its Redis result backend apart from the middleware that
+decides what to store). (The output manifest, in the output storage, is
+``posebatch.manifest``.) Redis errors are translated here, at the boundary, into the project's
+errors (``StateUnavailable`` to retry, ``StateAuthError`` to fix the URL), so no caller imports
+redis to catch them.
 
 
 Why per-image records in a hash: a batch may run twice (redelivery, retry, re-submission). HSET of
@@ -19,7 +23,6 @@ import hashlib
 import json
 import re
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,21 +31,14 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from posebatch.errors import (
-    INTERNAL_ERROR,
-    StateAuthError,
-    StateFull,
-    StateUnavailable,
-    StorageNotFound,
-)
-from posebatch.records import Record
+from posebatch.errors import StateAuthError, StateFull, StateUnavailable
+from posebatch.locks import RenewedLock
+from posebatch.records import Record, legacy_batch_failure
 
 PREFIX = "posebatch"
 FINALIZE_LOCK_SECONDS = 120
-LOCK_RENEWALS_PER_TERM = 4
-"""The finalize lock is renewed this many times per ``FINALIZE_LOCK_SECONDS`` by a timer, so a
-step that does not return for minutes (downloading 4.7 GB of earlier rows, uploading the root
-table) never lets it lapse."""
+"""The term of a job's finalize lock and of an output's tables lock: a holder killed (the OOM
+killer) frees it within this time; a live one has it renewed by a timer (``posebatch.locks``)."""
 JOB_PARTS = ("", "records", "failed", "deliveries", "finalizing", "batches")
 """Every Redis key of a job (``posebatch:job:<id>`` plus these suffixes): what expires and what
 ``jobs prune`` deletes. A new per-job key must be added here (tests/test_jobstate_ttl.py checks
@@ -102,93 +98,34 @@ def translated(method: Callable[_P, _T]) -> Callable[_P, _T]:
     return wrapper
 
 
-_RENEW_IF_OWNER = redis.Redis().register_script(
-    "if redis.call('get', KEYS[1]) == ARGV[1] then "
-    "return redis.call('expire', KEYS[1], ARGV[2]) else return 0 end")
 _COUNT_DELIVERY = redis.Redis().register_script(
     # A late duplicate of a batch of a finished job must not create a deliveries hash anew
     # (it would have no expiry): 0 then, and nothing written.
     "if redis.call('hget', KEYS[1], 'state') == 'done' then return 0 end "
     "return redis.call('hincrby', KEYS[2], ARGV[1], 1)")
-_DELETE_IF_OWNER = redis.Redis().register_script(
-    "if redis.call('get', KEYS[1]) == ARGV[1] then "
-    "return redis.call('del', KEYS[1]) else return 0 end")
-
-
-class RenewedLock:
-    """A Redis lock with a token, renewed from a thread every ``term / LOCK_RENEWALS_PER_TERM``
-    seconds while held.
-
-    Why a thread and not calls from the loop: the long steps of a finalize are single calls
-    (a download or a multipart upload of a 4.7 GB table), and with renewals only every 50,000
-    records the 120 s lock lapsed during them: past ~13M earlier rows another finalizer took
-    over and neither reached ``done``. The timer renews whatever the step; ``check()`` (called
-    by the loops) raises once a renewal found the lock taken by another. A process frozen for
-    longer than the term still loses it, which is what the term is for.
-    """
-
-    def __init__(self, client: redis.Redis, key: str, term: int) -> None:
-        self.r, self.key, self.term = client, key, term
-        self.token = secrets.token_hex(8)
-        self.renewals = 0
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def acquire(self) -> bool:
-        if not self.r.set(self.key, self.token, nx=True, ex=self.term):
-            return False
-        self._thread = threading.Thread(target=self._keep, name="finalize-lock", daemon=True)
-        self._thread.start()
-        return True
-
-    def _keep(self) -> None:
-        every = self.term / LOCK_RENEWALS_PER_TERM
-        while not self._stop.wait(every):
-            try:
-                self.renew()
-            except StateUnavailable:
-                return
-            except redis.RedisError:  # a blip: the next tick tries again, the term is long
-                continue
-
-    def renew(self) -> None:
-        """Extend the lock now; raise StateUnavailable if another finalizer holds it."""
-        if self.lost or not _RENEW_IF_OWNER(keys=[self.key], args=[self.token, self.term],
-                                            client=self.r):
-            self.lost = True
-            raise StateUnavailable(f"{self.key}: the finalize lock was lost (a pause over "
-                                   f"{self.term} s?); another finalizer takes over")
-        self.renewals += 1
-
-    def check(self) -> None:
-        if self.lost:
-            raise StateUnavailable(f"{self.key}: the finalize lock was lost; another "
-                                   "finalizer takes over")
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        _DELETE_IF_OWNER(keys=[self.key], args=[self.token], client=self.r)
 
 
 def pack(record: Record) -> str:
     """A record as its hash value, without the key (the field name is the key): ``"2,1"``
-    (persons, valid persons) or ``"E216201,<message>"``. 3-60 bytes instead of ~100 of JSON
-    with the key repeated: at 10M images that is ~1 GB of Redis less per job."""
+    (persons, valid persons), ``"E216201,<message>"`` (a failed image) or ``"B282000,<message>"``
+    (an image of a batch that failed as a whole: ``Record.batch_failure``). 3-60 bytes instead
+    of ~100 of JSON with the key repeated: at 10M images that is ~1 GB of Redis less per job."""
     if record.ok:
         size = "" if record.width is None else f",{record.width},{record.height}"
         return f"{record.person_num},{record.valid_persons}{size}"
-    return f"E{record.error_code},{record.error_msg}"
+    scope = "B" if record.batch_failure else "E"
+    return f"{scope}{record.error_code},{record.error_msg}"
 
 
 def unpack(key: str, value: str) -> Record:
     if value.startswith("{"):  # written by an older version: JSON with the key inside
         return Record.from_json(value)
-    if value.startswith("E"):
+    if value[:1] in ("E", "B"):
         code, msg = value[1:].split(",", 1)
-        return Record(key, False, int(code) if code else None, 0, 0, msg)
+        error_code = int(code) if code else None
+        # "E" from a worker older than the flag may still be a batch's failure (rolling upgrade)
+        batch = value[0] == "B" or legacy_batch_failure(error_code, msg)
+        return Record(key, False, error_code, 0, 0, msg, batch_failure=batch)
     fields = [int(v) for v in value.split(",")]
     width, height = (fields[2], fields[3]) if len(fields) == 4 else (None, None)
     return Record(key, True, None, fields[0], fields[1], width=width, height=height)
@@ -206,6 +143,17 @@ def connect(url: str) -> redis.Redis:
     """A client for ``redis://`` or ``rediss://`` URLs (password in the URL or REDIS_PASSWORD)."""
     return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
                                 health_check_interval=30, retry_on_timeout=True)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """How a job ran, as its hash records it: for its summary."""
+
+    created: str
+    model: dict[str, str] | None
+    """The model of the first worker that ran a batch (``note_model``); None: none ran."""
+    runners: list[str]
+    """Backend/precision/device labels of the workers that ran its batches (``note_runner``)."""
 
 
 @dataclass(frozen=True)
@@ -237,11 +185,16 @@ class JobProgress:
 
 
 class JobStore:
-    """Reads and writes the Redis keys of jobs; one instance per process is enough."""
+    """Reads and writes the Redis keys of jobs; one instance per process is enough. It decides
+    nothing about a job's end: ``posebatch.jobend`` reads it, writes the tables and calls
+    ``mark_done``."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self.last_lock: RenewedLock | None = None
+        """The last finalize lock handed out, and the last output lock held (for tests and
+        benches: how often they were renewed)."""
+        self.last_output_lock: RenewedLock | None = None
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
@@ -522,45 +475,26 @@ class JobStore:
             waiting=h.get("waiting"),
         )
 
-    @translated
-    def maybe_finalize(self, job_id: str) -> bool:
-        """Write the aggregates if every image of a fully submitted job has a record.
-
-        Safe to call from any process, any number of times: a lock makes one writer at a time,
-        and the output is a pure function of the records, so writing it twice is harmless.
-        The lock holds a token and is renewed while the finalizer streams (``FINALIZE_LOCK
-        _SECONDS`` without a renewal frees it): a finalizer killed by the OOM killer is retried
-        by the next caller (`wait`, the control worker's watchdog, a late batch) within that
-        time, and a slow one never has its lock deleted by another (compare-and-delete).
-        """
-        p = self.progress(job_id)
-        if p is None or not p.submitted or p.total is None or p.done < p.total:
-            return False
-        if p.state == "done":
-            return True
+    def finalize_lock(self, job_id: str) -> RenewedLock:
+        """The job's finalize lock (not acquired yet): one writer of its tables at a time."""
         lock = RenewedLock(self.r, self._k(job_id, "finalizing"), FINALIZE_LOCK_SECONDS)
-        if not lock.acquire():
-            return False
-        self.last_lock = lock  # for tests and benches: how often it was renewed
-        try:
-            counted: dict[str, int] = {}
-            try:
-                self.write_aggregates(job_id, on_progress=lock.check, counted=counted)
-            except StorageNotFound as err:  # the output bucket is gone: waiting will not help
-                self.abandon(job_id, f"its tables cannot be written: {err}")
-                raise
-            lock.renew()  # still the owner: only then say done
-            self._close(job_id, counted["images"], counted["failed"])
-            return True
-        finally:
-            lock.release()
+        self.last_lock = lock
+        return lock
 
-    def _close(self, job_id: str, done: int, failed: int) -> None:
+    @translated
+    def run_info(self, job_id: str) -> RunInfo:
+        """What the job's summary says about how it ran (from its hash, not its records)."""
+        h = self.r.hgetall(self._k(job_id))
+        return RunInfo(
+            created=(h.get(b"created") or b"").decode(),
+            model=json.loads(h[b"model"]) if h.get(b"model") else None,
+            runners=sorted(k.decode()[len("runner:"):] for k in h if k.startswith(b"runner:")))
+
+    @translated
+    def mark_done(self, job_id: str, done: int, failed: int) -> None:
         """Say done and drop what only a running job needs, in one transaction: the hash keeps
-        the counts ``status`` shows and expires after ``job_retention``; the records (now in
-        ``_counts.csv``), the failed set, delivery counts and outstanding batches go at once.
-        A finalizer killed between the tables and this leaves the job "running" with all its
-        records: the next caller finalizes it again (the tables are a pure function of them)."""
+        the counts ``status`` shows and expires after ``job_retention``; the records (by then in
+        ``_counts.csv``), the failed set, delivery counts and outstanding batches go at once."""
         # How often batches ran (1: once; more: redelivered or retried), kept as a histogram of
         # a few bytes instead of one field per batch: what fault analyses and `status` need.
         starts = json.dumps(self._histogram(self.r.hvals(self._k(job_id, "deliveries"))))
@@ -608,55 +542,3 @@ class JobStore:
         finally:
             with redis_errors():
                 lock.release()
-
-    @translated
-    def write_aggregates(self, job_id: str, on_progress: Callable[[], None] = lambda: None,
-                         counted: dict[str, int] | None = None) -> dict[str, Any]:
-        """Write the job's tables from its records; return the summary. ``counted`` receives
-        this job's own ``images`` and ``failed`` (the root summary may cover earlier jobs):
-        what the job hash keeps once the records are dropped."""
-        from posebatch.finalize import INPUTS_NAME, finalize
-        from posebatch.storage import open_storage
-
-        meta = self.meta(job_id) or {}
-        dst = open_storage(meta["output"])
-        h = self.r.hgetall(self._k(job_id))
-        created = (h.get(b"created") or b"").decode()
-        model = json.loads(h[b"model"]) if h.get(b"model") else None
-        runners = sorted(k.decode()[len("runner:"):] for k in h if k.startswith(b"runner:"))
-        summary_meta = {"job_id": job_id, "input": meta.get("input"), "output": meta.get("output"),
-                        "created": created, "finished": now_iso(), "model": model,
-                        "runners": runners, "settings": meta.get("settings")}
-        prefix = meta.get("summary_prefix", "").replace("{job_id}", job_id)
-        src = open_storage(meta["input"]) if meta.get("input") else None
-        # Several jobs may write into one output (other input folders, reruns): each job's
-        # own tables go to _jobs/<job id>/ and into the root's index, under the output's lock
-        # (posebatch.roottables: the root's rows are the base and those tables, merged).
-        batch_failed = False
-        counted = {} if counted is None else counted
-        counted.update(images=0, failed=0)
-
-        def watched(records: Iterator[Record]) -> Iterator[Record]:
-            nonlocal batch_failed
-            for r in records:
-                counted["images"] += 1
-                if not r.ok:
-                    counted["failed"] += 1
-                if r.error_code == INTERNAL_ERROR and r.error_msg.startswith("batch "):
-                    batch_failed = True
-                yield r
-
-        summary = finalize(dst, watched(self.records(job_id)), summary_meta, prefix,
-                           merge_root=not prefix, on_progress=on_progress, src=src,
-                           inputs_key=f"_jobs/{job_id}/{INPUTS_NAME}",
-                           tables_lock=lambda: self.output_lock(dst.url, on_progress))
-        # A --force job that changed model or settings marked the output unfinished; clear the
-        # mark only when no image may still hold an old result (a batch that failed for good
-        # leaves its images' old results and records 282000 "batch ...": then it stays marked).
-        if meta.get("force") and model and not batch_failed:
-            from posebatch.manifest import complete_output
-
-            complete_output(dst, {"model_sha256": model.get("sha256"),
-                                  "model_name": model.get("name"),
-                                  "settings": meta.get("settings")})
-        return summary

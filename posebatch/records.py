@@ -12,8 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from posebatch.errors import INTERNAL_ERROR
 from posebatch.schema import PoseResult, person_counts, result_failure
 from posebatch.settings import JobSettings
+
+LEGACY_BATCH_PREFIX = "batch "
+"""How versions before ``Record.batch_failure`` marked a batch's failure: error 282000 with a
+message starting "batch ..." (only ``legacy_batch_failure`` reads it)."""
 
 
 @dataclass(frozen=True)
@@ -35,13 +40,30 @@ class Record:
     for the job that recorded this; a rerun compares them with the listing to find images
     replaced since (``producer.rerun``). None when not known (a local run, older tables)."""
     nbytes: int | None = None
+    batch_failure: bool = False
+    """The image failed because its whole batch did (abandoned after too many deliveries,
+    storage unreachable for too long, retries exhausted, a bug): set by the worker's policy
+    (``workers.policy.fail_missing``), never from the message. Such an image may still hold an
+    old result and is worth another try: a rerun submits it again (``producer.rerun``), and a
+    ``--force`` job with one keeps its output marked unfinished (``posebatch.jobend``)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Record:
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        if "batch_failure" not in fields:  # written before the flag
+            fields["batch_failure"] = legacy_batch_failure(fields.get("error_code"),
+                                                           fields.get("error_msg", ""))
+        return cls(**fields)
+
+
+def legacy_batch_failure(error_code: int | None, error_msg: str) -> bool:
+    """Whether a record written before ``Record.batch_failure`` existed (a count table without
+    its column, a Redis record of an older worker) was a batch's failure: the one place the old
+    "batch " message prefix is read; everything else asks the field."""
+    return error_code == INTERNAL_ERROR and error_msg.startswith(LEGACY_BATCH_PREFIX)
 
 
 def valid_flags(result: PoseResult, job: JobSettings) -> np.ndarray:

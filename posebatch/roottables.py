@@ -13,7 +13,8 @@ The layout of an output's root:
 - ``_jobs/<job id>/_counts.csv``: each job's own rows (sorted by key), kept forever.
 - ``_tables.json``: the index: the per-job tables not compacted into the base yet ("pending"),
   oldest first, with their row counts and their job's meta. Written last, under the output's
-  lock (``jobstate.JobStore.output_lock``): its presence and content say which tables count.
+  lock (``jobstate.JobStore.output_lock``, held by ``posebatch.jobend``): its presence and
+  content say which tables count.
 
 The current rows of an output are the base and the pending tables merged (``current_rows``):
 a heap merge of sorted files, newest row of a key winning; an ``ok`` row that lacks a size or an
@@ -58,6 +59,7 @@ from typing import Any
 from posebatch.aggregate import (
     COUNTS_NAME,
     CSV_COLUMNS,
+    PREVIOUS_COLUMNS,
     SUMMARY_NAME,
     Tally,
     csv_row,
@@ -67,7 +69,7 @@ from posebatch.aggregate import (
     with_header_size,
 )
 from posebatch.errors import ConfigError, StorageNotFound
-from posebatch.records import Record
+from posebatch.records import Record, legacy_batch_failure
 from posebatch.storage import LocalStorage, open_storage
 
 INDEX_NAME = "_tables.json"
@@ -92,26 +94,34 @@ def no_lock() -> AbstractContextManager[Check]:
 
 def iter_counts_csv(path: Path | str) -> Iterator[Record]:
     """Stream a ``_counts.csv`` (sorted by key, as written) back as records. A table with
-    today's columns is read by position (no dict per row: ~2x faster on 10M-row tables)."""
+    today's columns, or those before ``batch_failure``, is read by position (no dict per row:
+    ~2x faster on 10M-row tables)."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f)
         header = next(rows, None)
         if header is None:
             return
-        if tuple(header) != CSV_COLUMNS:  # an older table (no width/height or etag/bytes)
+        header = tuple(header)
+        if header not in (CSV_COLUMNS, PREVIOUS_COLUMNS):  # older (no width/height, etag/bytes)
             for row in rows:
                 yield row_record(dict(zip(header, row, strict=False)))
             return
-        width = len(CSV_COLUMNS)
+        width = len(header)
+        flagged = header == CSV_COLUMNS
         for row in rows:
             if len(row) != width:  # a short row (blank trailing fields cut): as DictReader did
                 yield row_record({k: v or "" for k, v in zip(header, row, strict=False)})
                 continue
-            key, status, code, persons, valid, msg, w, h, etag, n = row
+            if flagged:
+                key, status, code, persons, valid, msg, w, h, etag, n, flag = row
+                batch = flag == "1"
+            else:
+                key, status, code, persons, valid, msg, w, h, etag, n = row
+                batch = bool(code) and legacy_batch_failure(int(code), msg)
             yield Record(key, status == "ok", int(code) if code else None, int(persons),
                          int(valid), msg, int(w) if w.isdigit() else None,
                          int(h) if h.isdigit() else None, etag or None,
-                         int(n) if n.isdigit() else None)
+                         int(n) if n.isdigit() else None, batch)
 
 
 class Table:

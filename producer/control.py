@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from posebatch.jobend import maybe_finalize
 from posebatch.jobstate import PREFIX, JobStore, redis_errors
 from posebatch.queue import CONTROL_QUEUE, SUBMIT_JOB, make_app
 from posebatch.settings import (
@@ -64,7 +65,7 @@ class Watchdog(bootsteps.StartStopStep):
                 if p.total is not None and p.done >= p.total:
                     # Complete but not finalized: its finalizer died (OOM-killed?) and its
                     # lock has expired, or no batch was left to finalize it.
-                    self.store.maybe_finalize(job_id)
+                    maybe_finalize(self.store, job_id)
                     continue
                 last = p.updated_at or p.started_at or _timestamp(p.created)
                 if time.time() - last >= self.after:

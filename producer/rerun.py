@@ -8,8 +8,9 @@ done and with which input version. Here the listing (sorted on local disk, it is
 every server) is merge-joined with that table, and only keys that are
 
 - ``new``: no row;
-- ``retry``: a row whose failure may pass (unreadable, a batch that failed: 216200 "no image
-  data", 282000 "batch ..."), as the worker's skip-existing rule already retries;
+- ``retry``: a row whose failure may pass (216200 "no image data": unreadable; a batch that
+  failed as a whole: ``Record.batch_failure``), as the worker's skip-existing rule already
+  retries;
 - ``changed``: a row whose etag/bytes differ from the listing's (re-uploaded under the same
   name): queued as forced batches, so the worker replaces the old result;
 
@@ -26,12 +27,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from posebatch.errors import (
-    EMPTY_IMAGE,
-    INTERNAL_ERROR,
-    UNREADABLE_PREFIX,
-    ConfigError,
-)
+from posebatch.errors import EMPTY_IMAGE, UNREADABLE_PREFIX, ConfigError
 from posebatch.finalize import external_sort
 from posebatch.records import Record
 from posebatch.roottables import current_rows
@@ -60,8 +56,8 @@ def retryable(row: Record) -> bool:
     restored since), or its batch failed as a whole (an outage, a worker lost each time)."""
     if row.ok:
         return False
-    return ((row.error_code == EMPTY_IMAGE and row.error_msg.startswith(UNREADABLE_PREFIX))
-            or (row.error_code == INTERNAL_ERROR and row.error_msg.startswith("batch ")))
+    return row.batch_failure or (row.error_code == EMPTY_IMAGE
+                                 and row.error_msg.startswith(UNREADABLE_PREFIX))
 
 
 def changed(row: Record, info: ObjectInfo) -> bool:

@@ -7,6 +7,7 @@ import sys
 import time
 
 from posebatch.errors import ConfigError
+from posebatch.jobend import maybe_finalize
 from posebatch.jobstate import JobProgress, JobStore
 from producer.reaper import Reaper
 
@@ -107,7 +108,7 @@ def wait(store: JobStore, job_id: str, *, poll: float = 1.0, timeout: float | No
             if p.state == "abandoned":
                 raise ConfigError(f"job {job_id} was abandoned: {p.error}")
             if p.submitted and p.total is not None and p.done >= p.total:
-                store.maybe_finalize(job_id)  # the last worker died before finalizing
+                maybe_finalize(store, job_id)  # the last worker died before finalizing
             now = time.monotonic()
             if p.done != last_done:
                 last_done, moved_at = p.done, now

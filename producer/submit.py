@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from posebatch.errors import ConfigError
 from posebatch.finalize import INPUTS_NAME
+from posebatch.jobend import maybe_finalize, write_aggregates
 from posebatch.jobstate import JobStore, connect, new_job_id, redis_errors
 from posebatch.manifest import check_output, manifest
 from posebatch.queue import PROCESS_BATCH, QUEUE, broker_errors, make_app
@@ -166,9 +167,9 @@ def submit(input_url: str, output_url: str, *, job: JobSettings, broker_url: str
             raise
     store.mark_submitted(job_id, sent["images"], sent["batches"])
     if sent["images"] == 0:
-        store.write_aggregates(job_id)
+        write_aggregates(store, job_id)
     else:
-        store.maybe_finalize(job_id)  # the workers may all have finished before we got here
+        maybe_finalize(store, job_id)  # the workers may all have finished before we got here
     return job_id
 
 

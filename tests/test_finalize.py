@@ -8,8 +8,10 @@ import time
 
 import pytest
 
+from posebatch import jobend
 from posebatch.aggregate import counts_csv, summarize, summary_json
 from posebatch.finalize import external_sort, finalize
+from posebatch.jobend import maybe_finalize
 from posebatch.jobstate import PREFIX, JobStore
 from posebatch.records import Record
 from posebatch.storage import open_storage
@@ -69,27 +71,27 @@ def store(redis_server, tmp_path) -> JobStore:
 def test_a_finalizer_that_died_holding_the_lock_is_retried_once_the_lock_expires(store):
     lock = f"{PREFIX}:job:j:finalizing"
     store.r.set(lock, "token-of-a-finalizer-killed-by-the-oom-killer", ex=1)
-    assert store.maybe_finalize("j") is False  # held: someone may be writing
+    assert maybe_finalize(store, "j") is False  # held: someone may be writing
     deadline = time.monotonic() + 10
     while store.r.exists(lock) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert store.maybe_finalize("j") is True
+    assert maybe_finalize(store, "j") is True
     assert store.progress("j").state == "done"
 
 
 def test_a_slow_finalizer_never_deletes_the_lock_of_the_one_that_took_over(store,
                                                                            monkeypatch):
     lock = f"{PREFIX}:job:j:finalizing"
-    real = store.write_aggregates
+    real = jobend.write_aggregates
 
-    def slow(job_id, on_progress, **kwargs):
+    def slow(s, job_id, on_progress, **kwargs):
         store.r.set(lock, "the-next-finalizer")  # ours expired meanwhile; another took it
-        return real(job_id, on_progress, **kwargs)
+        return real(s, job_id, on_progress, **kwargs)
 
-    monkeypatch.setattr(store, "write_aggregates", slow)
+    monkeypatch.setattr(jobend, "write_aggregates", slow)
     from posebatch.errors import StateUnavailable
 
     with pytest.raises(StateUnavailable, match="lock was lost"):
-        store.maybe_finalize("j")
+        maybe_finalize(store, "j")
     assert store.r.get(lock) == b"the-next-finalizer"  # not deleted by the slow one
     assert store.progress("j").state == "running"  # and it did not claim "done"

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from posebatch.aggregate import COUNTS_NAME, CSV_COLUMNS
+from posebatch.jobend import maybe_finalize
 from posebatch.jobstate import JobStore
 from posebatch.records import Record
 from posebatch.storage import S3Storage, make_s3_client
@@ -53,7 +54,7 @@ def test_the_lock_is_renewed_while_a_long_download_of_earlier_rows_runs(
     store.mark_submitted("j", 2, 1)
     store.add_records("j", [Record("a.jpg", True, None, 1, 1, width=4, height=3),
                             Record("b.jpg", True, None, 0, 0, width=4, height=3)])
-    assert store.maybe_finalize("j") is True
+    assert maybe_finalize(store, "j") is True
     assert store.progress("j").state == "done"
     assert store.last_lock.renewals >= 6  # every quarter term, across the 2.5 s download
     # No summary at the root: a base of unknown size, so this job end compacted, holding the
@@ -90,7 +91,7 @@ def test_sizes_unknown_to_any_table_come_from_a_ranged_get_never_a_full_one(
     store.mark_submitted("j", len(sizes), 1)
     # Skipped images (results existed, recorded by a worker that died): no size on record.
     store.add_records("j", [Record(k, True, None, 1, 1) for k in sizes])
-    assert store.maybe_finalize("j")
+    assert maybe_finalize(store, "j")
     rows = {r["key"]: (int(r["width"]), int(r["height"])) for r in csv.DictReader(
         io.StringIO(out.read(COUNTS_NAME).decode("utf-8-sig")))}
     assert rows == sizes

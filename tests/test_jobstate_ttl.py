@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from posebatch.jobend import maybe_finalize
 from posebatch.jobstate import PREFIX, JobStore
 from posebatch.records import Record
 from posebatch.testing.cluster import run_cli
@@ -33,7 +34,7 @@ def finished_job(store: JobStore, out, job_id: str | None = None) -> str:
     store.mark_submitted(job_id, 2, 1)
     store.add_records(job_id, [Record("a.jpg", True, None, 1, 1),
                                Record("b.jpg", False, 216201, 0, 0, "not an image")])
-    assert store.maybe_finalize(job_id)
+    assert maybe_finalize(store, job_id)
     return job_id
 
 

@@ -105,16 +105,16 @@ def test_the_plan_takes_new_replaced_and_retryable_keys_only(tmp_path):
     w = csv.writer(buf, lineterminator="\r\n")
     w.writerow(CSV_COLUMNS)
 
-    def row(key, status="ok", code="", msg="", etag=None, nbytes=None):
+    def row(key, status="ok", code="", msg="", etag=None, nbytes=None, batch=""):
         info = listed[key]
         w.writerow([key, status, code, 1, 1, msg, 16, 12,
                     info.etag if etag is None else etag,
-                    info.size if nbytes is None else nbytes])
+                    info.size if nbytes is None else nbytes, batch])
 
     for key in ("batchfail.jpg", "done.jpg", "notimage.jpg", "old-table.jpg", "replaced.jpg",
                 "unreadable.jpg"):
         if key == "batchfail.jpg":
-            row(key, "error", 282000, "batch 00000001 failed: storage unreachable")
+            row(key, "error", 282000, "batch 00000001 failed: storage unreachable", batch="1")
         elif key == "notimage.jpg":
             row(key, "error", 216201, "not JPEG, PNG or BMP")
         elif key == "old-table.jpg":

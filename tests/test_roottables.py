@@ -17,6 +17,7 @@ import pytest
 
 from posebatch.aggregate import COUNTS_NAME, RUN_FIELDS, counts_csv, summarize, summary_json
 from posebatch.finalize import finalize
+from posebatch.jobend import maybe_finalize
 from posebatch.jobstate import JobStore
 from posebatch.manifest import MANIFEST_NAME, manifest
 from posebatch.records import Record
@@ -199,12 +200,12 @@ def test_job_ends_into_one_output_wait_for_its_lock_and_lose_no_table(redis_serv
                                           height=4) for i in range(n)])
 
     submitted("j0", 400)
-    assert store.maybe_finalize("j0")  # the base
+    assert maybe_finalize(store, "j0")  # the base
     for j in range(1, 5):
         submitted(f"j{j}", 3)
     with store.output_lock(url):  # a compaction holds the output: job ends wait
         done: list[bool] = []
-        threads = [threading.Thread(target=lambda j=j: done.append(store.maybe_finalize(f"j{j}")))
+        threads = [threading.Thread(target=lambda j=j: done.append(maybe_finalize(store, f"j{j}")))
                    for j in range(1, 5)]
         for t in threads:
             t.start()

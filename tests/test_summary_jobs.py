@@ -9,6 +9,7 @@ import json
 import pytest
 
 from posebatch.aggregate import records_from_counts_csv
+from posebatch.jobend import maybe_finalize
 from posebatch.jobstate import JobStore
 from posebatch.records import Record
 
@@ -17,7 +18,7 @@ def run_job(store: JobStore, out, job_id: str, keys: list[str], persons: int) ->
     store.create(job_id, {"input": "in/", "output": str(out), "settings": {}})
     store.mark_submitted(job_id, len(keys), 1)
     store.add_records(job_id, [Record(k, True, None, persons, persons) for k in keys])
-    assert store.maybe_finalize(job_id)
+    assert maybe_finalize(store, job_id)
 
 
 @pytest.mark.parametrize(("jobs", "root_seen", "root_persons"), [

@@ -44,7 +44,8 @@ _T = TypeVar("_T")
 
 
 class JobState(Protocol):
-    """The part of ``posebatch.jobstate.JobStore`` the policy uses."""
+    """The part of the job store (``posebatch.jobstate``) and of the end-of-job policy
+    (``posebatch.jobend``: ``maybe_finalize``) the policy uses (``workers.state.job_state``)."""
 
     def has_job(self, job_id: str) -> bool: ...
     def count_delivery(self, job_id: str, batch_id: str) -> int: ...
@@ -198,9 +199,10 @@ def run_batch(state: JobState, attempt: Attempt, work: Callable[[], list[Record]
 def fail_missing(state: JobState, attempt: Attempt, reason: str,
                  patience: float = STATE_PATIENCE) -> int:
     """Record every image of the batch that has no record yet as failed, with the reason, so the
-    job completes and the summary says what happened instead of waiting forever."""
+    job completes and the summary says what happened instead of waiting forever. They are
+    marked ``batch_failure``: a rerun tries them again, whatever the reason says."""
     have = patiently(state.has_record, attempt.job_id, attempt.keys, patience=patience)
-    missing = [Record(k, False, INTERNAL_ERROR, 0, 0, reason)
+    missing = [Record(k, False, INTERNAL_ERROR, 0, 0, reason, batch_failure=True)
                for k, h in zip(attempt.keys, have, strict=True) if not h]
     log.error("job %s: %s (%d images recorded as failed)", attempt.job_id, reason, len(missing))
     patiently(state.add_records, attempt.job_id, missing, attempt.batch_id, patience=patience)

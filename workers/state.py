@@ -12,8 +12,10 @@ import logging
 import time
 from collections import OrderedDict
 
+from posebatch import jobend
 from posebatch.jobstate import JobStore
 from posebatch.modelstore import ModelRef
+from posebatch.records import Record
 from posebatch.settings import JobSettings, RuntimeSettings, from_env
 from workers import metrics
 from workers.engine.backends import Runner
@@ -81,6 +83,39 @@ def job_store() -> JobStore:
         rt = runtime()
         _store = JobStore.from_url(rt.state_url or rt.broker_url)
     return _store
+
+
+class PolicyState:
+    """``workers.policy.JobState`` over this worker's store: the store's reads and writes, and
+    ``maybe_finalize`` from the end-of-job policy (``posebatch.jobend``), which the store does
+    not run (it only stores)."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def has_job(self, job_id: str) -> bool:
+        return self.store.has_job(job_id)
+
+    def count_delivery(self, job_id: str, batch_id: str) -> int:
+        return self.store.count_delivery(job_id, batch_id)
+
+    def has_record(self, job_id: str, keys: list[str]) -> list[bool]:
+        return self.store.has_record(job_id, keys)
+
+    def add_records(self, job_id: str, records: list[Record],
+                    batch_id: str | None = None) -> bool:
+        return self.store.add_records(job_id, records, batch_id)
+
+    def note_waiting(self, job_id: str, why: str) -> None:
+        self.store.note_waiting(job_id, why)
+
+    def maybe_finalize(self, job_id: str) -> bool:
+        return jobend.maybe_finalize(self.store, job_id)
+
+
+def job_state() -> PolicyState:
+    """What ``workers.policy.run_batch`` works on: the job store and the end-of-job policy."""
+    return PolicyState(job_store())
 
 
 def has_claimed(job_id: str) -> bool:

@@ -82,7 +82,7 @@ def process_batch(self, job_id: str, batch_id: str, input_url: str, output_url: 
 
     try:
         with metrics.batch():
-            return policy.run_batch(state.job_store(), attempt, work,
+            return policy.run_batch(state.job_state(), attempt, work,
                                     patience=cluster.state_patience,
                                     storage_patience=cluster.storage_patience)
     except policy.Requeue as err:
