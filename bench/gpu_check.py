@@ -3,7 +3,9 @@
     model   the model alone, FP32 and fp16, at several batch sizes: ``PoseModel.run_raw`` on
             ready tensors (batch copied to the GPU each call, as the engine does) and the
             device alone (the bound buffers re-run, no copy); plus one run without CUDA graphs
-    run     ``posebatch run`` end to end on generated 1080p JPEGs, per precision
+    run     ``posebatch run`` end to end on generated 1080p JPEGs, per precision; for the last
+            precision also with decode processes (``--decode-workers``) and without the
+            output tail (``POSEBATCH_OUTPUT_TAIL=0``: the whole head copied back)
     cluster one ``posebatch worker`` with local redis-server and SeaweedFS (bench/measure_cluster)
     agree   ``posebatch run`` on the dev images with each precision on the chosen provider,
             against the CPU provider's FP32 results (worst confident-keypoint distance, pixels)
@@ -123,6 +125,12 @@ def model_alone(path: Path, precision: str, batch: int, ns: argparse.Namespace, 
         row["device_img_per_s"] = batch / per_call
         row["device_gpu_busy_pct"] = s2.summary()["gpu_busy_pct"]
         row["cuda_graph"] = runner is model._fixed and model.info.provider == CUDA
+    if model.tail:  # the head's best columns copied back instead of all of it, then decoded
+        with Sampler(gpu) as s3:
+            per_call, _ = timed(lambda: model.run_head(x).persons(batch, 0.05, 0.6, 300),
+                                ns.seconds / 2)
+        row["tail_img_per_s"] = batch / per_call
+        row["tail_gpu_busy_pct"] = s3.summary()["gpu_busy_pct"]
     return row
 
 
@@ -135,10 +143,14 @@ def run_ns(ns: argparse.Namespace, precision: str) -> argparse.Namespace:
 
 
 def end_to_end(images: Path, n: int, ns: argparse.Namespace, precision: str, gpu: Gpu,
-               work: Path) -> dict[str, Any]:
+               work: Path, variant: str = "", flags: tuple[str, ...] = (),
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    run = run_ns(ns, precision)
+    run.extra_flags, run.extra_env = list(flags), env or {}
     with Sampler(gpu) as s:
-        r = measure_cli_run(images, n, run_ns(ns, precision), work)
-    return {"stage": "posebatch run", "precision": precision, "batch": ns.batch,
+        r = measure_cli_run(images, n, run, work)
+    return {"stage": f"posebatch run{', ' + variant if variant else ''}", "precision": precision,
+            "batch": ns.batch,
             "img_per_s": r["img_per_s"], "cpu_cores": r["cores_busy"], **s.summary(),
             "notes": f"{n} 1080p JPEGs, {ns.io_threads} decode threads; CPU over the whole "
                      f"process (start-up included), peak RSS {r['peak_rss_mb']:.0f} MB",
@@ -238,6 +250,10 @@ def render(r: dict[str, Any]) -> str:
         busy = "n/a" if row.get("gpu_busy_pct") is None else fmt(row["gpu_busy_pct"])
         mem = "n/a" if row.get("gpu_mem_peak_mib") is None else str(row["gpu_mem_peak_mib"])
         graph = " (CUDA graph)" if row.get("cuda_graph") else ""
+        if row.get("tail_img_per_s") is not None:
+            row["notes"] = (f"{row.get('notes', '')}; with the output tail (best columns "
+                            f"copied back, decoded) {fmt(row['tail_img_per_s'])} img/s, GPU "
+                            f"busy {fmt(row.get('tail_gpu_busy_pct'))} %")
         lines.append(f"| {row['stage']}{graph} | {row['precision']} | {row['batch']} | "
                      f"{fmt(row['img_per_s'])} | {fmt(row.get('device_img_per_s'))} | {busy} | "
                      f"{mem} | {fmt(row.get('cpu_cores'), 2)} | {row.get('notes', '')} |")
@@ -290,6 +306,11 @@ def main() -> int:
         if "run" not in ns.skip:
             for p in ns.precisions:
                 stage(f"run {p}", end_to_end, images, len(files), ns, p, gpu, work)
+            last, procs = ns.precisions[-1], str(max(2, (os.cpu_count() or 4) - 2))
+            stage(f"run {last} decode processes", end_to_end, images, len(files), ns, last, gpu,
+                  work, f"{procs} decode processes", ("--decode-workers", procs))
+            stage(f"run {last} no tail", end_to_end, images, len(files), ns, last, gpu, work,
+                  "no output tail", (), {"POSEBATCH_OUTPUT_TAIL": "0"})
         if "cluster" not in ns.skip:
             stage("cluster", cluster, images, files, ns, ns.precisions[-1], gpu, work)
         if "agree" not in ns.skip:

@@ -130,7 +130,8 @@ def runtime_flags(ns: argparse.Namespace) -> list[str]:
                 for name in ("precision", "model", "backend")]
     return ["--batch-size", str(ns.batch_size), "--intra-threads", str(ns.intra_threads),
             "--io-threads", str(ns.io_threads), "--providers", ns.providers,
-            *(x for flag, value in optional if value for x in (flag, str(value)))]
+            *(x for flag, value in optional if value for x in (flag, str(value))),
+            *getattr(ns, "extra_flags", [])]
 
 
 def job_flags(ns: argparse.Namespace) -> list[str]:
@@ -148,7 +149,8 @@ def measure_cli_run(images: Path, n: int, ns: argparse.Namespace, work: Path) ->
     shutil.rmtree(out, ignore_errors=True)
     cmd = [*CLI, "run", str(images), "--out", str(out), "--no-progress", "--force",
            *job_flags(ns), *runtime_flags(ns)]
-    res = run_measured(cmd, env=clean_env(), cwd=ROOT, work=work)
+    res = run_measured(cmd, env={**clean_env(), **getattr(ns, "extra_env", {})}, cwd=ROOT,
+                       work=work)
     stdout, wall = res["stdout"], res["wall"]
     if res["rc"] != 0:
         raise RuntimeError(f"posebatch run exited {res['rc']}:\n{stdout}\n{res['stderr']}")

@@ -46,10 +46,13 @@ COCO_MAX_DETS = 20
 
 
 def load_predictions(gt: dict[str, Any], pred_dir: Path) -> list[dict[str, Any]]:
-    """COCO-format detections from ``pred_dir/<file_name>.json``; a missing file is an error."""
+    """COCO-format detections from ``pred_dir/<file_name>.json`` (or its sharded place,
+    ``pred_dir/<shard>/<file_name>.json``); a missing file is an error."""
     dets = []
     for img in gt["images"]:
         path = pred_dir / result_key(img["file_name"])
+        if not path.is_file() and (pred_dir / result_key(img["file_name"], "sharded")).is_file():
+            path = pred_dir / result_key(img["file_name"], "sharded")
         if not path.is_file():
             raise ConfigError(f"no prediction for {img['file_name']}: expected {path}")
         typed = read_result(json.loads(path.read_text()))

@@ -16,7 +16,7 @@ from typing import Any
 
 from posebatch.aggregate import SUMMARY_NAME
 from posebatch.errors import ConfigError, StorageNotFound
-from posebatch.keys import RESULT_SUFFIX
+from posebatch.keys import RESULT_SUFFIX, image_key_of
 from posebatch.manifest import COUNT_ONLY_SETTINGS, MANIFEST_NAME, check_output, read_manifest
 from posebatch.records import Record, record_from_result
 from posebatch.roottables import INDEX_NAME, write_base
@@ -37,9 +37,10 @@ def records_from_output(dst: Storage, job: JobSettings) -> Iterator[Record]:
             result = json.loads(dst.read(key))
         except (StorageNotFound, ValueError):
             return None
-        if not is_api_result(result):
+        image = image_key_of(key, job.result_layout)
+        if image is None or not is_api_result(result):
             return None
-        return record_from_result(key[: -len(RESULT_SUFFIX)], result, job)
+        return record_from_result(image, result, job)
 
     keys = (k for k in dst.iter_keys(suffixes=(RESULT_SUFFIX,))
             if k not in BOOKKEEPING and not k.startswith(JOBS_FOLDER))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from posebatch.errors import ConfigError
+from posebatch.keys import RESULT_LAYOUTS
 
 ENV_PREFIX = "POSEBATCH_"
 QUALITIES = ("fast", "flip", "scale", "best")
@@ -69,6 +70,9 @@ class JobSettings:
     so answers may differ by host within the accuracy guard (README "Precision")."""
     backend: str = "auto"
     """Pins the model runtime (``ort`` or ``openvino``); ``auto``: each worker's own choice."""
+    result_layout: str = "mirror"
+    """Where each result goes below OUTPUT (``posebatch.keys.RESULT_LAYOUTS``): ``mirror``
+    beside the input's path, or ``sharded`` under 256 hash prefixes."""
 
     def __post_init__(self) -> None:
         # Upper bounds keep a typo from exhausting memory: --imgsz 100000 once held 23.6 GB.
@@ -89,6 +93,8 @@ class JobSettings:
             ("quality", self.quality in QUALITIES, f"one of {', '.join(QUALITIES)}"),
             ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             ("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}"),
+            ("result_layout", self.result_layout in RESULT_LAYOUTS,
+             f"one of {', '.join(RESULT_LAYOUTS)}"),
         ]
         for name, ok, expected in checks:
             if not ok:

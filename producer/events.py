@@ -275,7 +275,8 @@ class EventIntake:
         # A key not remembered with a result: replaced after its version expired (force).
         # One HEAD per new image, HEAD_THREADS at a time (a burst of 10k: ~4 s, not 30 s).
         with ThreadPoolExecutor(HEAD_THREADS) as pool:
-            had = list(pool.map(lambda c: self.dst.exists(result_key(c.key)), unknown))
+            had = list(pool.map(lambda c: self.dst.exists(
+                result_key(c.key, self.job.result_layout)), unknown))
         for c, exists in zip(unknown, had, strict=True):
             out["changed" if exists else "new"].append(c)
         return out

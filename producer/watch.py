@@ -107,7 +107,7 @@ def poll_once(input_url: str, output_url: str, *, job: JobSettings, broker_url: 
             yield info.key, info.version
 
     def has_result(key: str) -> bool:
-        return horizon is not None and dst.exists(result_key(key))
+        return horizon is not None and dst.exists(result_key(key, job.result_layout))
 
     listing = recent()
     jobs = []

@@ -91,10 +91,11 @@ def process_keys(
         api = api_result(result)
         data = encode_result(api)
         t1 = perf_counter()
-        dst.write(result_key(key), data, "application/json")
+        dst.write(result_key(key, job.result_layout), data, "application/json")
         timer.add("encode", t1 - t0)
         timer.add("write", perf_counter() - t1)
-        if overlays and image is not None and dst.name_problem(overlay_key(key)) is None:
+        if overlays and image is not None and dst.name_problem(
+                overlay_key(key, job.result_layout)) is None:
             _write_overlay(dst, key, api, image, job)
         return record_from_result(key, api, job,
                                   (image.width, image.height) if image is not None else None)
@@ -110,7 +111,7 @@ def process_keys(
         started = False
         # Unsafe keys are refused first: the existence check reads dst/<key>.json, and a
         # "../x" there raised UnsafeKeyError, failing every image of the batch instead of one.
-        safe = _refuse_unsafe(keys, done, dst)
+        safe = _refuse_unsafe(keys, done, dst, job.result_layout)
         todo = _filter_existing(safe, dst, job, done, writers, redo=not skip_existing)
         loaders = ((k, image_loader(src, k, job.max_image_bytes)) for k in todo)
         for key, result, image in engine.run_results(loaders, pixels=overlays):
@@ -141,7 +142,7 @@ def _write_overlay(dst: Storage, key: str, result: dict[str, Any], image: Decode
     typed = PoseResult.from_api(result, image.width, image.height)
     over = draw_overlay(Image.fromarray(image.rgb), typed, job.valid_kpt_score,
                         valid_flags(typed, job).tolist(), scale=(1.0 / sx, 1.0 / sy))
-    dst.write(overlay_key(key), to_jpeg(over), "image/jpeg")
+    dst.write(overlay_key(key, job.result_layout), to_jpeg(over), "image/jpeg")
 
 
 def image_loader(src: Storage, key: str, max_bytes: int) -> Callable[[], bytes]:
@@ -163,7 +164,7 @@ def image_loader(src: Storage, key: str, max_bytes: int) -> Callable[[], bytes]:
     return load
 
 
-def _refuse_unsafe(keys: Iterable[str], done, dst: Storage) -> Iterator[str]:
+def _refuse_unsafe(keys: Iterable[str], done, dst: Storage, layout: str) -> Iterator[str]:
     """Keys that are unsafe, or whose result the output cannot hold (a name over 255 bytes, an
     S3 key over 1024): an error result each (recorded only: it cannot be written), never a
     failed batch."""
@@ -173,7 +174,7 @@ def _refuse_unsafe(keys: Iterable[str], done, dst: Storage) -> Iterator[str]:
         except UnsafeKeyError as err:
             done(key, error_result(INTERNAL_ERROR, f"refused key: {err}"))
             continue
-        problem = dst.name_problem(result_key(key))
+        problem = dst.name_problem(result_key(key, layout))
         if problem is not None:
             done(key, error_result(INTERNAL_ERROR, f"{NAME_TOO_LONG_PREFIX}{problem}; rename the "
                                    "image or use a shorter --out"))
@@ -190,9 +191,11 @@ def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
     drop folder download it all); the aggregates take it from the previous count table.
     """
 
+    layout = job.result_layout
+
     def existing(key: str) -> dict[str, Any] | None:
         try:
-            data = dst.read(result_key(key))
+            data = dst.read(result_key(key, layout))
         except StorageNotFound:
             return None
         try:
@@ -210,14 +213,16 @@ def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
     window: deque[tuple[str, Future[dict[str, Any] | None] | None]] = deque()
     it = iter(keys)
     while chunk := list(islice(it, LIST_WINDOW)):
-        present = listed_results(dst, chunk)
+        # Sharded results of one task lie under up to 256 prefixes: one range LIST cannot see
+        # them, so each is looked up on its own.
+        present = listed_results(dst, chunk) if layout == "mirror" else None
         for key in chunk:
             known_absent = present is not None and result_key(key) not in present
             window.append((key, None if known_absent else pool.submit(existing, key)))
             if len(window) >= LOOKUP_WINDOW:
-                yield from _settle(window.popleft(), done, dst)
+                yield from _settle(window.popleft(), done, dst, layout)
     while window:
-        yield from _settle(window.popleft(), done, dst)
+        yield from _settle(window.popleft(), done, dst, layout)
 
 
 def listed_results(dst: Storage, keys: list[str]) -> set[str] | None:
@@ -243,14 +248,15 @@ def listed_results(dst: Storage, keys: list[str]) -> set[str] | None:
     return found
 
 
-def _settle(entry, done, dst: Storage) -> Iterator[str]:
+def _settle(entry, done, dst: Storage, layout: str) -> Iterator[str]:
     key, fut = entry
     result = None if fut is None else fut.result()
     if result is None:
         yield key
     elif result is _FOREIGN:
-        done(key, error_result(INTERNAL_ERROR, f"{dst.join(result_key(key))} exists and is not a "
-                               "posebatch result (another tool's file?); it was not overwritten: "
-                               "move it away, or write the results to another --out"))
+        done(key, error_result(INTERNAL_ERROR, f"{dst.join(result_key(key, layout))} exists and "
+                               "is not a posebatch result (another tool's file?); it was not "
+                               "overwritten: move it away, or write the results to another "
+                               "--out"))
     else:
         done(key, result)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from posebatch.keys import RESULT_LAYOUTS
 from posebatch.settings import QUALITIES, JobSettings, RuntimeSettings, from_env
 
 if TYPE_CHECKING:
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
     from posebatch.storage import Storage
 
 JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_min_kpts",
-              "valid_box_score", "max_image_bytes", "quality", "precision", "backend")
+              "valid_box_score", "max_image_bytes", "quality", "precision", "backend",
+              "result_layout")
 RUNTIME_FIELDS = ("model", "detector", "providers", "precision", "backend", "batch_size",
                   "intra_threads", "io_threads", "decode_workers", "broker_url", "state_url")
 
@@ -39,6 +41,10 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     add_validity_flags(g)
     g.add_argument("--max-image-bytes", type=int,
                    help="largest accepted encoded file in bytes (default 4194304 = 4 MiB)")
+    g.add_argument("--result-layout", choices=RESULT_LAYOUTS,
+                   help="mirror (default): OUT/a/b.jpg.json beside the input's path; sharded: "
+                        "OUT/3f/a/b.jpg.json under 256 hash prefixes, spreading one job's S3 "
+                        "requests over 256 partitions (README \"Result layout\")")
     add_engine_flags(g, pinned=True)
 
 

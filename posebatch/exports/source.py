@@ -90,5 +90,13 @@ class JobOutput:
                 row0, fut = window.popleft()
                 yield row0, fut.result()
 
+    @property
+    def layout(self) -> str:
+        """Where the job put each result (``posebatch.keys.RESULT_LAYOUTS``)."""
+        return str(self.settings.get("result_layout", "mirror"))
+
+    def result_key(self, key: str) -> str:
+        return result_key(key, self.layout)
+
     def _load(self, key: str) -> dict[str, Any]:
-        return json.loads(self.storage.read(result_key(key)))
+        return json.loads(self.storage.read(self.result_key(key)))

@@ -20,7 +20,6 @@ from typing import Any
 from posebatch.errors import StorageError
 from posebatch.exports.skeleton import NAMES
 from posebatch.exports.source import JobOutput
-from posebatch.keys import result_key
 from posebatch.overlay import draw_overlay, open_upright, to_jpeg
 from posebatch.records import valid_flags
 from posebatch.report.charts import hbar_svg, histogram_svg
@@ -160,7 +159,7 @@ def _draw(job_out: JobOutput, src: Storage | None, job: JobSettings, pick: Pick,
     except (StorageError, OSError) as err:
         notes.append(f"{pick.key}: image not readable for its overlay ({err})")
         return None
-    typed = PoseResult.from_api(json.loads(job_out.storage.read(result_key(pick.key))))
+    typed = PoseResult.from_api(json.loads(job_out.storage.read(job_out.result_key(pick.key))))
     over = draw_overlay(im, typed, job.valid_kpt_score, valid_flags(typed, job).tolist())
     stem = f"{n:04d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(pick.key))[:60]
     full = f"overlays/{stem}.jpg"
