@@ -1,9 +1,10 @@
 """The per-image GET and PUT through obstore (Rust) instead of boto3: a tenth of the CPU.
 
 Why: a worker makes one GET (the image) and one PUT (its result) per image from Python threads
-that share the GIL with the model's thread. boto3 spends ~1.5-2 ms of CPU in Python per request;
-obstore ~0.2 ms (``bench/s3_clients.py``: 60 KB GETs and 1 KB PUTs from 16 threads against
-SeaweedFS on loopback). At 2,800 img/s that is ~10 cores of boto3 against ~1.2.
+that share the GIL with the model's thread. boto3 spends ~2 ms of CPU in Python per request;
+obstore ~0.3 ms (``bench/s3_clients.py``: 60 KB GETs and 1 KB PUTs from 16 threads against
+SeaweedFS on loopback, quiet 2-core host). At 2,800 img/s that is ~11 cores of boto3 against
+~1.5.
 
 Only these two calls move: listing, multipart uploads, conditional creates, HEADs and ranged
 reads stay on boto3, which does them rarely. Credentials are boto3's own (obstore asks the same

@@ -457,7 +457,7 @@ def check_s3_environment() -> None:
 S3_TIMEOUTS = {"max_attempts": 4, "connect_timeout": 5.0, "read_timeout": 60.0}
 S3_POOL = 64
 """Connections a process keeps per client: a GPU worker's 16 decode and 16 writer threads
-share one (botocore's default of 10 made them wait for, and drop, connections)."""
+share one; past botocore's default of 10, urllib3 drops and re-opens connections."""
 
 
 def make_s3_client(
