@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from posebatch.jobstate import JobStore
 from posebatch.testing.servers import RedisServer, S3Server, running_redis, running_s3
 
 
@@ -34,3 +35,12 @@ def bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     return s3_server.make_bucket(f"t-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> JobStore:
+    """A job store on the session's redis-server, emptied first."""
+    redis_server.start()
+    s = JobStore(redis_server.client())
+    s.r.flushall()
+    return s

@@ -11,8 +11,6 @@ import csv
 import io
 import json
 
-import pytest
-
 from posebatch.aggregate import (
     COUNTS_NAME,
     CSV_COLUMNS,
@@ -21,7 +19,6 @@ from posebatch.aggregate import (
 )
 from posebatch.errors import INTERNAL_ERROR
 from posebatch.jobend import maybe_finalize
-from posebatch.jobstate import JobStore
 from posebatch.manifest import claim_output, manifest, read_manifest
 from posebatch.records import Record
 from posebatch.roottables import compact, iter_counts_csv
@@ -35,14 +32,6 @@ FLAGGED = Record("b.jpg", False, INTERNAL_ERROR, 0, 0, "worker lost on every att
 """A batch's failure whose message says nothing of batches: only the field tells."""
 ALONE = Record("c.jpg", False, 216201, 0, 0, "not JPEG, PNG or BMP")
 OK = Record("a.jpg", True, None, 1, 1, width=16, height=12)
-
-
-@pytest.fixture
-def store(redis_server) -> JobStore:
-    redis_server.start()
-    s = JobStore(redis_server.client())
-    s.r.flushall()
-    return s
 
 
 def table(rows: list[list[object]], columns: tuple[str, ...]) -> bytes:

@@ -8,23 +8,12 @@ import csv
 import io
 import time
 
-import pytest
-
 from posebatch.aggregate import COUNTS_NAME, CSV_COLUMNS
 from posebatch.jobend import maybe_finalize
-from posebatch.jobstate import JobStore
 from posebatch.records import Record
 from posebatch.storage import S3Storage, make_s3_client
 from tests.images import jpeg
 from workers.batch import listed_results
-
-
-@pytest.fixture
-def store(redis_server) -> JobStore:
-    redis_server.start()
-    s = JobStore(redis_server.client())
-    s.r.flushall()
-    return s
 
 
 def earlier_table(n: int) -> bytes:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import io
 
-import pytest
-
 from posebatch.aggregate import COUNTS_NAME
 from posebatch.errors import PermanentError
 from posebatch.jobstate import JobStore
@@ -26,14 +24,6 @@ def test_the_store_reaches_no_table_storage_or_finalize_code():
         "posebatch.manifest", "posebatch.aggregate", "posebatch.jobend"} == set()
     assert "posebatch.jobstate" in graph["posebatch.jobend"]
     assert not hasattr(JobStore, "maybe_finalize") and not hasattr(JobStore, "write_aggregates")
-
-
-@pytest.fixture
-def store(redis_server) -> JobStore:
-    redis_server.start()
-    s = JobStore(redis_server.client())
-    s.r.flushall()
-    return s
 
 
 def test_the_worker_policy_ends_a_job_through_the_store_and_the_job_end(store, tmp_path):
