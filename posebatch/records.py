@@ -7,7 +7,7 @@ batch, a retry, a re-submitted job) changes nothing; every count is recomputed f
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -53,10 +53,11 @@ class Record:
     @classmethod
     def from_json(cls, text: str | bytes) -> Record:
         fields = json.loads(text)
+        record = cls(**fields)
         if "batch_failure" not in fields:  # written before the flag
-            fields["batch_failure"] = legacy_batch_failure(fields.get("error_code"),
-                                                           fields.get("error_msg", ""))
-        return cls(**fields)
+            record = replace(record, batch_failure=legacy_batch_failure(
+                record.error_code, record.error_msg or ""))
+        return record
 
 
 def legacy_batch_failure(error_code: int | None, error_msg: str) -> bool:
