@@ -119,7 +119,8 @@ class Storage(Protocol):
         missing."""
         ...
 
-    def iter_objects(self, parallel: int = 1) -> Iterator[ObjectInfo]:
+    def iter_objects(self, parallel: int = 1,
+                     start_after: str | None = None) -> Iterator[ObjectInfo]:
         """Every object with its ETag, size, version and change time, streamed from the listing
         itself (no HEAD): what a rerun compares with the count table to find images replaced
         since, and what a drop folder watches (``version`` changes when an object is replaced;
@@ -231,8 +232,9 @@ class LocalStorage:
         except OSError as err:
             raise StorageError(f"cannot read {src}: {err.strerror or err}") from err
 
-    def iter_objects(self, parallel: int = 1) -> Iterator[ObjectInfo]:
-        for key in self.iter_keys():
+    def iter_objects(self, parallel: int = 1,
+                     start_after: str | None = None) -> Iterator[ObjectInfo]:
+        for key in self.iter_keys(start_after=start_after):
             try:
                 st = os.stat(self._path(key))
             except FileNotFoundError:  # removed since it was listed
@@ -635,9 +637,14 @@ class S3Storage:
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, "read", key) from err
 
-    def iter_objects(self, parallel: int = 1) -> Iterator[ObjectInfo]:
+    def iter_objects(self, parallel: int = 1,
+                     start_after: str | None = None) -> Iterator[ObjectInfo]:
         """With ``parallel`` > 1, the sub-prefixes below the root (by delimiter "/") are listed
-        by that many paginators at once, in no particular order (``_parallel_objects``)."""
+        by that many paginators at once, in no particular order (``_parallel_objects``); with
+        ``start_after``, one paginator from past that key, in key order."""
+        if start_after is not None:
+            yield from self._objects(self.prefix, start_after=self.prefix + start_after)
+            return
         if parallel > 1:
             yield from self._parallel_objects(parallel)
             return
@@ -659,12 +666,15 @@ class S3Storage:
                           stamp.timestamp() if stamp is not None else time.time())
 
     def _objects(self, prefix: str, delimiter: str | None = None,
-                 folders: list[str] | None = None) -> Iterator[ObjectInfo]:
+                 folders: list[str] | None = None,
+                 start_after: str | None = None) -> Iterator[ObjectInfo]:
         """One paginator over ``prefix``; with ``delimiter``, sub-prefixes go to ``folders``."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix,
                                   "PaginationConfig": {"PageSize": self.page_size}}
         if delimiter:
             kwargs["Delimiter"] = delimiter
+        if start_after:
+            kwargs["StartAfter"] = start_after
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
                 for obj in page.get("Contents", ()):

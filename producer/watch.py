@@ -109,8 +109,25 @@ def poll_once(input_url: str, output_url: str, *, job: JobSettings, broker_url: 
     def has_result(key: str) -> bool:
         return horizon is not None and dst.exists(result_key(key, job.result_layout))
 
-    listing = recent()
-    jobs = []
+    jobs = _submit_listing(r, versions, legacy, recent(), has_result, src=src, dst=dst,
+                           job=job, broker_url=broker_url, state_url=state_url,
+                           batch_images=batch_images, max_job_images=max_job_images)
+    with redis_errors():  # every submission is queued: move the cursor, drop aged versions
+        for chunk in chunked(aged, CHECK_CHUNK):
+            r.hdel(versions, *chunk)
+        pipe = r.pipeline()
+        pipe.set(cursor, repr(started), ex=STATE_TTL)
+        pipe.expire(versions, STATE_TTL)
+        pipe.execute()
+    return jobs
+
+
+def _submit_listing(r, versions: str, legacy: str, listing: Iterator[tuple[str, str]],
+                    has_result, *, src, dst, job: JobSettings, broker_url: str,
+                    state_url: str | None, batch_images: int, max_job_images: int) -> list[str]:
+    """Submit the new and the replaced images of ``listing`` (key, version) as jobs of at most
+    ``max_job_images``, recording each version once its job is queued; return the job ids."""
+    jobs: list[str] = []
     todo: dict[str, list[tuple[str, str]]] = {"new": [], "changed": []}
 
     def flush(what: str) -> None:
@@ -137,21 +154,63 @@ def poll_once(input_url: str, output_url: str, *, job: JobSettings, broker_url: 
             flush(what)
     flush("new")
     flush("changed")
-    with redis_errors():  # every submission is queued: move the cursor, drop aged versions
-        for chunk in chunked(aged, CHECK_CHUNK):
-            r.hdel(versions, *chunk)
-        pipe = r.pipeline()
-        pipe.set(cursor, repr(started), ex=STATE_TTL)
-        pipe.expire(versions, STATE_TTL)
-        pipe.execute()
+    return jobs
+
+
+def after_key(input_url: str, output_url: str) -> str:
+    """The last key an incremental poll listed (``poll_incremental``)."""
+    return seen_key(input_url, output_url)[: -len(":seen")] + ":after"
+
+
+def poll_incremental(input_url: str, output_url: str, *, job: JobSettings, broker_url: str,
+                     state_url: str | None = None, batch_images: int = DEFAULT_BATCH_IMAGES,
+                     max_job_images: int = 100_000) -> list[str]:
+    """List INPUT only past the last key listed before (S3 ``StartAfter``) and submit what is
+    there: O(new) requests for inputs whose keys only grow (timestamps, ULIDs, date folders).
+
+    A key that sorts before the cursor when it arrives (or an image replaced under its old
+    name) is not seen here: the full poll (``poll_once``, every ``--reconcile-every``) catches
+    it. Versions are recorded as the full poll records them, so it does not take these for
+    re-uploads; it also trims them."""
+    src, dst = open_storage(input_url), open_storage(output_url)
+    r = connect(state_url or broker_url)
+    cursor = after_key(src.url, dst.url)
+    with redis_errors():
+        raw = r.get(cursor)
+    last = [raw.decode("utf-8", "surrogateescape") if raw is not None else None]
+
+    def listing() -> Iterator[tuple[str, str]]:
+        for info in src.iter_objects(start_after=last[0]):
+            last[0] = info.key  # the listing's own order: what StartAfter resumes from
+            if is_image_key(info.key):
+                yield info.key, info.version
+
+    jobs = _submit_listing(r, versions_key(src.url, dst.url), seen_key(src.url, dst.url),
+                           listing(), None, src=src, dst=dst, job=job, broker_url=broker_url,
+                           state_url=state_url, batch_images=batch_images,
+                           max_job_images=max_job_images)
+    if last[0] is not None:
+        with redis_errors():  # every submission is queued: move past what was listed
+            r.set(cursor, last[0].encode("utf-8", "surrogateescape"), ex=STATE_TTL)
     return jobs
 
 
 def watch(input_url: str, output_url: str, *, interval: float, once: bool = False,
-          **kwargs) -> None:
+          incremental: bool = False, reconcile_every: float = 3600.0, **kwargs) -> None:
+    """Poll every ``interval`` seconds; with ``incremental``, list only past the last key,
+    and list everything (``poll_once``) at the start and every ``reconcile_every`` seconds
+    (0: never)."""
+    full_at = time.monotonic()  # an incremental watcher's first poll lists everything anyway
     while True:
         started = time.monotonic()
-        for job_id in poll_once(input_url, output_url, **kwargs):
+        jobs: list[str] = []
+        if incremental:
+            jobs += poll_incremental(input_url, output_url,
+                                     **{k: v for k, v in kwargs.items() if k != "settle"})
+        if not incremental or (reconcile_every and started - full_at >= reconcile_every):
+            jobs += poll_once(input_url, output_url, **kwargs)
+            full_at = started
+        for job_id in jobs:
             print(job_id, flush=True)
         if once:
             return

@@ -91,6 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_input_output(p, "to watch")
     p.add_argument("--interval", type=bounded(float, 1, 86400), default=30.0,
                    help="seconds between polls (default 30; not used with --events)")
+    p.add_argument("--incremental", action="store_true",
+                   help="list only past the last key listed (S3 StartAfter): O(new) requests "
+                        "per poll for inputs whose new keys sort last (timestamps, ULIDs, date "
+                        "folders); a full listing every --reconcile-every catches the rest")
     p.add_argument("--once", action="store_true", help="poll once and exit (with --events: "
                    "take what the queue holds now, reconcile if due, exit)")
     p.add_argument("--events", metavar="QUEUE",
@@ -98,8 +102,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "notifications to: its URL, sqs://NAME or NAME (endpoint and "
                         "credentials from the AWS_* variables)")
     p.add_argument("--reconcile-every", type=bounded(float, 0, 30 * 86400), default=3600.0,
-                   metavar="SECONDS", help="with --events: list INPUT this often to submit "
-                   "images no event announced (default 3600; 0: never)")
+                   metavar="SECONDS", help="with --events or --incremental: list INPUT whole "
+                   "this often to submit images the events or the incremental listing missed "
+                   "(default 3600; 0: never)")
     p.add_argument("--event-window", type=bounded(float, 0, 600), default=2.0,
                    metavar="SECONDS", help="with --events: images whose events come within "
                    "this long of a burst's first one form one job (default 2)")
@@ -187,7 +192,8 @@ def cmd_watch(ns: argparse.Namespace) -> int:
                      emit=lambda job_id: print(job_id, flush=True), on_sigterm=True)
         return exitcodes.OK
     watch(ns.input, ns.out, interval=ns.interval, once=ns.once, job=job_settings(ns),
-          broker_url=rt.broker_url, state_url=rt.state_url, batch_images=ns.batch_images)
+          broker_url=rt.broker_url, state_url=rt.state_url, batch_images=ns.batch_images,
+          incremental=ns.incremental, reconcile_every=ns.reconcile_every)
     return exitcodes.OK
 
 
