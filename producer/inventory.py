@@ -18,8 +18,10 @@ What is read (the format AWS documents for an inventory configuration):
 - rows of other buckets or outside INPUT's prefix, delete markers and non-current versions are
   skipped; CSV keys are URL-encoded by S3 and decoded here.
 
-ORC and Parquet inventories are refused with a message (configure CSV, or convert). Objects
-uploaded after the report are not in it: the next day's report (or ``posebatch watch``) has them.
+Parquet reports are read with pyarrow (``pip install 'posebatch[inventory]'``), column by
+column, a row group at a time; ORC is refused with a message (configure CSV or Parquet).
+Objects uploaded after the report are not in it: the next day's report (or ``posebatch watch``)
+has them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ MANIFEST = "manifest.json"
 DATED = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}-\d{2}Z$")
 """The folder S3 writes each report into."""
 NEEDED = ("Bucket", "Key")
+FORMATS = ("CSV", "PARQUET")
+PARQUET_COLUMNS = {"Bucket": "bucket", "Key": "key", "Size": "size", "ETag": "e_tag",
+                   "LastModifiedDate": "last_modified_date", "IsLatest": "is_latest",
+                   "IsDeleteMarker": "is_delete_marker"}
+"""The CSV schema's names and the Parquet report's columns (AWS's documented message schema)."""
 
 
 def latest_manifest(url: str) -> str:
@@ -75,9 +82,9 @@ def read_manifest(url: str) -> tuple[dict[str, Any], Storage]:
     except ValueError as err:
         raise ConfigError(f"--inventory {url} is not a JSON manifest: {err}") from err
     fmt = str(manifest.get("fileFormat", "")).upper()
-    if fmt != "CSV":
+    if fmt not in FORMATS:
         raise ConfigError(f"--inventory {url}: fileFormat {fmt or '(none)'} is not read here; "
-                          "configure the inventory as CSV (or convert the report to CSV)")
+                          "configure the inventory as CSV or Parquet")
     dest = str(manifest.get("destinationBucket", "")).rpartition(":::")[2] or bucket
     return manifest, open_storage(f"s3://{dest}/")
 
@@ -100,14 +107,55 @@ def inventory_objects(url: str, src: Storage) -> Iterator[ObjectInfo]:
     if manifest.get("sourceBucket") not in (None, src.bucket):
         raise ConfigError(f"--inventory {manifest_url} lists bucket {manifest['sourceBucket']}, "
                           f"not INPUT's bucket {src.bucket}")
-    col = schema(manifest)
+    parquet = str(manifest.get("fileFormat", "")).upper() == "PARQUET"
+    if parquet:
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("a Parquet inventory needs pyarrow: pip install "
+                              "'posebatch[inventory]' (or configure the inventory as CSV)") from err
+    col = None if parquet else schema(manifest)
     for entry in manifest.get("files", []):
         with tempfile.TemporaryDirectory(prefix="posebatch-inventory-") as tmp:
-            path = Path(tmp) / "part.csv.gz"
+            path = Path(tmp) / "part"
             dest.download(entry["key"], str(path))
             _check(path, entry, dest)
+            if parquet:
+                yield from _rows(_parquet_rows(path), _PARQUET_INDEX, src, encoded=False)
+                continue
             with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
-                yield from _rows(csv.reader(f), col, src)
+                yield from _rows(csv.reader(f), col, src)  # type: ignore[arg-type]
+
+
+_PARQUET_INDEX = {name: i for i, name in enumerate(PARQUET_COLUMNS)}
+
+
+def _parquet_rows(path: Path) -> Iterator[list[str]]:
+    """A Parquet report's rows as the CSV reader gives them (``PARQUET_COLUMNS`` order,
+    strings), a row group at a time: memory bounded by one group whatever the report's size."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    present = [c for c in PARQUET_COLUMNS.values() if c in f.schema_arrow.names]
+    for missing in ("bucket", "key"):
+        if missing not in present:
+            raise ConfigError(f"the Parquet inventory {path.name} has no {missing!r} column")
+    for batch in f.iter_batches(columns=present):
+        data = batch.to_pydict()
+        n = batch.num_rows
+        columns = [data.get(c, [None] * n) for c in PARQUET_COLUMNS.values()]
+        for values in zip(*columns, strict=True):
+            yield [_text(v) for v in values]
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
 
 
 def _check(path: Path, entry: dict[str, Any], dest: Storage) -> None:
@@ -124,8 +172,10 @@ def _check(path: Path, entry: dict[str, Any], dest: Storage) -> None:
                           "would be missed: wait for the next report, or list instead")
 
 
-def _rows(reader: Iterator[list[str]], col: dict[str, int], src: S3Storage
-          ) -> Iterator[ObjectInfo]:
+def _rows(reader: Iterator[list[str]], col: dict[str, int], src: S3Storage,
+          encoded: bool = True) -> Iterator[ObjectInfo]:
+    """Objects of ``src`` from report rows (``col``: column positions by the CSV schema's
+    names); ``encoded``: keys URL-encoded, as S3 writes them in CSV (not in Parquet)."""
     get = {name: col.get(name) for name in ("Size", "ETag", "LastModifiedDate", "IsLatest",
                                              "IsDeleteMarker")}
 
@@ -139,7 +189,7 @@ def _rows(reader: Iterator[list[str]], col: dict[str, int], src: S3Storage
         if field(row, "IsDeleteMarker").lower() == "true" or \
                 field(row, "IsLatest").lower() == "false":
             continue
-        key = unquote_plus(row[col["Key"]])
+        key = unquote_plus(row[col["Key"]]) if encoded else row[col["Key"]]
         if not key.startswith(src.prefix) or key.endswith("/"):
             continue
         size = field(row, "Size")

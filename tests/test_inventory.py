@@ -68,7 +68,7 @@ def test_a_damaged_or_unreadable_report_stops_with_a_clear_error(s3_server, buck
     with pytest.raises(ConfigError, match="MD5checksum"):
         list(inventory_objects(bad, src))
     orc = put_report(client, bucket, bucket, "2026-12-02T01-00Z", [], fmt="ORC")
-    with pytest.raises(ConfigError, match="fileFormat ORC"):
+    with pytest.raises(ConfigError, match="fileFormat ORC"):  # neither CSV nor Parquet
         list(inventory_objects(orc, src))
     with pytest.raises(ConfigError, match="no report found"):
         list(inventory_objects(f"s3://{bucket}/nothing-here/", src))
@@ -106,3 +106,39 @@ def test_submit_from_a_report_processes_exactly_its_images(redis_server, s3_serv
     counts = client.get_object(Bucket=bucket, Key="out/_counts.csv")["Body"].read().decode(
         "utf-8-sig")
     assert heads["a.jpg"]["ETag"].strip('"') in counts  # the report's versions are recorded
+
+
+def test_a_parquet_report_lists_the_same_objects_with_plain_keys(s3_server, bucket, tmp_path):
+    """Parquet reports (AWS's column names; keys not URL-encoded there) read like CSV ones."""
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    client = s3_server.client()
+    table = pa.table({
+        "bucket": [bucket] * 5 + ["other"],
+        "key": ["in/a+b%2Bc.jpg", "in/sub/x.jpg", "in/gone.jpg", "in/old.jpg", "out/y.jpg",
+                "in/z.jpg"],
+        "version_id": [None] * 6,
+        "is_latest": [True, True, True, False, True, True],
+        "is_delete_marker": [False, False, True, False, False, False],
+        "size": pa.array([11, 12, 1, 1, 1, 1], pa.int64()),
+        "last_modified_date": pa.array([datetime(2026, 12, 1, tzinfo=UTC)] * 6,
+                                       pa.timestamp("ms", tz="UTC")),
+        "e_tag": ["e1", "e2", "x", "x", "x", "x"],
+    })
+    path = tmp_path / "part.parquet"
+    pq.write_table(table, path, row_group_size=2)  # several groups: read a group at a time
+    body = path.read_bytes()
+    data_key = f"{CONFIG}/data/part.parquet"
+    client.put_object(Bucket=bucket, Key=data_key, Body=body)
+    manifest = {"sourceBucket": bucket, "destinationBucket": f"arn:aws:s3:::{bucket}",
+                "fileFormat": "Parquet", "fileSchema": "message s3.inventory { ... }",
+                "files": [{"key": data_key, "size": len(body),
+                           "MD5checksum": hashlib.md5(body).hexdigest()}]}
+    url = f"s3://{bucket}/{CONFIG}/2026-12-01T01-00Z/manifest.json"
+    client.put_object(Bucket=bucket, Key=url.split("/", 3)[3], Body=json.dumps(manifest).encode())
+    got = {(o.key, o.etag, o.size) for o in inventory_objects(url, open_storage(
+        f"s3://{bucket}/in/"))}
+    assert got == {("a+b%2Bc.jpg", "e1", 11), ("sub/x.jpg", "e2", 12)}

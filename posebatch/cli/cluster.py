@@ -59,9 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="reprocess images that have results")
     p.add_argument("--job-id", help="use this id instead of a generated one")
     p.add_argument("--inventory", metavar="URL",
-                   help="take INPUT's objects from an S3 Inventory report (CSV) instead of "
-                        "listing: a manifest.json, or the inventory configuration's folder "
-                        "(its newest report); for prefixes too large to list")
+                   help="take INPUT's objects from an S3 Inventory report (CSV or Parquet) "
+                        "instead of listing: a manifest.json, or the inventory configuration's "
+                        "folder (its newest report); for prefixes too large to list")
     add_broker_flags(p)
     add_selection_flags(p)
     add_job_flags(p)
