@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -141,12 +142,19 @@ def test_a_lost_event_is_caught_by_reconciliation(stack, drop):
     assert watch_once(stack, drop, "--reconcile-every", "1") == []
 
 
-def test_a_burst_of_uploads_is_one_job_in_the_running_watcher(stack, drop, tmp_path):
+def start_watcher(stack, drop, tmp_path, *args: str) -> tuple[subprocess.Popen, Path]:
+    """``posebatch watch`` on the drop folder's queue in its own session (killpg stops it), its
+    stdout (the job ids) in ``watch.out``, its log in ``watch.err``."""
     log = tmp_path / "watch.out"
     with open(log, "w") as out, open(tmp_path / "watch.err", "w") as err:
-        proc = subprocess.Popen([*CLI, "watch", *drop["args"], "--event-window", "2",
-                                 "--reconcile-every", "0"], stdout=out, stderr=err,
+        proc = subprocess.Popen([*CLI, "watch", *drop["args"], *args], stdout=out, stderr=err,
                                 env={**os.environ, **stack["env"]}, start_new_session=True)
+    return proc, log
+
+
+def test_a_burst_of_uploads_is_one_job_in_the_running_watcher(stack, drop, tmp_path):
+    proc, log = start_watcher(stack, drop, tmp_path, "--event-window", "2",
+                              "--reconcile-every", "0")
     try:
         started(stack, drop, proc)
         for i in range(3):
@@ -251,11 +259,8 @@ def test_parse_message(body, expected):
 def test_sigterm_submits_the_open_window_before_exiting(stack, drop, tmp_path):
     """docker stop / k8s: the images of an unfinished window are submitted, not left in the
     queue for the visibility timeout."""
-    log = tmp_path / "watch.out"
-    with open(log, "w") as out, open(tmp_path / "watch.err", "w") as err:
-        proc = subprocess.Popen([*CLI, "watch", *drop["args"], "--event-window", "5",
-                                 "--reconcile-every", "0"], stdout=out, stderr=err,
-                                env={**os.environ, **stack["env"]}, start_new_session=True)
+    proc, log = start_watcher(stack, drop, tmp_path, "--event-window", "5",
+                              "--reconcile-every", "0")
     try:
         started(stack, drop, proc)
         put(stack, drop, "drop/late.jpg", jpeg(64, 48))
@@ -287,10 +292,7 @@ def test_the_running_watcher_reconciles_in_its_own_thread(stack, drop, tmp_path)
     stack["server"].notify(drop["bucket"], None)
     put(stack, drop, "drop/before.jpg", jpeg(64, 48))
     stack["server"].notify(drop["bucket"], drop["arn"])
-    log = tmp_path / "watch.out"
-    with open(log, "w") as out, open(tmp_path / "watch.err", "w") as err:
-        proc = subprocess.Popen([*CLI, "watch", *drop["args"]], stdout=out, stderr=err,
-                                env={**os.environ, **stack["env"]}, start_new_session=True)
+    proc, log = start_watcher(stack, drop, tmp_path)
     try:
         wait_until(lambda: _job_lines(log), 60, "the reconciliation to submit before.jpg")
     finally:
