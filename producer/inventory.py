@@ -162,10 +162,8 @@ def _check(path: Path, entry: dict[str, Any], dest: Storage) -> None:
     want = entry.get("MD5checksum")
     if want is None:
         return
-    md5 = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            md5.update(block)
+        md5 = hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False))
     if md5.hexdigest() != want:
         raise ConfigError(f"inventory file {dest.join(entry['key'])} does not match its "
                           f"MD5checksum in the manifest (truncated or replaced?); images "
