@@ -213,11 +213,9 @@ def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
     window: deque[tuple[str, Future[dict[str, Any] | None] | None]] = deque()
     it = iter(keys)
     while chunk := list(islice(it, LIST_WINDOW)):
-        # Sharded results of one task lie under up to 256 prefixes: one range LIST cannot see
-        # them, so each is looked up on its own.
-        present = listed_results(dst, chunk) if layout == "mirror" else None
+        present = listed_results(dst, chunk, layout)
         for key in chunk:
-            known_absent = present is not None and result_key(key) not in present
+            known_absent = present is not None and result_key(key, layout) not in present
             window.append((key, None if known_absent else pool.submit(existing, key)))
             if len(window) >= LOOKUP_WINDOW:
                 yield from _settle(window.popleft(), done, dst, layout)
@@ -225,10 +223,14 @@ def _filter_existing(keys: Iterable[str], dst: Storage, job: JobSettings, done,
         yield from _settle(window.popleft(), done, dst, layout)
 
 
-def listed_results(dst: Storage, keys: list[str]) -> set[str] | None:
+def listed_results(dst: Storage, keys: list[str], layout: str = "mirror") -> set[str] | None:
     """The result files of ``keys`` that exist, from one listing of the key range they span
     (one LIST request for a batch instead of a GET per image, 404 for every new one); None
-    when the range holds too many other objects to be worth listing (then: a GET per key)."""
+    when the range holds too many other objects to be worth listing, or when the results are
+    sharded (one task's lie under up to 256 prefixes: no one range holds them), and then: a GET
+    per key."""
+    if layout != "mirror":
+        return None
     wanted = sorted(result_key(k) for k in keys)
     lo, hi = wanted[0], wanted[-1]
     limit = 4 * len(wanted) + 1000
