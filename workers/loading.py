@@ -48,11 +48,11 @@ def select_model(rt: RuntimeSettings) -> Selection:
     if rt.backend != "ort" and rt.precision != "fp16" and rt.detector is None:
         fp32 = resolve_model(rt.model, rt.cache_dir)
         backend = choose_backend(rt.backend, rt.precision, kind, str(fp32.path), fp32.sha256,
-                                 rt.intra_threads, rt.cache_dir)
+                                 rt.cache_dir)
         if backend == "openvino":  # runs the FP32 file itself, in fp32 or bf16
             return Selection(fp32, kind, trt_present, backend)
     elif rt.backend == "openvino":
-        choose_backend(rt.backend, rt.precision, kind, "", "", 0, None)  # raises
+        choose_backend(rt.backend, rt.precision, kind, "", "", None)  # raises
     from workers.tools.fp16 import convert_fp16
 
     fp32 = resolve_model(rt.model, rt.cache_dir)

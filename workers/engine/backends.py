@@ -5,10 +5,20 @@ VNNI, core count) and the runtimes' versions, and the gap is large both ways (bf
 for OpenVINO; on CPUs without it the two are close). A short interleaved measurement at start-up
 picks the faster one, and its answer is cached per model and host in the cache directory, so only
 the first process on a host pays for it (~2 s).
+
+Why one answer per host, not per process: the two backends' floats differ in the last digits, so
+a local run and the cluster workers of one host must run the same one to write the same bytes.
+The choice ignores the process's thread count (a worker's 1 thread and a local run's all cores
+once picked different backends on a 2-core AVX2 host, where the two tie at one thread), is
+measured under a file lock (workers starting together wait for the first one's answer instead
+of each measuring under the others' load), and keeps ONNX Runtime unless OpenVINO is clearly
+faster (``OPENVINO_MARGIN``): a near tie is noise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -30,6 +40,8 @@ BACKENDS = ("auto", "ort", "openvino")
 CHOICE_FILE = "backend-choice.json"
 MEASURE_SECONDS = 0.6
 """Per backend and round; two interleaved rounds, best kept (other processes share the cores)."""
+OPENVINO_MARGIN = 1.1
+"""OpenVINO is chosen when it measured at least this many times ONNX Runtime's img/s."""
 
 
 class Runner(Protocol):
@@ -58,12 +70,12 @@ def openvino_available() -> bool:
 
 
 def choose_backend(wanted: str, precision: str, kind: str, path: str,
-                   model_sha256: str, threads: int, cache_dir: Path | None) -> str:
+                   model_sha256: str, cache_dir: Path | None) -> str:
     """``ort`` or ``openvino`` for a model about to run on provider ``kind`` (cpu/cuda/tensorrt).
 
     ``auto``: ONNX Runtime on a GPU, for the fp16 file, or when OpenVINO is not
     installed; OpenVINO when bf16 was asked for; otherwise the faster of the two on this CPU,
-    measured once per model and host and cached in ``cache_dir``.
+    measured once per model and host (whatever the thread count) and cached in ``cache_dir``.
     """
     if wanted not in BACKENDS:
         raise ModelError(f"backend: expected one of {', '.join(BACKENDS)}, got {wanted!r}")
@@ -84,31 +96,55 @@ def choose_backend(wanted: str, precision: str, kind: str, path: str,
         return "ort"
     if precision == "bf16":
         return "openvino"
-    return _measured_choice(path, precision, threads, model_sha256, cache_dir)
+    return _measured_choice(path, precision, model_sha256, cache_dir)
 
 
 @lru_cache(maxsize=8)
-def _measured_choice(path: str, precision: str, threads: int, model_sha256: str,
+def _measured_choice(path: str, precision: str, model_sha256: str,
                      cache_dir: Path | None) -> str:
-    """Cached on disk per host, and in memory so one process never measures twice."""
-    key = f"{model_sha256 or os.path.abspath(path)}|{precision}|{threads}|{host_fingerprint()}"
+    """Cached on disk per host, and in memory so one process never measures twice; measured
+    with all cores whatever this process's thread count (the module's docstring says why)."""
+    key = f"{model_sha256 or os.path.abspath(path)}|{precision}|{host_fingerprint()}"
     cache = Path(cache_dir) / CHOICE_FILE if cache_dir else None
-    known = _read_choices(cache)
-    if key in known:
-        return str(known[key]["backend"])
+    with _choice_lock(cache):
+        known = _read_choices(cache)
+        if key in known:
+            return str(known[key]["backend"])
+        try:
+            rates = measure_backends(path, precision, 0)
+        except Exception as err:  # noqa: BLE001 - a model only ORT takes (top-down), or one
+            # that fails to run: keep ORT, cache nothing, and let the first real batch report it.
+            log.warning("backend auto: ort (measuring failed: %s)", err)
+            return "ort"
+        best = faster_backend(rates)
+        log.warning("backend auto: %s (%s img/s measured at start-up, cached in %s)", best,
+                    ", ".join(f"{b} {r:.1f}" for b, r in rates.items()), cache or "memory only")
+        if cache is not None:
+            known[key] = {"backend": best, "img_per_s": rates, "measured": time.time()}
+            _write_choices(cache, known)
+        return best
+
+
+def faster_backend(rates: dict[str, float]) -> str:
+    """``openvino`` when it is clearly faster (``OPENVINO_MARGIN``), else ``ort``."""
+    return "openvino" if rates.get("openvino", 0.0) >= OPENVINO_MARGIN * rates["ort"] else "ort"
+
+
+@contextlib.contextmanager
+def _choice_lock(cache: Path | None):
+    """Held while the cached choice is read, measured and written: one measurement per host."""
+    if cache is None:
+        yield
+        return
     try:
-        rates = measure_backends(path, precision, threads)
-    except Exception as err:  # noqa: BLE001 - a model only ORT takes (top-down), or one that
-        # fails to run: keep ORT, cache nothing, and let the first real batch report the error.
-        log.warning("backend auto: ort (measuring failed: %s)", err)
-        return "ort"
-    best = max(rates, key=lambda b: rates[b])
-    log.warning("backend auto: %s (%s img/s measured at start-up, cached in %s)", best,
-                ", ".join(f"{b} {r:.1f}" for b, r in rates.items()), cache or "memory only")
-    if cache is not None:
-        known[key] = {"backend": best, "img_per_s": rates, "measured": time.time()}
-        _write_choices(cache, known)
-    return best
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(cache.with_name(cache.name + ".lock"), "a+b")  # noqa: SIM115
+    except OSError:  # a read-only cache dir: each process measures for itself
+        yield
+        return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def measure_backends(path: str, precision: str = "auto", threads: int = 0,
