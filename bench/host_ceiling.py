@@ -73,13 +73,14 @@ def steady(n: int, small: dict[str, Any], big: dict[str, Any]) -> dict[str, Any]
 
 
 def measure(size: tuple[int, int], n: int, repeat: int, model: Path, extra: list[str],
-            roots: list[Path], variants: list[str] | None = None) -> list[dict[str, Any]]:
+            roots: list[Path], variants: list[str] | None = None,
+            out_dir: Path | None = None) -> list[dict[str, Any]]:
     """Best of ``repeat`` N/3N pairs per checkout in ``roots`` and flag variant, interleaved
-    run by run."""
+    run by run; the results are written below ``out_dir`` (default: the system's temp dir)."""
     small_dir, big_dir = corpus(n, size), corpus(3 * n, size)
     combos = [(root, v) for root in roots for v in (variants or [""])]
     runs: dict[tuple[Path, str], list[dict[str, Any]]] = {c: [] for c in combos}
-    with tempfile.TemporaryDirectory(prefix="host-ceiling-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="host-ceiling-", dir=out_dir) as tmp:
         work = Path(tmp)
         for i in range(repeat):
             for root, variant in combos:
@@ -139,6 +140,9 @@ def main() -> int:
                     help="another model instead of the null one (the real model: its path)")
     ap.add_argument("--variant", action="append", default=[],
                     help="extra flags for posebatch run, one variant per use (interleaved)")
+    ap.add_argument("--out-dir", type=Path,
+                    help="where the runs write their results (default: the temp dir); "
+                    "/dev/shm leaves the file system's own cost per file out")
     ap.add_argument("args", nargs="*", help="more flags for posebatch run (after --)")
     ns = ap.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in ns.sizes.split(",")]
@@ -148,9 +152,11 @@ def main() -> int:
     print(f"model: {model.name}")
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"host: {host()}\nuptime before: {load}")
+    print(f"results written below: {ns.out_dir or tempfile.gettempdir()}")
     results = []
     for size, n in zip(sizes, ns_, strict=True):
-        for r in measure(size, n, ns.repeat, model, ns.args, [ROOT, *ns.also], ns.variant):
+        for r in measure(size, n, ns.repeat, model, ns.args, [ROOT, *ns.also], ns.variant,
+                         ns.out_dir):
             results.append(r)
             print(f"{r['root']} {r['variant']} {r['size']} (N = {n}): "
                   f"{r['img_per_s']:.0f} img/s steady, "

@@ -39,7 +39,7 @@ class Pose:
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, backend: str = "auto",
                  precision: str = "auto", providers: str = "auto", batch_size: int = 0,
-                 io_threads: int = 4, **job: Any) -> None:
+                 io_threads: int = 0, **job: Any) -> None:
         from workers.engine.pipeline import PoseEngine
         from workers.loading import open_model, runner_label, select_model
 
@@ -53,7 +53,8 @@ class Pose:
         """Which file runs (path, sha256, name, precision)."""
         self.runner = runner_label(runner, sel.ref)
         """Backend, precision and device, e.g. ``openvino bf16 cpu``."""
-        self._engine = PoseEngine(runner, self.job, runtime.batch_size, runtime.io_threads)
+        self._engine = PoseEngine(runner, self.job, runtime.batch_size,
+                                  runtime.io_threads_for(local=True))
 
     def predict(self, source: Source, *, channels: str = "rgb"
                 ) -> Iterator[PoseResult | Failure]:

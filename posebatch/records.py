@@ -60,6 +60,15 @@ class Record:
         return record
 
 
+def record_from_pose(key: str, result: PoseResult, job: JobSettings,
+                     size: tuple[int, int] | None = None) -> Record:
+    """``record_from_result`` of ``result.to_api()``, the same record, from the arrays."""
+    persons, valid = result.counts(job.valid_kpt_score, job.valid_min_kpts,
+                                   job.valid_box_score)
+    w, h = size if size is not None else (None, None)
+    return Record(key, True, None, persons, valid, width=w, height=h)
+
+
 def legacy_batch_failure(error_code: int | None, error_msg: str) -> bool:
     """Whether a record written before ``Record.batch_failure`` existed (a count table without
     its column, a Redis record of an older worker) was a batch's failure: the one place the old

@@ -143,8 +143,9 @@ class RuntimeSettings:
     memory, see README), 32 on CUDA."""
     intra_threads: int = 0
     """ONNX Runtime intra-op threads; 0 lets it use one per physical core."""
-    io_threads: int = 4
-    """Threads that download and decode images while the model runs."""
+    io_threads: int = 0
+    """Threads that download and decode images while the model runs (and write results);
+    0 = auto (``io_threads_for``)."""
     decode_workers: int = 0
     """Processes that decode images into shared-memory batches (workers.engine.decodeproc);
     0: the io threads decode. Used where every image gets the same input shape (no ``rect``,
@@ -169,11 +170,28 @@ class RuntimeSettings:
         if not 0 <= self.intra_threads <= 256:
             raise ConfigError(f"intra_threads: expected 0 (one per core) to 256, got "
                               f"{self.intra_threads}")
-        if not 1 <= self.io_threads <= 64:
-            raise ConfigError(f"io_threads: expected 1 to 64, got {self.io_threads}")
+        if not 0 <= self.io_threads <= 64:
+            raise ConfigError(f"io_threads: expected 0 (auto) to 64, got {self.io_threads}")
         if not 0 <= self.decode_workers <= 64:
             raise ConfigError(f"decode_workers: expected 0 (decode in the io threads) to 64 "
                               f"processes, got {self.decode_workers}")
+
+    def io_threads_for(self, local: bool) -> int:
+        """``io_threads``, or for 0 (auto): for a local folder (or images in memory) one per
+        core, 2 to 4; for S3, 4, whose GETs wait on the network rather than the cores.
+
+        Why not 4 everywhere: every one of these threads takes the GIL for its Python between
+        the C calls, and on 2 cores 4 readers and 4 writers made the model's thread wait for
+        it; 2 of each ran the null model 1.15x as fast (bench/host_ceiling.py, README)."""
+        if self.io_threads:
+            return self.io_threads
+        if not local:
+            return 4
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return min(4, max(2, cores))
 
     def check_urls(self) -> None:
         """ConfigError (exit 3) naming the flag and variable of a malformed broker/state URL.

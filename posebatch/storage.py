@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import mimetypes
 import os
@@ -59,13 +60,35 @@ NAME_MAX = 255
 """Bytes per file name on Linux file systems (ext4, XFS, Btrfs, tmpfs); the folder's own
 ``pathconf`` answer wins where it has one."""
 PATH_MAX = 4096
+FOLDERS_KEPT = 65_536
+"""Folders a LocalStorage remembers as existing (then it starts over): bounded memory for
+outputs of millions of folders."""
 S3_KEY_MAX = 1024
 """Bytes of UTF-8 in one S3 key (AWS's limit; SeaweedFS answers KeyTooLongError past it)."""
 logger = logging.getLogger(__name__)
 
 
+def _new_tmp_seed() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+_tmp_seed = _new_tmp_seed()
+_tmp_count = itertools.count()
+
+
+def _reseed_tmp_names() -> None:
+    global _tmp_seed, _tmp_count  # a forked worker must not repeat its parent's names
+    _tmp_seed, _tmp_count = _new_tmp_seed(), itertools.count()
+
+
+os.register_at_fork(after_in_child=_reseed_tmp_names)
+
+
 def _tmp_name(folder: str) -> str:
-    return os.path.join(folder, f"{_TMP_PREFIX}{uuid.uuid4().hex[:16]}")
+    """``.pbt-`` + 16 hex: a per-process random part and a counter. Not a uuid4 per file: that
+    is one getrandom() system call per result, a GIL round trip on the writer threads. Writers
+    open it with O_EXCL, so even a repeat could not overwrite another writer's file."""
+    return os.path.join(folder, f"{_TMP_PREFIX}{_tmp_seed}{next(_tmp_count) & 0xFFFFFFFF:08x}")
 
 
 @dataclass(frozen=True)
@@ -194,6 +217,9 @@ class LocalStorage:
         # Keys and the URL are UTF-8-safe text (posebatch.names); only _path() is a real name.
         self.url = display_path(self.root)
         self._name_max: int | None = None
+        self._folders: set[str] = set()
+        """Folders this object made or found (``write`` skips their makedirs); forgotten when
+        a write finds one gone."""
 
     def join(self, key: str) -> str:
         return f"{self.url.rstrip('/')}/{key}"
@@ -269,13 +295,41 @@ class LocalStorage:
 
     def read(self, key: str, max_bytes: int | None = None) -> bytes:
         """Open without blocking (a FIFO named x.jpg would wait forever for a writer), check
-        on the open file that it is a regular file within ``max_bytes``, then read it."""
-        with self._open_regular(key) as (f, size):
+        on the open file that it is a regular file within ``max_bytes``, then read it.
+
+        Plain ``os`` calls: open, fstat, one read of the whole file (one more if it grew since
+        the fstat), close. Each system call hands the GIL on, and Python's buffered file layer
+        made twice as many (a second fstat, a read until an empty one): on the decode threads
+        each hand-over waited for the others."""
+        path, where = self._path(key), self.join(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as err:
+            raise read_error(err, path, where) from err
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ObjectUnreadable(f"{where} is {file_kind(info.st_mode)}, not a regular "
+                                       "file")
+            size = info.st_size
             if max_bytes is not None and size > max_bytes:
-                raise ObjectTooLarge(self.join(key), size, max_bytes)
-            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-        if max_bytes is not None and len(data) > max_bytes:  # grew since the fstat
-            raise ObjectTooLarge(self.join(key), len(data), max_bytes)
+                raise ObjectTooLarge(where, size, max_bytes)
+            data = os.read(fd, size + 1)
+            if len(data) > size:  # grew since the fstat: read on to the end (or the limit)
+                parts = [data]
+                total = len(data)
+                while chunk := os.read(fd, 1 << 20):
+                    parts.append(chunk)
+                    total += len(chunk)
+                    if max_bytes is not None and total > max_bytes:
+                        break
+                data = b"".join(parts)
+        except OSError as err:
+            raise read_error(err, path, where) from err
+        finally:
+            os.close(fd)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLarge(where, len(data), max_bytes)
         return data
 
     def peek(self, key: str, n: int) -> bytes:
@@ -309,9 +363,11 @@ class LocalStorage:
         folder = os.path.dirname(path)
         tmp = _tmp_name(folder)
         try:
-            os.makedirs(folder, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
+            try:
+                self._write_new(folder, tmp, data)
+            except FileNotFoundError:  # the folder went away since this object saw it
+                self._folders.discard(folder)
+                self._write_new(folder, tmp, data)
             os.replace(tmp, path)
         except OSError as err:
             with contextlib.suppress(OSError):
@@ -320,6 +376,22 @@ class LocalStorage:
                 raise ConfigError(f"cannot write {self.join(key)}: the name is too long for "
                                   "this file system; shorten it, or use another --out") from err
             raise write_error(err, self.join(key)) from err
+
+    def _write_new(self, folder: str, tmp: str, data: bytes) -> None:
+        """``data`` into the new file ``tmp`` of ``folder`` (made first unless known): plain
+        ``os`` calls, one system call each (``read`` says why)."""
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            if len(self._folders) >= FOLDERS_KEPT:
+                self._folders.clear()
+            self._folders.add(folder)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
 
     def create(self, key: str, data: bytes, content_type: str | None = None) -> bool:
         """The temporary file is hard-linked to the name: link() fails if the name exists, and

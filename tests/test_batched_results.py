@@ -159,6 +159,34 @@ def test_encode_result_bytes_are_json_dumps_bytes():
         assert encode_result(result) == ref, result
 
 
+def test_to_json_is_the_dicts_bytes_and_counts_are_what_the_json_counts():
+    """The writer's JSON comes straight from the arrays (``PoseResult.to_json``) and its record
+    from ``counts``: the same bytes as the API dict through ``encode_result``, the same counts
+    as reading that JSON back (``person_counts``), odd numbers included."""
+    from posebatch.schema import person_counts
+
+    rng = np.random.default_rng(3)
+    odd = np.array(ODD, np.float64)
+    for i in range(400):
+        n = int(rng.integers(0, 9))
+        kpts = rng.uniform(-10, 5000, (n, 21, 3))
+        kpts[..., 2] = rng.choice([rng.random(), 0.2, 0.20004, 0.00004, 1.0, 0.0])
+        kpts[..., 2] = np.where(rng.random((n, 21)) < 0.5, rng.random((n, 21)), kpts[..., 2])
+        x1y1 = rng.uniform(0, 3000, (n, 2))
+        boxes = np.concatenate([x1y1, x1y1 + rng.uniform(0, 900, (n, 2))], 1)
+        scores = rng.choice([0.03, 0.030001, 0.5, 0.0], n) if i % 3 else rng.random(n)
+        if n and i % 7 == 0:  # NaN, infinities, huge and tiny numbers, negative zero
+            kpts.reshape(-1)[rng.integers(0, kpts.size)] = rng.choice(odd)
+            boxes.reshape(-1)[rng.integers(0, boxes.size)] = rng.choice(odd)
+        dtype = np.float32 if i % 2 else np.float64
+        with np.errstate(over="ignore"):  # 1e300 as float32: an infinity, on purpose
+            r = PoseResult(kpts.astype(dtype), boxes.astype(dtype), scores.astype(dtype), 5000,
+                           5000)
+        assert r.to_json(i) == encode_result(r.to_api(i)), (i, n)
+        for rule in ((0.2, 3, 0.03), (0.0, 0, 0.0), (0.5, 10, 0.3)):
+            assert r.counts(*rule) == person_counts(r.to_api(i), *rule), (i, rule)
+
+
 def without_log_id(data: bytes) -> bytes:
     result = json.loads(data)
     result.pop("log_id")

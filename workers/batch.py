@@ -29,7 +29,7 @@ from posebatch.errors import (
 )
 from posebatch.keys import overlay_key, result_key
 from posebatch.overlay import draw_overlay, to_jpeg
-from posebatch.records import Record, record_from_result, valid_flags
+from posebatch.records import Record, record_from_pose, record_from_result, valid_flags
 from posebatch.schema import (
     PoseResult,
     encode_result,
@@ -46,6 +46,9 @@ from workers.engine.stages import perf_counter
 LOOKUP_WINDOW = 64  # existence checks in flight; bounded so a huge listing streams
 LIST_WINDOW = 256  # keys whose results are looked up with one listing of the output
 WRITE_WINDOW_PER_THREAD = 16  # results handed to writers and not yet recorded, per thread
+WRITE_CHUNK = 4
+"""Images per writer task: a hand-over per few images, not per image, while a GPU's batch of
+32 still spreads over the writer threads (its PUTs to S3 wait on the network side by side)."""
 _FOREIGN = {"foreign": True}  # marks a file at the result path that posebatch did not write
 
 
@@ -85,28 +88,51 @@ def process_keys(
     timer = engine.stages
     window = WRITE_WINDOW_PER_THREAD * engine.io_threads
 
-    def handle(key: str, result: Result, image: DecodedImage | None) -> Record:
-        """On a writer thread: the API dict, its JSON, the write, the overlay, the record."""
+    def handle_one(key: str, result: Result, image: DecodedImage | None
+                   ) -> tuple[Record, float, float]:
+        """The JSON, the write, the overlay and the record of one image, and the seconds of
+        the first two."""
         t0 = perf_counter()
-        api = api_result(result)
-        data = encode_result(api)
+        size = (image.width, image.height) if image is not None else None
+        draw = overlays and image is not None
+        if isinstance(result, PoseResult) and not draw:
+            data = result.to_json()  # the API dict's bytes without the dict
+            rec = record_from_pose(key, result, job, size)
+            api = None
+        else:
+            api = api_result(result)
+            data = encode_result(api)
+            rec = record_from_result(key, api, job, size)
         t1 = perf_counter()
         dst.write(result_key(key, job.result_layout), data, "application/json")
-        timer.add("encode", t1 - t0)
-        timer.add("write", perf_counter() - t1)
-        if overlays and image is not None and dst.name_problem(
+        t2 = perf_counter()
+        if draw and api is not None and dst.name_problem(
                 overlay_key(key, job.result_layout)) is None:
             _write_overlay(dst, key, api, image, job)
-        return record_from_result(key, api, job,
-                                  (image.width, image.height) if image is not None else None)
+        return rec, t1 - t0, t2 - t1
 
-    def finish(fut: Future[Record]) -> None:
-        rec = fut.result()  # a write error (retryable) surfaces here, before the batch is done
-        records.append(rec)
-        emit(rec)
+    def handle(group: list[tuple[str, Result, DecodedImage | None]]) -> list[Record]:
+        """On a writer thread, up to WRITE_CHUNK images of one model batch."""
+        out: list[Record] = []
+        encode = write = 0.0
+        try:
+            for key, result, image in group:
+                rec, e, w = handle_one(key, result, image)
+                out.append(rec)
+                encode += e
+                write += w
+        finally:
+            timer.add_many({"encode": encode, "write": write})
+        return out
+
+    def finish(fut: Future[list[Record]]) -> None:
+        for rec in fut.result():  # a write error (retryable) surfaces here, before the end
+            records.append(rec)
+            emit(rec)
 
     writers = engine.writers()  # the engine's: kept from batch to batch
-    pending: deque[Future[Record]] = deque()
+    pending: deque[tuple[Future[list[Record]], int]] = deque()
+    in_flight = 0  # images handed to writers and not yet recorded
     try:
         started = False
         # Unsafe keys are refused first: the existence check reads dst/<key>.json, and a
@@ -114,23 +140,30 @@ def process_keys(
         safe = _refuse_unsafe(keys, done, dst, job.result_layout)
         todo = _filter_existing(safe, dst, job, done, writers, redo=not skip_existing)
         loaders = ((k, image_loader(src, k, job.max_image_bytes)) for k in todo)
-        for key, result, image in engine.run_results(loaders, pixels=overlays):
+        for group in engine.run_batches(loaders, pixels=overlays):
+            if not group:
+                continue
             t0 = perf_counter()
             if before_first_write is not None and not started:
                 before_first_write()
             started = True
-            # The dict, JSON, write and record run on the writer threads: the model's thread
-            # only hands results on. Records are taken in order, as their writes finish.
-            pending.append(writers.submit(handle, key, result, image))
-            while pending and (pending[0].done() or len(pending) > window):
-                finish(pending.popleft())
+            # The JSON, write and record run on the writer threads: the model's thread only
+            # hands results on. Records are taken in order, as their writes finish.
+            for start in range(0, len(group), WRITE_CHUNK):
+                chunk = group[start:start + WRITE_CHUNK]
+                pending.append((writers.submit(handle, chunk), len(chunk)))
+                in_flight += len(chunk)
+            while pending and (pending[0][0].done() or in_flight > window):
+                fut, n = pending.popleft()
+                in_flight -= n
+                finish(fut)
             timer.add("hand_on", perf_counter() - t0)
         while pending:
-            finish(pending.popleft())
+            finish(pending.popleft()[0])
     finally:  # an error: let the writes in flight end before the caller retries the batch
-        for fut in pending:
+        for fut, _n in pending:
             fut.cancel()
-        for fut in pending:
+        for fut, _n in pending:
             if not fut.cancelled():
                 fut.exception()
     return records

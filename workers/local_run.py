@@ -53,7 +53,8 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
     runner = open_model(runtime, model)
     label = runner_label(runner, model)
     wanted = manifest(job, model.sha256, model.name, label)
-    engine = PoseEngine(runner, job, runtime.batch_size, runtime.io_threads,
+    engine = PoseEngine(runner, job, runtime.batch_size,
+                        runtime.io_threads_for(local=src.url.startswith("/")),
                         runtime.decode_workers)
     created = _now()
     total = (sum(1 for _ in iter_images(src, selection))

@@ -69,7 +69,8 @@ def engine(job: JobSettings) -> PoseEngine:
     if found is None:
         model, _ref, _label = load_model(job)
         rt = runtime()
-        found = _engines[key] = PoseEngine(model, job, rt.batch_size, rt.io_threads,
+        found = _engines[key] = PoseEngine(model, job, rt.batch_size,
+                                           rt.io_threads_for(local=False),
                                            rt.decode_workers)
         if len(_engines) > MAX_ENGINES:
             _engines.popitem(last=False)[1].close()

@@ -89,7 +89,9 @@ def add_runtime_flags(p: argparse.ArgumentParser, *, engine: bool = False) -> No
     g.add_argument("--batch-size", type=int,
                    help="images per model call (default 0 = auto: 4 on CPU, 32 on CUDA)")
     g.add_argument("--intra-threads", type=int, help="ONNX Runtime threads (0 = per core)")
-    g.add_argument("--io-threads", type=int, help="download/decode threads (default 4)")
+    g.add_argument("--io-threads", type=int,
+                   help="download/decode threads, and as many result writers (default 0 = "
+                   "auto: one per core, 2 to 4, for a local folder; 4 for S3)")
     g.add_argument("--decode-workers", type=int, metavar="N",
                    help="decode in N processes writing into shared-memory batches (default 0: "
                         "decode in the io threads; README \"Decode processes\")")

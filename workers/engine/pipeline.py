@@ -111,10 +111,9 @@ def prepare(key: str, load: Loader, job: JobSettings,
     finally:
         if timer is not None:
             t4 = perf_counter()
-            timer.add("fetch", t1 - t0)
-            timer.add("decode", max(0.0, t2 - t1))
-            timer.add("resize", max(0.0, t3 - t2))
-            timer.add("copy_in", max(0.0, t4 - t3) if t3 > t0 else 0.0)
+            timer.add_many({"fetch": t1 - t0, "decode": max(0.0, t2 - t1),
+                            "resize": max(0.0, t3 - t2),
+                            "copy_in": max(0.0, t4 - t3) if t3 > t0 else 0.0})
 
 
 NO_PIXELS = np.empty((0, 0, 3), np.uint8)
@@ -292,6 +291,14 @@ class PoseEngine:
         ``pixels``: the caller reads ``DecodedImage.rgb`` (overlays), so the images are decoded
         on the threads; otherwise, with ``decode_workers``, in the decode processes, and
         ``rgb`` is empty (``NO_PIXELS``)."""
+        for group in self.run_batches(items, pixels=pixels):
+            yield from group
+
+    def run_batches(self, items: Iterable[tuple[str, Loader]], *, pixels: bool = False
+                    ) -> Iterator[list[tuple[str, Result, DecodedImage | None]]]:
+        """``run_results`` a model batch at a time (an image that failed before the model: a
+        list of its own), so the caller hands each batch on to a writer at once: one hand-over
+        per batch instead of one per image."""
         hw = None if pixels else self.process_hw()
         if self.decode_workers and hw is None and not self._told_threads:
             self._told_threads = True
@@ -327,7 +334,7 @@ class PoseEngine:
                     break
                 item = futures.popleft().result()
                 if item.error is not None:
-                    yield item.key, item.error, None
+                    yield [(item.key, item.error, None)]
                     if item.batch is None:
                         continue  # a hole (decoded in a process): its batch still counts it
                 assert item.batch is not None
@@ -338,9 +345,9 @@ class PoseEngine:
                 # Any batch may have become ready: its last slot can be claimed after this one.
                 for ready in [b for b in open_batches if b.ready()]:
                     open_batches.remove(ready)
-                    yield from self._infer_batch(ready, pool)
+                    yield self._infer_batch(ready, pool)
             for batch in open_batches:
-                yield from self._infer_batch(batch, pool)
+                yield self._infer_batch(batch, pool)
         finally:
             # Left early (an error, a closed generator): the decode threads outlive this run, so
             # wait for what they still do and forget the half-filled batches, as leaving a
@@ -388,7 +395,7 @@ class PoseEngine:
             self._procs = None
 
     def _infer_batch(self, batch: Batch, pool: BatchPool
-                     ) -> Iterator[tuple[str, Result, DecodedImage | None]]:
+                     ) -> list[tuple[str, Result, DecodedImage | None]]:
         group = sorted(batch.seen, key=lambda p: p.slot)
         try:
             real = [p for p in group if p.error is None]
@@ -398,8 +405,7 @@ class PoseEngine:
                 results = self._infer(real, batch.array[[p.slot for p in real]]) if real else []
         finally:
             pool.release(batch)
-        for item, result in results:
-            yield item.key, result, item.image
+        return [(item.key, result, item.image) for item, result in results]
 
     def _infer(self, group: list[Prepared], batch: np.ndarray | None = None
                ) -> list[tuple[Prepared, PoseResult]]:

@@ -50,6 +50,12 @@ class StageTimer:
         with self._lock:
             self.seconds[stage] += seconds
 
+    def add_many(self, seconds: dict[str, float]) -> None:
+        """Several stages' seconds at once (one lock for a thread's share of a batch)."""
+        with self._lock:
+            for stage, value in seconds.items():
+                self.seconds[stage] += value
+
     def add_batch(self, images: int, infer: float, post: float, copy_out: float = 0.0,
                   cpu: float = 0.0) -> None:
         """One model call's share: its images, inference, copy-out and post-processing, and the

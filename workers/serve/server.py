@@ -43,11 +43,12 @@ def load_authority(settings: ServeSettings, no_auth: bool) -> Authority | None:
 
 def build_batcher(model: ModelRef, job: JobSettings, runtime: RuntimeSettings,
                   settings: ServeSettings, metrics_factory=Metrics) -> tuple[Batcher, Metrics]:
-    engine = PoseEngine(open_model(runtime, model), job, runtime.batch_size, runtime.io_threads)
+    threads = runtime.io_threads_for(local=True)  # the requests' images are in memory
+    engine = PoseEngine(open_model(runtime, model), job, runtime.batch_size, threads)
     _warm_up(engine)
     metrics = metrics_factory(engine.batch_size, settings.max_queue)
     batcher = Batcher(engine, max_batch=engine.batch_size, max_wait_ms=settings.max_wait_ms,
-                      max_pending=settings.max_queue, decode_threads=runtime.io_threads,
+                      max_pending=settings.max_queue, decode_threads=threads,
                       on_batch=metrics.observe_batch)
     return batcher, metrics
 
