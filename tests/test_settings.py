@@ -38,3 +38,16 @@ def test_job_settings_round_trip_through_a_dict():
     assert JobSettings.from_dict(job.to_dict()) == job
     with pytest.raises(ConfigError, match="unknown job settings"):
         JobSettings.from_dict({"imgsz": 640, "bogus": 1})
+
+
+def test_io_threads_auto_is_one_per_core_for_folders_and_four_for_s3(monkeypatch):
+    import os
+
+    rt = RuntimeSettings()
+    assert rt.io_threads == 0 and rt.io_threads_for(local=False) == 4
+    for cores, want in ((1, 2), (2, 2), (3, 3), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert rt.io_threads_for(local=True) == want
+    assert RuntimeSettings(io_threads=7).io_threads_for(local=True) == 7
+    with pytest.raises(ConfigError, match="io_threads"):
+        RuntimeSettings(io_threads=-1)

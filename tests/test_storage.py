@@ -363,3 +363,37 @@ def test_s3_client_is_created_lazily_per_process(bucket: str) -> None:
     assert store.client is first
     store._client_pid = -1  # as if we were now in a forked child
     assert store.client is not first
+
+
+def test_local_read_takes_a_file_that_grew_after_its_size_was_read(tmp_path, monkeypatch):
+    """The read asks for one byte more than fstat said; a file that grew since is read to its
+    end, or refused past ``max_bytes``."""
+    from posebatch.errors import ObjectTooLarge
+
+    store = LocalStorage(str(tmp_path))
+    (tmp_path / "a.jpg").write_bytes(b"x" * 10)
+    real_fstat = os.fstat
+
+    def stale(fd):  # the size before the file grew by 3 MB
+        info = real_fstat(fd)
+        return os.stat_result((*info[:6], 10, *info[7:]))
+
+    (tmp_path / "a.jpg").write_bytes(b"y" * (3 << 20))
+    monkeypatch.setattr(os, "fstat", stale)
+    assert store.read("a.jpg") == b"y" * (3 << 20)
+    with pytest.raises(ObjectTooLarge):
+        store.read("a.jpg", max_bytes=1 << 20)
+
+
+def test_temp_names_of_a_forked_process_differ_from_its_parents():
+    from posebatch import storage
+
+    before = storage._tmp_name("/d")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next name, to the parent
+        os.write(write, storage._tmp_name("/d").encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 200).decode()
+    assert child[:-8] != before[:-8] and storage._tmp_name("/d") != child
