@@ -61,10 +61,12 @@ class Record:
 
 
 def record_from_pose(key: str, result: PoseResult, job: JobSettings,
-                     size: tuple[int, int] | None = None) -> Record:
-    """``record_from_result`` of ``result.to_api()``, the same record, from the arrays."""
+                     size: tuple[int, int] | None = None,
+                     numbers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Record:
+    """``record_from_result`` of ``result.to_api()``, the same record, from the arrays
+    (``numbers``: its ``rounded()``, when the caller has them already)."""
     persons, valid = result.counts(job.valid_kpt_score, job.valid_min_kpts,
-                                   job.valid_box_score)
+                                   job.valid_box_score, numbers=numbers)
     w, h = size if size is not None else (None, None)
     return Record(key, True, None, persons, valid, width=w, height=h)
 

@@ -178,7 +178,7 @@ class PoseResult:
         b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, self.height)
         return PoseResult(k, b, np.clip(self.box_scores, 0, 1), self.width, self.height)
 
-    def rounded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def rounded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The numbers of the API result, persons by descending score, rounded as it rounds
         them: keypoints ``(n, 21, 3)`` (x, y to 2 decimals, score to 4), location ``(n, 4)``
         (left, top, width, height), box scores ``(n,)``; float64.
@@ -198,22 +198,27 @@ class PoseResult:
         scores = round_like_python(self.box_scores[order], SCORE_DECIMALS)
         return k, loc, scores
 
-    def counts(self, kpt_score: float, min_kpts: int, box_score: float) -> tuple[int, int]:
+    def counts(self, kpt_score: float, min_kpts: int, box_score: float, *,
+               numbers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+               ) -> tuple[int, int]:
         """(persons, valid persons) by the numbers the JSON holds: what
-        ``posebatch.schema.person_counts`` reads back from it, without building it."""
-        k, _loc, scores = self.rounded()
+        ``posebatch.schema.person_counts`` reads back from it, without building it.
+        ``numbers``: this result's ``rounded()``, when the caller has them already."""
+        k, _loc, scores = numbers if numbers is not None else self.rounded()
         valid = ((k[..., 2] > kpt_score).sum(axis=1) > min_kpts) & (scores > box_score)
         return len(scores), int(valid.sum())
 
-    def to_json(self, log_id: int | None = None) -> bytes:
+    def to_json(self, log_id: int | None = None, *,
+                numbers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> bytes:
         """``encode_result(self.to_api(log_id))``, the same bytes, straight from the arrays.
 
         Why: on a writer thread the API dict (a dict per keypoint, 126 for 6 persons) cost
         four times the JSON encoding, all of it holding the GIL. A float's ``repr`` is what
         json and orjson write for every finite number without an exponent, and rounded to 2
         or 4 decimals a number below 1e15 has none; anything else (a NaN, a huge value) goes
-        through the dict (tests/test_batched_results.py compares the two)."""
-        k, loc, scores = self.rounded()
+        through the dict (tests/test_batched_results.py compares the two). ``numbers``: as
+        in ``counts``."""
+        k, loc, scores = numbers if numbers is not None else self.rounded()
         if len(scores) and not (np.isfinite(k).all() and np.isfinite(loc).all()
                                 and np.isfinite(scores).all()
                                 and np.abs(k).max() < _PLAIN_FLOAT_MAX

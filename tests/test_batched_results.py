@@ -183,6 +183,7 @@ def test_to_json_is_the_dicts_bytes_and_counts_are_what_the_json_counts():
             r = PoseResult(kpts.astype(dtype), boxes.astype(dtype), scores.astype(dtype), 5000,
                            5000)
         assert r.to_json(i) == encode_result(r.to_api(i)), (i, n)
+        assert r.to_json(i, numbers=r.rounded()) == r.to_json(i)
         for rule in ((0.2, 3, 0.03), (0.0, 0, 0.0), (0.5, 10, 0.3)):
             assert r.counts(*rule) == person_counts(r.to_api(i), *rule), (i, rule)
 

@@ -96,8 +96,9 @@ def process_keys(
         size = (image.width, image.height) if image is not None else None
         draw = overlays and image is not None
         if isinstance(result, PoseResult) and not draw:
-            data = result.to_json()  # the API dict's bytes without the dict
-            rec = record_from_pose(key, result, job, size)
+            numbers = result.rounded()  # rounded once, for the JSON and the record
+            data = result.to_json(numbers=numbers)  # the API dict's bytes without the dict
+            rec = record_from_pose(key, result, job, size, numbers)
             api = None
         else:
             api = api_result(result)
