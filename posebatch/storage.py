@@ -301,19 +301,9 @@ class LocalStorage:
         the fstat), close. Each system call hands the GIL on, and Python's buffered file layer
         made twice as many (a second fstat, a read until an empty one): on the decode threads
         each hand-over waited for the others."""
-        path, where = self._path(key), self.join(key)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as err:
-            raise read_error(err, path, where) from err
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise ObjectUnreadable(f"{where} is {file_kind(info.st_mode)}, not a regular "
-                                       "file")
-            size = info.st_size
+        with self._open_regular(key) as (fd, size):
             if max_bytes is not None and size > max_bytes:
-                raise ObjectTooLarge(where, size, max_bytes)
+                raise ObjectTooLarge(self.join(key), size, max_bytes)
             data = os.read(fd, size + 1)
             if len(data) > size:  # grew since the fstat: read on to the end (or the limit)
                 parts = [data]
@@ -324,34 +314,33 @@ class LocalStorage:
                     if max_bytes is not None and total > max_bytes:
                         break
                 data = b"".join(parts)
-        except OSError as err:
-            raise read_error(err, path, where) from err
-        finally:
-            os.close(fd)
         if max_bytes is not None and len(data) > max_bytes:
-            raise ObjectTooLarge(where, len(data), max_bytes)
+            raise ObjectTooLarge(self.join(key), len(data), max_bytes)
         return data
 
     def peek(self, key: str, n: int) -> bytes:
-        with self._open_regular(key) as (f, _size):
-            return f.read(n)
+        with self._open_regular(key) as (fd, _size):
+            return os.read(fd, n)  # a regular file: short only at its end
 
     @contextlib.contextmanager
-    def _open_regular(self, key: str) -> Iterator[tuple[Any, int]]:
+    def _open_regular(self, key: str) -> Iterator[tuple[int, int]]:
+        """The open descriptor of a regular file and its size; OSErrors while it is used
+        become the storage's errors, and it is closed after."""
         path, where = self._path(key), self.join(key)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as err:
             raise read_error(err, path, where) from err
-        info = os.fstat(fd)  # before fdopen, which raises IsADirectoryError for a folder
-        if not stat.S_ISREG(info.st_mode):
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ObjectUnreadable(f"{where} is {file_kind(info.st_mode)}, not a regular "
+                                       "file")
+            yield fd, info.st_size
+        except OSError as err:
+            raise read_error(err, path, where) from err
+        finally:
             os.close(fd)
-            raise ObjectUnreadable(f"{where} is {file_kind(info.st_mode)}, not a regular file")
-        with os.fdopen(fd, "rb") as f:
-            try:
-                yield f, info.st_size
-            except OSError as err:
-                raise read_error(err, path, where) from err
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
         """Write via a temp file in the same folder + os.replace, so readers never see half a file.
