@@ -50,8 +50,11 @@ def new_log_id() -> int:
 _PART_JSON = '"%s":{"x":%%r,"y":%%r,"score":%%r}'
 _PERSON_JSON = ('{"body_parts":{' + ",".join(_PART_JSON % n for n in API21_NAMES)
                 + '},"location":{"left":%r,"top":%r,"width":%r,"height":%r,"score":%r}}')
+_PERSON_TEXT = _PERSON_JSON.replace("%r", "%s")  # filled with numbers' texts
 _PLAIN_FLOAT_MAX = 1e15
-"""Below this, a finite float's ``repr`` is what both json and orjson write (no exponent)."""
+_PLAIN_FLOAT_MIN = 1e-4
+"""Between these (or 0), a finite float's ``repr`` is what both json and orjson write (no
+exponent); rounded to 2 or 4 decimals, every number of a result is 0 or at least 1e-4."""
 
 
 @dataclass(frozen=True)
@@ -219,13 +222,22 @@ class PoseResult:
         through the dict (tests/test_batched_results.py compares the two). ``numbers``: as
         in ``counts``."""
         k, loc, scores = numbers if numbers is not None else self.rounded()
-        if len(scores) and not (np.isfinite(k).all() and np.isfinite(loc).all()
-                                and np.isfinite(scores).all()
-                                and np.abs(k).max() < _PLAIN_FLOAT_MAX
-                                and np.abs(loc).max() < _PLAIN_FLOAT_MAX):
-            return encode_result(self.to_api(log_id))
         rows = np.concatenate([k.reshape(len(scores), 63), loc, scores[:, None]], axis=1)
-        persons = ",".join(_PERSON_JSON % tuple(row) for row in rows.tolist())
+        if len(scores):
+            mag = np.abs(rows)
+            with np.errstate(invalid="ignore"):  # NaN: not plain
+                plain = bool(((mag < _PLAIN_FLOAT_MAX) & ((mag >= _PLAIN_FLOAT_MIN)
+                                                          | (rows == 0))).all())
+            if not plain:
+                return encode_result(self.to_api(log_id))
+        if _orjson is not None:
+            # orjson spells each float as repr does in this range (shortest round trip, no
+            # exponent), 3x faster than repr one by one: its row texts fill the template.
+            text = _orjson.dumps(rows, option=_orjson.OPT_SERIALIZE_NUMPY).decode("ascii")
+            persons = ",".join(_PERSON_TEXT % tuple(row.split(","))
+                               for row in text[2:-2].split("],[")) if len(scores) else ""
+        else:
+            persons = ",".join(_PERSON_JSON % tuple(row) for row in rows.tolist())
         text = (f'{{"person_num":{len(scores)},"person_info":[{persons}],"log_id":'
                 f'{new_log_id() if log_id is None else int(log_id)}}}')
         return text.encode("ascii")

@@ -159,11 +159,18 @@ def test_encode_result_bytes_are_json_dumps_bytes():
         assert encode_result(result) == ref, result
 
 
-def test_to_json_is_the_dicts_bytes_and_counts_are_what_the_json_counts():
+@pytest.mark.parametrize("with_orjson", [True, False])
+def test_to_json_is_the_dicts_bytes_and_counts_are_what_the_json_counts(with_orjson, monkeypatch):
     """The writer's JSON comes straight from the arrays (``PoseResult.to_json``) and its record
     from ``counts``: the same bytes as the API dict through ``encode_result``, the same counts
-    as reading that JSON back (``person_counts``), odd numbers included."""
+    as reading that JSON back (``person_counts``), odd numbers included; with orjson spelling
+    the numbers and without it (``repr``)."""
+    from posebatch import schema
     from posebatch.schema import person_counts
+
+    assert schema._orjson is not None  # a dependency: the fast path is the one in use
+    if not with_orjson:
+        monkeypatch.setattr(schema, "_orjson", None)
 
     rng = np.random.default_rng(3)
     odd = np.array(ODD, np.float64)

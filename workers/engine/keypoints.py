@@ -92,6 +92,12 @@ def _sanitize(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def derive(kp17: np.ndarray, top_head_k: float = TOP_HEAD_K) -> dict[str, np.ndarray]:
     """Derived points: {name: (n, 3)} for DERIVED_NAMES (x, y, score)."""
     xy, sc = _sanitize(_check(kp17))
+    return _derive(xy, sc, top_head_k)
+
+
+def _derive(xy: np.ndarray, sc: np.ndarray, top_head_k: float = TOP_HEAD_K
+            ) -> dict[str, np.ndarray]:
+    """``derive`` from sanitized coordinates ``(n, 17, 2)`` and scores ``(n, 17)``."""
     nose, l_eye, r_eye = xy[:, NOSE], xy[:, L_EYE], xy[:, R_EYE]
     eye_mid = 0.5 * (l_eye + r_eye)
     s_mid = 0.5 * (xy[:, L_SH] + xy[:, R_SH])
@@ -138,9 +144,9 @@ def to_api21(kp17: np.ndarray) -> np.ndarray:
     out = np.zeros((n, len(API21_NAMES), 3), dtype=np.float32)
     if n == 0:
         return out
-    xy, sc = _sanitize(arr)
-    out[:, _COPY_DST, :2] = xy[:, _COPY_SRC]
-    out[:, _COPY_DST, 2] = sc[:, _COPY_SRC]
-    for name, value in derive(arr).items():
+    xy, sc = _sanitize(arr)  # once, for the copied points and the derived ones
+    out[:, _COPY_DST, :2] = xy
+    out[:, _COPY_DST, 2] = sc
+    for name, value in _derive(xy, sc).items():
         out[:, _A[name]] = value
     return out

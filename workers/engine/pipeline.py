@@ -199,10 +199,9 @@ def to_results(persons: PersonBatch, items: list[Prepared]) -> list[PoseResult]:
     b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, size[:, 1:])
     scores = np.clip(persons.scores, 0, 1)
 
-    cuts = np.cumsum(persons.counts)[:-1]
-    return [PoseResult(kk, bb, ss, im.width, im.height)  # type: ignore[union-attr]
-            for kk, bb, ss, im in zip(np.split(k, cuts), np.split(b, cuts),
-                                      np.split(scores, cuts), images, strict=True)]
+    ends = np.cumsum(persons.counts).tolist()  # slices, not np.split: 3 of them per batch
+    return [PoseResult(k[a:z], b[a:z], scores[a:z], im.width, im.height)  # type: ignore[union-attr]
+            for a, z, im in zip([0, *ends[:-1]], ends, images, strict=True)]
 
 
 def to_result(det: Detections, item: Prepared) -> PoseResult:
