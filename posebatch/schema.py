@@ -223,6 +223,7 @@ class PoseResult:
         in ``counts``."""
         k, loc, scores = numbers if numbers is not None else self.rounded()
         rows = np.concatenate([k.reshape(len(scores), 63), loc, scores[:, None]], axis=1)
+        persons = ""
         if len(scores):
             mag = np.abs(rows)
             with np.errstate(invalid="ignore"):  # NaN: not plain
@@ -230,14 +231,14 @@ class PoseResult:
                                                           | (rows == 0))).all())
             if not plain:
                 return encode_result(self.to_api(log_id))
-        if _orjson is not None:
-            # orjson spells each float as repr does in this range (shortest round trip, no
-            # exponent), 3x faster than repr one by one: its row texts fill the template.
-            text = _orjson.dumps(rows, option=_orjson.OPT_SERIALIZE_NUMPY).decode("ascii")
-            persons = ",".join(_PERSON_TEXT % tuple(row.split(","))
-                               for row in text[2:-2].split("],[")) if len(scores) else ""
-        else:
-            persons = ",".join(_PERSON_JSON % tuple(row) for row in rows.tolist())
+            if _orjson is not None:
+                # orjson spells each float as repr does in this range (shortest round trip,
+                # no exponent), 3x faster than repr one by one: its row texts fill the template.
+                spelled = _orjson.dumps(rows, option=_orjson.OPT_SERIALIZE_NUMPY).decode("ascii")
+                persons = ",".join(_PERSON_TEXT % tuple(row.split(","))
+                                   for row in spelled[2:-2].split("],["))
+            else:
+                persons = ",".join(_PERSON_JSON % tuple(row) for row in rows.tolist())
         text = (f'{{"person_num":{len(scores)},"person_info":[{persons}],"log_id":'
                 f'{new_log_id() if log_id is None else int(log_id)}}}')
         return text.encode("ascii")

@@ -43,8 +43,7 @@ _C = {name: i for i, name in enumerate(COCO17_NAMES)}
 _A = {name: i for i, name in enumerate(API21_NAMES)}
 NOSE, L_EYE, R_EYE, L_EAR, R_EAR = (_C[k] for k in COCO17_NAMES[:5])
 L_SH, R_SH = _C["left_shoulder"], _C["right_shoulder"]
-_COPY_DST = np.array([_A[n] for n in COCO17_NAMES])
-_COPY_SRC = np.arange(len(COCO17_NAMES))
+_COPY_DST = np.array([_A[n] for n in COCO17_NAMES])  # where each COCO point goes, in order
 
 # ---- constants (docs/keypoints.md; scripts/fit_derived_keypoints.py measures them) ----------
 # Taken from the simple head geometry the reference implementation uses, NOT fitted:
