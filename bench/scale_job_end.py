@@ -46,7 +46,8 @@ else:  # the merging finalize of an older checkout (--old-src)
 from posebatch.jobend import maybe_finalize
 from posebatch.jobstate import JobStore
 from posebatch.records import Record
-from posebatch.storage import S3Storage, open_storage
+from posebatch.s3storage import S3Storage
+from posebatch.storage import open_storage
 url, out, mode, new = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 read = {"bytes": 0, "calls": 0, "keys": set()}
 real_read, real_download, real_peek = S3Storage.read, S3Storage.download, S3Storage.peek
@@ -124,7 +125,7 @@ def main() -> None:
     from bench.scale_redis import cpu_model
     from posebatch.aggregate import summarize, summary_json
     from posebatch.records import Record
-    from posebatch.storage import S3Storage
+    from posebatch.s3storage import S3Storage
     from posebatch.testing.servers import running_redis, running_s3
 
     work = Path(tempfile.mkdtemp(prefix="pb-scale-job-end-"))

@@ -118,11 +118,11 @@ def main() -> None:
     ns = ap.parse_args()
     os.environ["POSEBATCH_QUEUE_HIGH_WATER"] = "0"  # no workers: measure an unthrottled queue
 
-    import posebatch.storage as storage
+    import posebatch.s3storage as s3storage
     from posebatch.jobend import maybe_finalize
     from posebatch.jobstate import JobStore
+    from posebatch.s3storage import S3Storage
     from posebatch.settings import JobSettings
-    from posebatch.storage import S3Storage
     from posebatch.testing.servers import running_redis, running_s3
     from producer.submit import submit
 
@@ -147,7 +147,7 @@ def main() -> None:
             assert n == ns.objects, n
 
         calls: Counter[str] = Counter()
-        real_client = storage.make_s3_client
+        real_client = s3storage.make_s3_client
 
         def counting_client(**kwargs):
             c = real_client(**kwargs)
@@ -155,7 +155,7 @@ def main() -> None:
                 [model.name]))
             return c
 
-        storage.make_s3_client = counting_client
+        s3storage.make_s3_client = counting_client
         in_url, out_url = f"s3://{bucket}/in/", f"s3://{bucket}/out/"
         empty = int(r.info("memory")["used_memory"])
         with Peak(r) as peak:

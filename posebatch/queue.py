@@ -27,15 +27,11 @@ from celery import Celery
 from posebatch.errors import BrokerUnavailable
 from posebatch.jobstate import redis_errors, strip_urls
 from posebatch.lease import LEASE_RENEW_CONF, LeaseRenewal
+from posebatch.queuenames import CONTROL_QUEUE, PROCESS_BATCH, QUEUE, SUBMIT_JOB
 from posebatch.settings import ClusterSettings, RuntimeSettings, from_env
 
-QUEUE = "posebatch"
-"""Batches of images: consumed by model workers."""
-CONTROL_QUEUE = "posebatch-control"
-"""Job-level work (scheduled submissions): consumed by a control worker, not by model workers."""
-PROCESS_BATCH = "posebatch.process_batch"
-SUBMIT_JOB = "posebatch.submit_job"
-
+__all__ = ["CONTROL_QUEUE", "PROCESS_BATCH", "QUEUE", "SUBMIT_JOB", "broker_errors", "make_app",
+           "restore_sweep_seconds"]
 
 
 def restore_sweep_seconds(visibility_timeout: int) -> int:

@@ -9,7 +9,7 @@ SeaweedFS on loopback, quiet 2-core host). At 2,800 img/s that is ~11 cores of b
 Only these two calls move: listing, multipart uploads, conditional creates, HEADs and ranged
 reads stay on boto3, which does them rarely. Credentials are boto3's own (obstore asks the same
 boto3 session: env vars, profiles, roles), the endpoint and addressing style those of
-``storage.make_s3_client``. Errors become botocore ``ClientError``s with the server's status and
+``s3storage.make_s3_client``. Errors become botocore ``ClientError``s with the server's status and
 code (parsed from obstore's message, which carries both), so ``S3Storage._error`` maps them to
 the same error tree as before; a request that got no answer stays itself (an outage there).
 A key obstore cannot express (empty path segments ``a//b``, control characters) raises

@@ -117,7 +117,7 @@ def open_input(url: str) -> tuple[Storage, str | None]:
     instead of a folder or prefix; its result is then ``OUT/photo.jpg.json``."""
     import os
 
-    from posebatch.storage import S3Storage, open_storage
+    from posebatch.storage import open_storage
 
     store = open_storage(url)
     if isinstance(store, LocalStorage):
@@ -126,6 +126,8 @@ def open_input(url: str) -> tuple[Storage, str | None]:
             parent, name = os.path.split(path)
             return LocalStorage(parent), key_from_name(name)
         return store, None
+    from posebatch.s3storage import S3Storage  # an S3 URL: boto3 is loaded by now anyway
+
     if isinstance(store, S3Storage) and store.prefix and not url.endswith("/"):
         parent_prefix, _, name = store.prefix.rstrip("/").rpartition("/")
         parent = S3Storage(store.bucket, parent_prefix)

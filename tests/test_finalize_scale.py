@@ -11,7 +11,7 @@ import time
 from posebatch.aggregate import COUNTS_NAME, CSV_COLUMNS
 from posebatch.jobend import maybe_finalize
 from posebatch.records import Record
-from posebatch.storage import S3Storage, make_s3_client
+from posebatch.s3storage import S3Storage, make_s3_client
 from tests.images import jpeg
 from workers.batch import listed_results
 

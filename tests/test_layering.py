@@ -75,3 +75,14 @@ def test_producer_and_command_line_load_no_model_runtime():
         "import producer.submit, producer.watch, producer.status, producer.schedule, "
         "producer.control, posebatch.cli")
     assert "onnxruntime" not in mods
+
+
+def test_a_local_run_loads_no_broker_or_s3_client(tmp_path):
+    """``posebatch run photos/`` talks to neither a broker nor S3: Celery, redis and boto3 stay
+    unloaded (~0.5 s of start-up on a 2-core host), through what its handler opens."""
+    mods = _modules_after_import(
+        "import posebatch.cli, posebatch.cli.run, workers.loading, workers.local_run\n"
+        "from posebatch.selection import open_input\n"
+        f"open_input({str(tmp_path)!r})")
+    assert mods & {"celery", "kombu", "redis", "boto3", "botocore"} == set()
+    assert "workers.local_run" in mods

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from posebatch.errors import StorageNotFound
-from posebatch.storage import S3Storage, make_s3_client
+from posebatch.s3storage import S3Storage, make_s3_client
 from producer.rerun import listed_objects
 
 

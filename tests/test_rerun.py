@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from posebatch import s3storage
 from posebatch.aggregate import COUNTS_NAME, CSV_COLUMNS
 from posebatch.jobstate import JobStore
 from posebatch.settings import JobSettings
@@ -58,7 +59,7 @@ def test_a_rerun_submits_only_new_and_replaced_images_and_reads_no_done_result(
 
         # The producer's requests, counted on its own S3 clients (botocore's event hooks).
         gets: list[str] = []
-        real_client = submit_mod.open_storage.__globals__["make_s3_client"]
+        real_client = s3storage.make_s3_client
 
         def counting_client(**kwargs):
             c = real_client(**kwargs)
@@ -66,7 +67,7 @@ def test_a_rerun_submits_only_new_and_replaced_images_and_reads_no_done_result(
                                    lambda params, **_: gets.append(params["url_path"]))
             return c
 
-        monkeypatch.setattr("posebatch.storage.make_s3_client", counting_client)
+        monkeypatch.setattr("posebatch.s3storage.make_s3_client", counting_client)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         second = submit_mod.submit(src, out, job=JobSettings(), broker_url=redis_server.url,

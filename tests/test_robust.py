@@ -344,7 +344,7 @@ def test_archived_s3_object_is_unreadable_not_transient():
     from botocore.exceptions import ClientError
 
     from posebatch.errors import ObjectUnreadable
-    from posebatch.storage import S3Storage
+    from posebatch.s3storage import S3Storage
 
     err = ClientError({"Error": {"Code": "InvalidObjectState", "Message": "archived"},
                        "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")

@@ -29,9 +29,10 @@ from posebatch.roottables import (
     has_tables,
     read_index,
 )
+from posebatch.s3storage import S3Storage
 from posebatch.schema import PoseResult, encode_result
 from posebatch.settings import JobSettings
-from posebatch.storage import S3Storage, open_storage
+from posebatch.storage import open_storage
 from tests.exporthelpers import posebatch
 from tests.images import jpeg
 

@@ -14,7 +14,7 @@ from posebatch.errors import (
     StorageNotFound,
     StorageUnreachable,
 )
-from posebatch.storage import S3Storage
+from posebatch.s3storage import S3Storage
 
 
 def both(bucket: str, prefix: str = "p/") -> dict[str, S3Storage]:

@@ -7,11 +7,10 @@ import os
 import pytest
 
 from posebatch.errors import ConfigError, StorageError, StorageNotFound, UnsafeKeyError
+from posebatch.s3storage import S3Storage, make_s3_client
 from posebatch.storage import (
     LocalStorage,
-    S3Storage,
     Storage,
-    make_s3_client,
     open_storage,
     safe_key,
 )

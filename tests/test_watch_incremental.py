@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from posebatch import s3storage
 from posebatch.jobstate import JobStore
 from posebatch.settings import JobSettings
 from producer import watch as watch_mod
@@ -33,7 +34,7 @@ def test_incremental_polls_list_past_the_cursor_and_the_full_poll_adds_only_the_
         client.put_object(Bucket=bucket, Key=f"in/{key}", Body=jpeg(32, 24))
     src, out = f"s3://{bucket}/in/", f"s3://{bucket}/out/"
     starts: list[str | None] = []
-    real_client = watch_mod.open_storage.__globals__["make_s3_client"]
+    real_client = s3storage.make_s3_client
 
     def counting_client(**kwargs):
         c = real_client(**kwargs)
@@ -42,7 +43,7 @@ def test_incremental_polls_list_past_the_cursor_and_the_full_poll_adds_only_the_
                                    params.get("query_string", {}).get("start-after")))
         return c
 
-    monkeypatch.setattr("posebatch.storage.make_s3_client", counting_client)
+    monkeypatch.setattr("posebatch.s3storage.make_s3_client", counting_client)
     kw = {"job": JobSettings(), "broker_url": redis_server.url}
     first = watch_mod.poll_incremental(src, out, **kw)
     assert submitted(store, first) == ["day1/a.jpg", "day1/b.jpg"]

@@ -7,7 +7,7 @@ import os
 
 from posebatch.cli import exitcodes
 from posebatch.cli.flags import RUNTIME_FIELDS, add_broker_flags, add_runtime_flags, bounded
-from posebatch.queue import CONTROL_QUEUE, QUEUE
+from posebatch.queuenames import CONTROL_QUEUE, QUEUE
 from posebatch.settings import RuntimeSettings, from_env
 
 
@@ -55,7 +55,7 @@ def _celery_argv(ns: argparse.Namespace, concurrency: int, pool: str) -> list[st
 
 def cmd_worker(ns: argparse.Namespace) -> int:
     _export_runtime(ns)
-    from posebatch.storage import check_s3_environment
+    from posebatch.s3storage import check_s3_environment
 
     rt = from_env(RuntimeSettings)
     rt.check_urls()  # a malformed broker or S3 endpoint URL: exit 3 now, naming it
