@@ -47,8 +47,9 @@ from urllib.parse import unquote_plus
 from posebatch.errors import ConfigError, RetryableError
 from posebatch.jobstate import connect, redis_errors
 from posebatch.keys import is_image_key, result_key
+from posebatch.s3storage import S3Storage
 from posebatch.settings import DEFAULT_BATCH_IMAGES, JobSettings
-from posebatch.storage import ObjectInfo, S3Storage, open_storage
+from posebatch.storage import ObjectInfo, open_storage
 from producer.submit import chunked, submit
 from producer.watch import SETTLE_SECONDS, STATE_TTL, cursor_key, poll_once, versions_key
 

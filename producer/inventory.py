@@ -40,7 +40,8 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from posebatch.errors import ConfigError, StorageNotFound
-from posebatch.storage import ObjectInfo, S3Storage, Storage, open_storage
+from posebatch.s3storage import S3Storage
+from posebatch.storage import ObjectInfo, Storage, open_storage
 
 MANIFEST = "manifest.json"
 DATED = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}-\d{2}Z$")
