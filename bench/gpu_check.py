@@ -4,8 +4,9 @@
             ready tensors (batch copied to the GPU each call, as the engine does) and the
             device alone (the bound buffers re-run, no copy); plus one run without CUDA graphs
     run     ``posebatch run`` end to end on generated 1080p JPEGs, per precision; for the last
-            precision also with decode processes (``--decode-workers``) and without the
-            output tail (``POSEBATCH_OUTPUT_TAIL=0``: the whole head copied back)
+            precision also with decode processes (``--decode-workers``), without the
+            output tail (``POSEBATCH_OUTPUT_TAIL=0``: the whole head copied back), and with
+            ``--decode cpu`` and ``--decode gpu`` (JPEG pixels by nvImageCodec)
     cluster one ``posebatch worker`` with local redis-server and SeaweedFS (bench/measure_cluster)
     agree   ``posebatch run`` on the dev images with each precision on the chosen provider,
             against the CPU provider's FP32 results (worst confident-keypoint distance, pixels)
@@ -311,6 +312,9 @@ def main() -> int:
                   work, f"{procs} decode processes", ("--decode-workers", procs))
             stage(f"run {last} no tail", end_to_end, images, len(files), ns, last, gpu, work,
                   "no output tail", (), {"POSEBATCH_OUTPUT_TAIL": "0"})
+            for decode in ("cpu", "gpu"):  # JPEG pixels by libjpeg-turbo / nvImageCodec
+                stage(f"run {last} {decode} decode", end_to_end, images, len(files), ns, last,
+                      gpu, work, f"--decode {decode}", ("--decode", decode))
         if "cluster" not in ns.skip:
             stage("cluster", cluster, images, files, ns, ns.precisions[-1], gpu, work)
         if "agree" not in ns.skip:

@@ -54,7 +54,7 @@ class Pose:
         self.runner = runner_label(runner, sel.ref)
         """Backend, precision and device, e.g. ``openvino bf16 cpu``."""
         self._engine = PoseEngine(runner, self.job, runtime.batch_size,
-                                  runtime.io_threads_for(local=True))
+                                  runtime.io_threads_for(local=True), decode=runtime.decode)
 
     def predict(self, source: Source, *, channels: str = "rgb"
                 ) -> Iterator[PoseResult | Failure]:

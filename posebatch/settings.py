@@ -150,6 +150,10 @@ class RuntimeSettings:
     """Processes that decode images into shared-memory batches (workers.engine.decodeproc);
     0: the io threads decode. Used where every image gets the same input shape (no ``rect``,
     ``quality fast``, no overlays); elsewhere the threads decode."""
+    decode: str = "auto"
+    """Who decodes JPEG pixels: ``cpu`` (libjpeg-turbo), ``gpu`` (nvImageCodec: on the GPU when
+    the model runs there; extra ``gpu-decode``), ``auto`` (gpu when the model is on a CUDA device
+    and nvImageCodec is installed). Every input rule is checked on the CPU either way."""
     broker_url: str = "redis://127.0.0.1:6379/0"
     state_url: str | None = None
     """Redis holding job state and per-image records; defaults to the broker's URL."""
@@ -172,6 +176,8 @@ class RuntimeSettings:
                               f"{self.intra_threads}")
         if not 0 <= self.io_threads <= 64:
             raise ConfigError(f"io_threads: expected 0 (auto) to 64, got {self.io_threads}")
+        if self.decode not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"decode: expected auto, cpu or gpu, got {self.decode!r}")
         if not 0 <= self.decode_workers <= 64:
             raise ConfigError(f"decode_workers: expected 0 (decode in the io threads) to 64 "
                               f"processes, got {self.decode_workers}")

@@ -55,7 +55,7 @@ def run_job(src: Storage, dst: Storage, model: ModelRef, job: JobSettings,
     wanted = manifest(job, model.sha256, model.name, label)
     engine = PoseEngine(runner, job, runtime.batch_size,
                         runtime.io_threads_for(local=src.url.startswith("/")),
-                        runtime.decode_workers)
+                        runtime.decode_workers, runtime.decode)
     created = _now()
     total = (sum(1 for _ in iter_images(src, selection))
              if src.url.startswith("/") or (selection and selection.keys is not None)

@@ -71,7 +71,7 @@ def engine(job: JobSettings) -> PoseEngine:
         rt = runtime()
         found = _engines[key] = PoseEngine(model, job, rt.batch_size,
                                            rt.io_threads_for(local=False),
-                                           rt.decode_workers)
+                                           rt.decode_workers, rt.decode)
         if len(_engines) > MAX_ENGINES:
             _engines.popitem(last=False)[1].close()
     _engines.move_to_end(key)

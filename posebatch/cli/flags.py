@@ -24,7 +24,8 @@ JOB_FIELDS = ("imgsz", "rect", "det_conf", "nms_iou", "valid_kpt_score", "valid_
               "valid_box_score", "max_image_bytes", "quality", "precision", "backend",
               "result_layout")
 RUNTIME_FIELDS = ("model", "detector", "providers", "precision", "backend", "batch_size",
-                  "intra_threads", "io_threads", "decode_workers", "broker_url", "state_url")
+                  "intra_threads", "io_threads", "decode_workers", "decode", "broker_url",
+                  "state_url")
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -95,6 +96,11 @@ def add_runtime_flags(p: argparse.ArgumentParser, *, engine: bool = False) -> No
     g.add_argument("--decode-workers", type=int, metavar="N",
                    help="decode in N processes writing into shared-memory batches (default 0: "
                         "decode in the io threads; README \"Decode processes\")")
+    g.add_argument("--decode", choices=["auto", "cpu", "gpu"],
+                   help="JPEG pixels decoded by: cpu (libjpeg-turbo), gpu (NVIDIA nvImageCodec, "
+                        "on the model's GPU; pip extra gpu-decode), auto (default: gpu when the "
+                        "model runs on CUDA and nvImageCodec is installed); README \"GPU "
+                        "decode\"")
 
 
 def add_input_output(p: argparse.ArgumentParser, what: str = "with images") -> None:

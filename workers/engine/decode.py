@@ -13,7 +13,9 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
+import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -56,12 +58,24 @@ class DecodedImage:
     scale_xy: tuple[float, float]
 
 
-def decode_image(data: bytes, limits: Limits = Limits(), target: int | None = None) -> DecodedImage:
+class JpegPixels(Protocol):
+    """Another decoder for the pixels of RGB and grayscale JPEGs (workers.engine.nvdecode)."""
+
+    def decode(self, data: bytes) -> np.ndarray | None:
+        """``(h, w, 3) uint8`` as stored (no EXIF orientation), or None: the CPU decodes it."""
+        ...
+
+
+def decode_image(data: bytes, limits: Limits = Limits(), target: int | None = None,
+                 jpeg: JpegPixels | None = None) -> DecodedImage:
     """Validate ``data`` and decode it to upright RGB; raise ImageError with the API's code.
 
     ``target``: the model's input side. A JPEG is decoded in draft mode at the smallest DCT scale
     whose long side is still >= target, which is several times faster for large photos and loses
     nothing, since the letterbox would shrink it to ``target`` anyway.
+    ``jpeg``: decodes the pixels of RGB and grayscale JPEGs instead (``--decode gpu``), at full
+    size; the rules above are checked here all the same, and what it returns None for is
+    decoded here.
     """
     if not data:
         raise ImageError(EMPTY_IMAGE, "image is empty (0 bytes)")
@@ -100,7 +114,11 @@ def decode_image(data: bytes, limits: Limits = Limits(), target: int | None = No
         # Kept as the array simplejpeg returns: a round trip through a Pillow image costs a
         # copy made while holding the GIL (Image.tobytes), which capped a 16-core GPU host.
         orientation = _exif_orientation(im)  # a JPEG's EXIF is in its header: no pixels read
-        arr = _decode_jpeg_scaled(data, w, h, target)
+        arr = jpeg.decode(data) if jpeg is not None else None
+        if arr is None or arr.shape[:2] != (h, w):
+            arr = _decode_jpeg_scaled(data, w, h, target)
+        else:
+            arr = _shrink_like_dct(arr, w, h, target)
         if orientation in _TRANSPOSES:
             arr = np.asarray(_apply_orientation(Image.fromarray(arr), orientation))
     else:
@@ -120,6 +138,24 @@ def decode_image(data: bytes, limits: Limits = Limits(), target: int | None = No
     return DecodedImage(rgb=arr, width=up_w, height=up_h, scale_xy=(sx, sy))
 
 
+def _dct_factor(w: int, h: int, target: int | None) -> int:
+    """The largest of 1, 2, 4, 8 whose scaled size still covers ``target`` on the long side."""
+    s = min(1.0, target / max(w, h)) if target else 1.0
+    need_w, need_h = math.ceil(w * s), math.ceil(h * s)
+    return max(f for f in (1, 2, 4, 8) if -(-w // f) >= need_w and -(-h // f) >= need_h)
+
+
+def _shrink_like_dct(arr: np.ndarray, w: int, h: int, target: int | None) -> np.ndarray:
+    """A full-size decode (``--decode gpu``) shrunk to the size the CPU path decodes at, by
+    averaging f x f blocks as the DCT scaling does: the letterbox then gets about the same
+    pixels on both paths (without it, shrinking 1080p 3x bilinearly aliased, and the dev set's
+    AP17 moved 0.007)."""
+    f = _dct_factor(w, h, target)
+    if f == 1:
+        return arr
+    return cv2.resize(arr, (-(-w // f), -(-h // f)), interpolation=cv2.INTER_AREA)
+
+
 def _decode_jpeg_scaled(data: bytes, w: int, h: int, target: int | None) -> np.ndarray:
     """libjpeg-turbo (simplejpeg) at the smallest power-of-two DCT scale whose size still covers
     ``target`` on the long side (1/2 for a 1080p frame, 1/4 for a 12 MP photo): the scales Pillow's
@@ -127,9 +163,7 @@ def _decode_jpeg_scaled(data: bytes, w: int, h: int, target: int | None) -> np.n
     libjpeg-turbo also has: 3/8 was no faster to decode, and it samples a rotated photo
     differently from its upright twin, which moved a weak keypoint by 2.5 % of the image.
     """
-    s = min(1.0, target / max(w, h)) if target else 1.0
-    need_w, need_h = math.ceil(w * s), math.ceil(h * s)
-    f = max(f for f in (1, 2, 4, 8) if -(-w // f) >= need_w and -(-h // f) >= need_h)
+    f = _dct_factor(w, h, target)
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=-(-w // f),
                                       min_height=-(-h // f))
@@ -238,4 +272,4 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
-__all__ = ["ACCEPTED_FORMATS", "DecodedImage", "Limits", "decode_image"]
+__all__ = ["ACCEPTED_FORMATS", "DecodedImage", "JpegPixels", "Limits", "decode_image"]

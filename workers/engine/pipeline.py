@@ -27,11 +27,12 @@ from posebatch.schema import PoseResult, error_result
 from posebatch.settings import JobSettings
 from workers.engine.backends import Runner
 from workers.engine.batches import Batch, BatchPool
-from workers.engine.decode import DecodedImage, Limits, decode_image
+from workers.engine.decode import DecodedImage, JpegPixels, Limits, decode_image
 from workers.engine.decodeproc import DecodeProcs, SharedBatchPool
 from workers.engine.keypoints import to_api21
 from workers.engine.layouts import Detections, PersonBatch
 from workers.engine.letterbox import Letterbox, fit, input_shape_for, write_input
+from workers.engine.nvdecode import NvJpegDecoder, resolve
 from workers.engine.runner import LAYOUT_YOLO_RAW
 from workers.engine.stages import StageTimer, perf_counter
 from workers.engine.topdown import TopDownModel
@@ -75,12 +76,13 @@ def _input_hw(image: DecodedImage, job: JobSettings,
 
 def prepare(key: str, load: Loader, job: JobSettings,
             fixed_hw: tuple[int, int] | None, pool: BatchPool | None = None,
-            timer: StageTimer | None = None) -> Prepared:
+            timer: StageTimer | None = None, jpeg: JpegPixels | None = None) -> Prepared:
     """Fetch, validate, decode and letterbox one image; never raises for a bad image.
 
     With ``pool`` the model input goes into a slot of one of its batches, else into a tensor of
     its own (for callers that batch themselves: ``posebatch serve``). ``timer`` gets the
-    fetch, decode, resize and copy-in seconds.
+    fetch, decode, resize and copy-in seconds. ``jpeg``: the JPEG pixel decoder of
+    ``--decode gpu`` (``decode_image``).
     """
     t0 = perf_counter()
     t1 = t2 = t3 = t0
@@ -89,7 +91,7 @@ def prepare(key: str, load: Loader, job: JobSettings,
         t1 = perf_counter()
         image = data if isinstance(data, DecodedImage) else decode_image(
             data, Limits(job.max_image_bytes, job.min_side, job.max_side),
-            target=decode_side(job.quality, job.imgsz),
+            target=decode_side(job.quality, job.imgsz), jpeg=jpeg,
         )
         t2 = perf_counter()
         resized, box = fit(image.rgb, _input_hw(image, job, fixed_hw))
@@ -227,7 +229,7 @@ class PoseEngine:
     """
 
     def __init__(self, model: Runner | TopDownModel, job: JobSettings, batch_size: int = 0,
-                 io_threads: int = 4, decode_workers: int = 0) -> None:
+                 io_threads: int = 4, decode_workers: int = 0, decode: str = "cpu") -> None:
         self.model = model
         self.job = job
         auto = CUDA_BATCH if model.on_cuda else CPU_BATCH
@@ -246,6 +248,11 @@ class PoseEngine:
         self._pool = (SharedBatchPool(self.batch_size, self.input_dtype) if decode_workers
                       else BatchPool(self.batch_size, self.input_dtype))
         """Batch memory, reused by every run of this engine."""
+        self.decode = resolve(decode, model.on_cuda)
+        """``cpu`` or ``gpu`` (JPEG pixels by nvImageCodec, on the model's GPU when it has one;
+        workers.engine.nvdecode). With gpu the io threads decode: no decode processes."""
+        self._jpeg: JpegPixels | None = (
+            NvJpegDecoder("cuda" if model.on_cuda else "cpu") if self.decode == "gpu" else None)
         self._procs: DecodeProcs | None = None
         self._told_threads = False
         self._decoders: ThreadPoolExecutor | None = None
@@ -274,7 +281,7 @@ class PoseEngine:
         """The input shape every image gets when it is known before decoding (no ``rect``), and
         the result needs no more than the batch (no best-quality passes, no top-down model: they
         read the decoded pixels): where decode processes can write the batch. Else None."""
-        if not self.decode_workers or any(passes(self.job.quality)) \
+        if not self.decode_workers or self._jpeg is not None or any(passes(self.job.quality)) \
                 or isinstance(self.model, TopDownModel):
             return None
         fixed = self.model.info.fixed_hw
@@ -304,7 +311,7 @@ class PoseEngine:
             log.warning("--decode-workers %d: this run decodes in threads instead; decode "
                         "processes need the same input shape for every image and nothing "
                         "but the batch (no --rect, --quality fast, no top-down model, no "
-                        "overlays)", self.decode_workers)
+                        "overlays) and --decode cpu", self.decode_workers)
         workers = self.io_threads if hw is None else self._fetchers()
         ahead = self.batch_size * 2 + workers
         pool = self._pool
@@ -328,7 +335,7 @@ class PoseEngine:
                     else:
                         futures.append(threads.submit(prepare, key, load, self.job,
                                                       self.model.info.fixed_hw, pool,
-                                                      self.stages))
+                                                      self.stages, self._jpeg))
                 if not futures:
                     break
                 item = futures.popleft().result()
