@@ -13,6 +13,8 @@ Why each setting (also in the README):
   invisible before Redis redelivers it. A live worker renews the batches it holds every 15 s
   (``posebatch.lease``), so only a lost machine's batches time out: they run again about a
   minute later, while a batch may run for hours on a live worker and still runs once.
+- ``unacked_mutex_expire`` (12 s at the default timeout, kombu's default 300 s): see
+  ``restore_mutex_seconds``.
 - ``task_ignore_result``: results live in storage and job records, not in a result backend.
 """
 
@@ -31,7 +33,7 @@ from posebatch.queuenames import CONTROL_QUEUE, PROCESS_BATCH, QUEUE, SUBMIT_JOB
 from posebatch.settings import ClusterSettings, RuntimeSettings, from_env
 
 __all__ = ["CONTROL_QUEUE", "PROCESS_BATCH", "QUEUE", "SUBMIT_JOB", "broker_errors", "make_app",
-           "restore_sweep_seconds"]
+           "restore_mutex_seconds", "restore_sweep_seconds"]
 
 
 def restore_sweep_seconds(visibility_timeout: int) -> int:
@@ -40,6 +42,16 @@ def restore_sweep_seconds(visibility_timeout: int) -> int:
     10 x 10 s, which would add up to 100 s to every recovery; one cheap ZRANGE every few seconds
     is nothing next to a batch. Recovery time = timeout + one renewal + at most one sweep."""
     return max(1, min(10, visibility_timeout // 10))
+
+
+def restore_mutex_seconds(visibility_timeout: int) -> int:
+    """How long the lock a sweep holds (kombu's ``unacked_mutex``) outlives a worker killed
+    inside a sweep. kombu's default is 300 s: one machine lost mid-sweep (a ZRANGE and a few
+    restores: milliseconds, but every few seconds on every worker) stopped every worker's
+    recovery for five minutes (seen: tests/test_faults.py's restart waited past its 150 s).
+    Two sweep intervals is far more than a sweep takes; if one ever took longer, a second
+    worker sweeping too is harmless (each restore is a WATCHed transaction: once per tag)."""
+    return 2 * restore_sweep_seconds(visibility_timeout)
 
 
 def make_app(broker_url: str | None = None, include: Sequence[str] = ()) -> Celery:
@@ -59,7 +71,8 @@ def make_app(broker_url: str | None = None, include: Sequence[str] = ()) -> Cele
         broker_transport_options={
             "visibility_timeout": cluster.visibility_timeout,
             "unacked_restore_interval": restore_sweep_seconds(cluster.visibility_timeout),
-            "unacked_restore_throttle": 1},
+            "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": restore_mutex_seconds(cluster.visibility_timeout)},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,

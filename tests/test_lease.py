@@ -25,9 +25,9 @@ def broker(redis_server):
     return redis_server.url, client
 
 
-def deliver(url: str, queue: str, visibility_timeout: int = 60):
+def deliver(url: str, queue: str, visibility_timeout: int = 60, options: dict | None = None):
     """Publish one message and take it without acknowledging it, as a worker does."""
-    conn = Connection(url, transport_options={"visibility_timeout": visibility_timeout})
+    conn = Connection(url, transport_options=options or {"visibility_timeout": visibility_timeout})
     q = conn.SimpleQueue(queue)
     q.put({"x": 1})
     message = q.get(timeout=5)
@@ -140,6 +140,37 @@ def test_a_delivery_on_a_full_redis_waits_to_be_recorded_instead_of_being_lost(b
     try:
         assert got and got[0].payload == {"x": 1}
         assert r.hexists("unacked", got[0].delivery_tag)  # recorded: a lost worker returns it
+    finally:
+        q.close()
+        conn.release()
+
+
+def test_a_sweep_lock_left_by_a_killed_worker_delays_recovery_seconds_not_minutes(
+        broker, monkeypatch):
+    """A worker SIGKILLed inside a sweep leaves kombu's ``unacked_mutex`` behind; no worker can
+    restore anything until it expires (kombu's default: 300 s). The app sets it to two sweep
+    intervals; here, with the fault tests' 6 s timeout, 2 s."""
+    from posebatch.queue import make_app
+
+    url, r = broker
+    monkeypatch.setenv("POSEBATCH_VISIBILITY_TIMEOUT", "6")
+    options = make_app(url).conf.broker_transport_options
+    assert options["unacked_mutex_expire"] == 2
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    conn, q, message = deliver(url, queue, options=dict(options))
+    try:
+        qos = q.consumer.channel.qos
+        assert qos.unacked_mutex_expire == 2  # kombu read the option (its default: 300)
+        renew(r, "unacked_index", [message.delivery_tag], now=time.time() - 7)  # timed out
+        dead = r.lock(qos.unacked_mutex_key, timeout=qos.unacked_mutex_expire)
+        assert dead.acquire(blocking=False)  # the killed worker's sweep, never released
+        qos.restore_visible(num=10, interval=1)
+        assert r.llen(queue) == 0  # held: this sweep had to skip
+        deadline = time.monotonic() + 10
+        while r.llen(queue) == 0 and time.monotonic() < deadline:
+            time.sleep(0.25)
+            qos.restore_visible(num=10, interval=1)
+        assert r.llen(queue) == 1  # restored once the dead worker's lock ran out
     finally:
         q.close()
         conn.release()
