@@ -9,7 +9,8 @@
             ``--decode cpu`` and ``--decode gpu`` (JPEG pixels by nvImageCodec)
     cluster one ``posebatch worker`` with local redis-server and SeaweedFS (bench/measure_cluster)
     agree   ``posebatch run`` on the dev images with each precision on the chosen provider,
-            against the CPU provider's FP32 results (worst confident-keypoint distance, pixels)
+            against the CPU provider's FP32 results (worst confident-keypoint distance, pixels),
+            both with ``--decode cpu``
 
 with GPU utilisation (NVML or nvidia-smi; "n/a" without either) sampled during each stage and
 the CPU cores each stage kept busy. Results: ``bench/results/<date>-<host>-gpu-<provider>.md``
@@ -220,6 +221,9 @@ def agreement(ns: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                                         *((p, ns.providers, p) for p in ns.precisions)]:
         sub = argparse.Namespace(**{**vars(run_ns(ns, precision)), "providers": providers,
                                     "batch_size": 4 if providers == "cpu" else ns.batch})
+        # The CPU decoder on both sides: this row is about precision, and --decode gpu (auto's
+        # choice on a GPU) moves pixels of its own (README "GPU decode").
+        sub.extra_flags = ["--decode", "cpu"]
         folder = work / f"agree-{label}"
         measure_cli_run(images, n, sub, folder.parent)
         shutil.move(work / "run-out", folder)
