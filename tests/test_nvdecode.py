@@ -122,3 +122,16 @@ def test_dev_set_accuracy_with_gpu_decode_loses_at_most_0_005_to_the_cpu_decode(
     # and it scores higher: the rule is no loss beyond 0.005, not sameness.
     for metric in ("AP", "AP50", "AP17", "PCK21_05", "PCK21_10"):
         assert gpu[metric] >= cpu[metric] - 0.005, (metric, cpu, gpu)
+
+
+def test_a_decoder_that_cannot_start_is_an_error_for_gpu_and_the_cpu_for_auto(monkeypatch):
+    from workers.engine import nvdecode
+
+    def broken(self):
+        raise RuntimeError("no CUDA driver")
+
+    monkeypatch.setattr(nvdecode.NvJpegDecoder, "_decoder", broken)
+    with pytest.raises(ConfigError, match="--decode gpu: nvImageCodec did not start"):
+        nvdecode.open_decoder("gpu", on_cuda=True)
+    assert nvdecode.open_decoder("auto", on_cuda=True) is None  # warned, CPU decoder
+    assert nvdecode.open_decoder("cpu", on_cuda=True) is None

@@ -56,6 +56,22 @@ def available() -> bool:
     return True
 
 
+def open_decoder(decode: str, on_cuda: bool) -> NvJpegDecoder | None:
+    """The JPEG decoder for ``--decode`` (None: the CPU decodes), started now so that a GPU
+    nvImageCodec cannot use (a CUDA 12 driver under the cu13 wheels, no device) shows at
+    start-up: an error for ``gpu``, a warning and the CPU decoder for ``auto``."""
+    if resolve(decode, on_cuda) != "gpu":
+        return None
+    try:
+        return NvJpegDecoder("cuda" if on_cuda else "cpu")
+    except Exception as err:
+        if decode == "gpu":
+            raise ConfigError(f"--decode gpu: nvImageCodec did not start ({err}); use "
+                              "--decode cpu") from err
+        log.warning("--decode auto: nvImageCodec did not start (%s); decoding on the CPU", err)
+        return None
+
+
 def resolve(decode: str, on_cuda: bool) -> str:
     """``cpu`` or ``gpu`` for ``--decode``; ConfigError when gpu is asked for and cannot be."""
     if decode not in DECODES:
@@ -86,6 +102,7 @@ class NvJpegDecoder:
         nv = self._nv
         self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.SRGB,
                                        sample_format=nv.I_RGB)
+        self._decoder()  # this thread's: fails here, at start-up, if it cannot start at all
 
     def _decoder(self) -> Any:
         found = getattr(self._local, "decoder", None)
@@ -106,7 +123,7 @@ class NvJpegDecoder:
             return None  # no end marker: truncated, or data after it; the CPU path decides
         try:
             image = self._decoder().decode(data, params=self._params)
-        except RuntimeError:
+        except Exception:  # whatever it raises: the CPU decoder has the last word
             image = None
         if image is None:
             self.fallbacks += 1

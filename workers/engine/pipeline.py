@@ -32,7 +32,7 @@ from workers.engine.decodeproc import DecodeProcs, SharedBatchPool
 from workers.engine.keypoints import to_api21
 from workers.engine.layouts import Detections, PersonBatch
 from workers.engine.letterbox import Letterbox, fit, input_shape_for, write_input
-from workers.engine.nvdecode import NvJpegDecoder, resolve
+from workers.engine.nvdecode import open_decoder
 from workers.engine.runner import LAYOUT_YOLO_RAW
 from workers.engine.stages import StageTimer, perf_counter
 from workers.engine.topdown import TopDownModel
@@ -248,11 +248,10 @@ class PoseEngine:
         self._pool = (SharedBatchPool(self.batch_size, self.input_dtype) if decode_workers
                       else BatchPool(self.batch_size, self.input_dtype))
         """Batch memory, reused by every run of this engine."""
-        self.decode = resolve(decode, model.on_cuda)
+        self._jpeg: JpegPixels | None = open_decoder(decode, model.on_cuda)
+        self.decode = "cpu" if self._jpeg is None else "gpu"
         """``cpu`` or ``gpu`` (JPEG pixels by nvImageCodec, on the model's GPU when it has one;
         workers.engine.nvdecode). With gpu the io threads decode: no decode processes."""
-        self._jpeg: JpegPixels | None = (
-            NvJpegDecoder("cuda" if model.on_cuda else "cpu") if self.decode == "gpu" else None)
         self._procs: DecodeProcs | None = None
         self._told_threads = False
         self._decoders: ThreadPoolExecutor | None = None
