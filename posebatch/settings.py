@@ -23,6 +23,8 @@ QUALITIES = ("fast", "flip", "scale", "best")
 "Quality"); ``flip`` and ``scale`` are each of the two alone, to measure them separately."""
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 BACKENDS = ("auto", "ort", "openvino")
+DECODES = ("auto", "cpu", "gpu")
+"""``--decode``: who decodes JPEG pixels (``RuntimeSettings.decode``)."""
 DEFAULT_BATCH_IMAGES = 32
 """Images per cluster task: a lost worker loses little, the task overhead is amortised (CPU).
 GPU workers want 256 or more (README)."""
@@ -176,7 +178,7 @@ class RuntimeSettings:
                               f"{self.intra_threads}")
         if not 0 <= self.io_threads <= 64:
             raise ConfigError(f"io_threads: expected 0 (auto) to 64, got {self.io_threads}")
-        if self.decode not in ("auto", "cpu", "gpu"):
+        if self.decode not in DECODES:
             raise ConfigError(f"decode: expected auto, cpu or gpu, got {self.decode!r}")
         if not 0 <= self.decode_workers <= 64:
             raise ConfigError(f"decode_workers: expected 0 (decode in the io threads) to 64 "

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from posebatch.keys import RESULT_LAYOUTS
-from posebatch.settings import QUALITIES, JobSettings, RuntimeSettings, from_env
+from posebatch.settings import DECODES, QUALITIES, JobSettings, RuntimeSettings, from_env
 
 if TYPE_CHECKING:
     from posebatch.selection import Selection
@@ -96,7 +96,7 @@ def add_runtime_flags(p: argparse.ArgumentParser, *, engine: bool = False) -> No
     g.add_argument("--decode-workers", type=int, metavar="N",
                    help="decode in N processes writing into shared-memory batches (default 0: "
                         "decode in the io threads; README \"Decode processes\")")
-    g.add_argument("--decode", choices=["auto", "cpu", "gpu"],
+    g.add_argument("--decode", choices=DECODES,
                    help="JPEG pixels decoded by: cpu (libjpeg-turbo), gpu (NVIDIA nvImageCodec, "
                         "on the model's GPU; pip extra gpu-decode), auto (default: gpu when the "
                         "model runs on CUDA and nvImageCodec is installed); README \"GPU "

@@ -19,7 +19,6 @@ One ``Decoder`` per decode thread: its state (CUDA streams, host buffers) is not
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -28,12 +27,9 @@ from typing import Any
 import numpy as np
 
 from posebatch.errors import ConfigError
+from posebatch.settings import DECODES
 
 log = logging.getLogger(__name__)
-
-DECODES = ("auto", "cpu", "gpu")
-"""``--decode``: ``cpu`` libjpeg-turbo/Pillow; ``gpu`` nvImageCodec for JPEGs; ``auto`` gpu when
-the model runs on a CUDA device and nvImageCodec is installed, else cpu."""
 
 INSTALL_HINT = ("pip install 'posebatch[gpu-decode]' (nvidia-nvimgcodec-cu13 and nvidia-nvjpeg), "
                 "or use --decode cpu")
@@ -131,9 +127,8 @@ class NvJpegDecoder:
                 log.warning("nvImageCodec (%s) could not decode a JPEG; it and any other it "
                             "refuses go through the CPU decoder", self.device)
             return None
-        with contextlib.suppress(AttributeError):
-            if image.buffer_kind != self._nv.ImageBufferKind.STRIDED_HOST:
-                image = image.cpu()
+        if image.buffer_kind != self._nv.ImageBufferKind.STRIDED_HOST:
+            image = image.cpu()  # decoded on the GPU: the letterbox runs on the host
         arr = np.asarray(image)
         if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
             return None

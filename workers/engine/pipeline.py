@@ -249,9 +249,9 @@ class PoseEngine:
                       else BatchPool(self.batch_size, self.input_dtype))
         """Batch memory, reused by every run of this engine."""
         self._jpeg: JpegPixels | None = open_decoder(decode, model.on_cuda)
-        self.decode = "cpu" if self._jpeg is None else "gpu"
-        """``cpu`` or ``gpu`` (JPEG pixels by nvImageCodec, on the model's GPU when it has one;
-        workers.engine.nvdecode). With gpu the io threads decode: no decode processes."""
+        """JPEG pixels by nvImageCodec (``--decode gpu``, or auto's choice), on the model's GPU
+        when it has one (workers.engine.nvdecode); None: the CPU decodes. With it the io
+        threads decode: no decode processes."""
         self._procs: DecodeProcs | None = None
         self._told_threads = False
         self._decoders: ThreadPoolExecutor | None = None
